@@ -1,0 +1,167 @@
+"""Model sizes as frozen dataclasses, with a registry of named sizes. Torch-free.
+
+Every size the kit uses comes from here (and, in a build, from the manifest): nothing else
+assumes 7B, 336 px or SAM ViT-H. `NextChatConfig` is what `config.json` of a NExT-Chat
+checkpoint plus its CLIP directory plus its SAM weights describe together.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+# Fields that mark a config.json as NExT-Chat's (reference §6.1). Without them the file is a
+# plain LLaMA config and loading it as NExT-Chat would silently build the wrong model.
+NEXTCHAT_FIELDS = ("use_mm_proj", "mm_hidden_size", "mm_depth", "mm_vision_select_layer", "mm_use_im_start_end")
+LLAMA_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+
+
+class ConfigError(ValueError):
+    """A config.json (or a size) is not what nxc can build: the message says which field and what to do."""
+
+
+@dataclass(frozen=True)
+class LlamaSizes:
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class VisionSizes:
+    """CLIP vision tower (from the CLIP directory's config)."""
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    image_size: int
+    patch_size: int
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class SamSizes:
+    """SAM image encoder, prompt encoder and mask decoder."""
+    image_size: int = 1024
+    patch_size: int = 16
+    encoder_embed_dim: int = 1280
+    encoder_depth: int = 32
+    encoder_num_heads: int = 16
+    encoder_global_attn_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    window_size: int = 14
+    prompt_embed_dim: int = 256
+    mask_in_chans: int = 16
+    decoder_depth: int = 2
+    decoder_mlp_dim: int = 2048
+    decoder_num_heads: int = 8
+    iou_head_hidden_dim: int = 256
+    iou_head_depth: int = 3
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid (64 for SAM at 1024 px)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the low-resolution mask logits (4x the grid: 256 for SAM at 1024 px)."""
+        return 4 * self.embedding_size
+
+
+@dataclass(frozen=True)
+class NextChatConfig:
+    llm: LlamaSizes
+    vision: VisionSizes
+    sam: SamSizes
+    mm_hidden_size: int
+    mm_depth: int = 2
+    mm_vision_select_layer: int = -2
+    mm_use_im_start_end: bool = True
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.vision.num_patches
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "NextChatConfig":
+        sam = dict(d["sam"])
+        sam["encoder_global_attn_indexes"] = tuple(sam["encoder_global_attn_indexes"])
+        return cls(llm=LlamaSizes(**d["llm"]), vision=VisionSizes(**d["vision"]), sam=SamSizes(**sam),
+                   mm_hidden_size=d["mm_hidden_size"], mm_depth=d["mm_depth"],
+                   mm_vision_select_layer=d["mm_vision_select_layer"], mm_use_im_start_end=d["mm_use_im_start_end"])
+
+
+def llama_sizes_from_config_json(cfg: dict, *, source: str = "config.json") -> LlamaSizes:
+    """LLaMA sizes from a NExT-Chat config.json, after checking that it is one."""
+    missing = [k for k in NEXTCHAT_FIELDS + LLAMA_FIELDS if k not in cfg]
+    if missing:
+        raise ConfigError(
+            f"{source} is not a NExT-Chat config: missing field(s) {', '.join(missing)}. "
+            "Expected a LLaMA config plus the nextchat fields "
+            f"({', '.join(NEXTCHAT_FIELDS)}), as written by NExT-Chat's save_pretrained. "
+            "Point nxc at the NExT-Chat checkpoint directory, not at a base LLaMA or CLIP directory.")
+    if cfg.get("model_type") not in (None, "nextchat"):
+        raise ConfigError(f"{source} has model_type {cfg['model_type']!r}; expected 'nextchat'.")
+    rope_theta = cfg.get("rope_theta")
+    if rope_theta is None:
+        rope_theta = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return LlamaSizes(
+        hidden_size=int(cfg["hidden_size"]),
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_layers=int(cfg["num_hidden_layers"]),
+        num_heads=int(cfg["num_attention_heads"]),
+        num_kv_heads=int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"]),
+        vocab_size=int(cfg["vocab_size"]),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        rope_theta=float(rope_theta),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+    )
+
+
+# Registry of named sizes (segment-anything's sam_model_registry, nanoGPT's presets).
+SAM_SIZES = {
+    "vit_h": SamSizes(),
+    "vit_l": SamSizes(encoder_embed_dim=1024, encoder_depth=24, encoder_num_heads=16,
+                      encoder_global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": SamSizes(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12,
+                      encoder_global_attn_indexes=(2, 5, 8, 11)),
+    # A few-MB SAM for tests: same modules, 128 px input, 8x8 grid.
+    "tiny": SamSizes(image_size=128, patch_size=16, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
+                     encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32, mask_in_chans=4,
+                     decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
+}
+
+VISION_SIZES = {
+    "clip-vit-l-336": VisionSizes(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
+                                  image_size=336, patch_size=14),
+    "tiny": VisionSizes(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=32, patch_size=8),
+}
+
+LLAMA_SIZES = {
+    "vicuna-7b": LlamaSizes(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                            vocab_size=32005),
+    "tinyllama-1.1b": LlamaSizes(hidden_size=2048, intermediate_size=5632, num_layers=22, num_heads=32,
+                                 num_kv_heads=4, vocab_size=32005, max_position_embeddings=2048),
+    # vocab_size is set from the tokenizer when a tiny checkpoint is made.
+    "tiny": LlamaSizes(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                       vocab_size=0, max_position_embeddings=512),
+}

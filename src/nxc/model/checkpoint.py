@@ -1,0 +1,186 @@
+"""Read and write NExT-Chat checkpoints in the official layout (reference §6).
+
+A checkpoint directory holds config.json (LLaMA fields + nextchat fields), generation_config.json,
+weights as `pytorch_model*.bin` or `*.safetensors` (one file, or shards with or without an index),
+and the LLaMA sentencepiece tokenizer files with the 5 added tokens. CLIP comes from a separate
+directory (HF CLIPVisionModel layout); SAM from the checkpoint's `sam.model.*` keys or a separate file.
+
+Weights are read with `torch.load(weights_only=True)` or safetensors: a pickle that carries code is refused.
+"""
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+from nxc.config import ConfigError, NextChatConfig, llama_sizes_from_config_json
+from nxc.model.nextchat import NextChat, vision_sizes_from_clip
+from nxc.model.sam import infer_sam_sizes
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, unsafe or does not match the model: the message names it."""
+
+
+# official prefix -> internal module prefix, first match wins
+_KEY_MAP = (
+    ("model.mm_projector.", "mm_projector."),
+    ("sam.model.", "sam."),
+    ("model.", "llm.model."),
+    ("lm_head.", "llm.lm_head."),
+    ("loc_encoder.", "loc_encoder."),
+    ("loc_decoder.", "loc_decoder."),
+    ("seg_prompt_mlp.", "seg_prompt_mlp."),
+)
+# official keys that carry nothing the reference needs: CLIP comes from its own directory (§6.3),
+# RoPE inverse frequencies are recomputed from rope_theta.
+_IGNORED = ("model.vision_tower.",)
+_IGNORED_SUFFIX = (".rotary_emb.inv_freq",)
+
+
+def internal_key(key: str) -> str | None:
+    if key.startswith(_IGNORED) or key.endswith(_IGNORED_SUFFIX):
+        return None
+    for official, internal in _KEY_MAP:
+        if key.startswith(official):
+            return internal + key[len(official):]
+    return key
+
+
+def official_key(key: str) -> str:
+    for official, internal in _KEY_MAP:
+        if key.startswith(internal):
+            return official + key[len(internal):]
+    return key
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weight file {path} is missing. Re-download or re-copy the checkpoint directory.")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception as e:  # safetensors raises its own error types for a damaged header
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path} was refused: it is a pickle that holds more than tensors (it could run code when loaded). "
+            f"nxc only reads plain weight files. Details: {str(e).splitlines()[0]}") from None
+    except (RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} is not a readable PyTorch weight file ({str(e).splitlines()[0]}); "
+                              "it may be truncated.") from None
+
+
+def weight_files(ckpt: Path) -> list[Path]:
+    """The weight files of a checkpoint directory, checked to exist."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = ckpt / index_name
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            missing = [f for f in files if not (ckpt / f).is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shard {missing[0]} but {ckpt / missing[0]} does not exist "
+                                      f"({len(missing)} of {len(files)} shards missing). Copy all shards.")
+            return [ckpt / f for f in files]
+    for pattern in ("model.safetensors", "pytorch_model.bin", "model-*.safetensors", "pytorch_model-*.bin"):
+        found = sorted(ckpt.glob(pattern))
+        if found:
+            return found
+    raise CheckpointError(f"no weights in {ckpt}: expected pytorch_model*.bin or *.safetensors "
+                          "(with or without an index file).")
+
+
+def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
+    sd: dict[str, torch.Tensor] = {}
+    for f in weight_files(ckpt):
+        sd.update(_load_file(f))
+    return sd
+
+
+def load_sam_file(path: Path) -> dict[str, torch.Tensor]:
+    """Meta's SAM checkpoint (keys image_encoder.* ...) or one with the `sam.model.` prefix."""
+    sd = _load_file(Path(path))
+    return {k.removeprefix("sam.model."): v for k, v in sd.items()}
+
+
+def read_config(ckpt: Path) -> dict:
+    path = ckpt / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: {ckpt} is not a NExT-Chat checkpoint directory.")
+    return json.loads(path.read_text())
+
+
+def resolve_clip_dir(ckpt: Path, cfg: dict, clip_dir: str | Path | None) -> Path:
+    if clip_dir is None:
+        tower = cfg.get("mm_vision_tower")
+        if not tower:
+            raise CheckpointError("no CLIP directory: pass --clip DIR (a local copy of "
+                                  "openai/clip-vit-large-patch14-336 for the released model).")
+        clip_dir = Path(tower) if Path(tower).is_absolute() else ckpt / tower
+    clip_dir = Path(clip_dir)
+    if not (clip_dir / "config.json").is_file():
+        raise CheckpointError(f"CLIP directory {clip_dir} has no config.json: pass --clip with a local copy of "
+                              "the CLIP vision model the checkpoint was trained with.")
+    return clip_dir
+
+
+def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None,
+                  sam_file: str | Path | None = None) -> tuple[NextChat, "SentencePieceOracle"]:
+    """Build the reference model and its tokenizer from an official-layout checkpoint."""
+    from transformers import CLIPVisionModel
+
+    from nxc.model.sp_tokenizer import SentencePieceOracle
+
+    ckpt = Path(ckpt)
+    cfg = read_config(ckpt)
+    llm = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
+    tokenizer = SentencePieceOracle.from_dir(ckpt)
+    if tokenizer.vocab_size != llm.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
+                              f"{llm.vocab_size}: the tokenizer files do not belong to these weights.")
+    clip = CLIPVisionModel.from_pretrained(str(resolve_clip_dir(ckpt, cfg, clip_dir)), local_files_only=True,
+                                           attn_implementation="eager")
+    sd = load_state_dict(ckpt)
+    sam_sd = {k[len("sam.model."):]: v for k, v in sd.items() if k.startswith("sam.model.")}
+    if sam_file is not None:   # like the original: the separate file first, then the checkpoint's tensors
+        sam_sd = {**load_sam_file(Path(sam_file)), **sam_sd}
+    if not sam_sd:
+        raise CheckpointError(f"no SAM weights: {ckpt} has no sam.model.* tensors; pass --sam FILE "
+                              "(e.g. sam_vit_h_4b8939.pth).")
+    config = NextChatConfig(llm=llm, vision=vision_sizes_from_clip(clip.config), sam=infer_sam_sizes(sam_sd),
+                            mm_hidden_size=int(cfg["mm_hidden_size"]), mm_depth=int(cfg["mm_depth"]),
+                            mm_vision_select_layer=int(cfg["mm_vision_select_layer"]),
+                            mm_use_im_start_end=bool(cfg["mm_use_im_start_end"]))
+    if config.mm_hidden_size != config.vision.hidden_size:
+        raise ConfigError(f"mm_hidden_size is {config.mm_hidden_size} but the CLIP tower's width is "
+                          f"{config.vision.hidden_size}: the CLIP directory does not match this checkpoint.")
+    model = NextChat(config=config)
+    model.vision_tower.load_state_dict(clip.state_dict())
+    mapped = {internal_key(k): v for k, v in sd.items() if not k.startswith("sam.model.")}
+    mapped.pop(None, None)
+    mapped.update({"sam." + k: v for k, v in sam_sd.items()})
+    _load_strict(model, mapped, ckpt)
+    model.eval()
+    return model, tokenizer
+
+
+def _load_strict(model: NextChat, sd: dict[str, torch.Tensor], ckpt: Path) -> None:
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
+    missing = [k for k in own if k not in sd]
+    if missing:
+        raise CheckpointError(f"{ckpt}: weight {official_key(missing[0])} is missing ({len(missing)} missing in all). "
+                              "The checkpoint is incomplete or is not NExT-Chat.")
+    unexpected = [k for k in sd if k not in own]
+    if unexpected:
+        raise CheckpointError(f"{ckpt}: unexpected weight {official_key(unexpected[0])} "
+                              f"({len(unexpected)} in all); the config does not describe these weights.")
+    for k, v in own.items():
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise CheckpointError(f"{ckpt}: weight {official_key(k)} has shape {tuple(sd[k].shape)}, the config "
+                                  f"implies {tuple(v.shape)}. config.json and the weights disagree.")
+    model.load_state_dict({**sd, **{k: v for k, v in model.state_dict().items() if k.startswith("vision_tower.")}})

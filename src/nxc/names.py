@@ -1,0 +1,54 @@
+"""Names in one place: special tokens, graph names, tensor names.
+
+Torch-free. Everything that export, manifest and runtime must agree on by name lives here.
+"""
+
+# Special tokens (reference §2). Order matters: this is the order NExT-Chat adds them,
+# so their ids are base_vocab + 0..4.
+IM_PATCH = "<im_patch>"
+IM_START = "<im_start>"
+IM_END = "<im_end>"
+AT = "<at>"          # trigger: its output hidden state is decoded into a box / mask
+BOXES = "<boxes>"    # location slot: its input embedding is loc_encoder(box)
+ADDED_TOKENS = (IM_PATCH, IM_START, IM_END, AT, BOXES)
+
+# Base LLaMA specials.
+UNK = "<unk>"
+BOS = "<s>"
+EOS = "</s>"
+
+# Text placeholder expanded before tokenization (not a vocabulary token).
+IMAGE_PLACEHOLDER = "<image>"
+
+# Prompt template vicuna_v1.1 (reference §3.1).
+SYSTEM_PROMPT = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROLES = ("USER", "ASSISTANT")
+SEP = " "
+SEP2 = EOS
+
+# Graph names (DESIGN "the cut").
+GRAPH_VISION = "vision"
+GRAPH_LLM = "llm"
+GRAPH_LOC_HEADS = "loc_heads"
+GRAPH_SAM_ENCODER = "sam_encoder"
+GRAPH_SAM_DECODER = "sam_decoder"
+GRAPHS = (GRAPH_VISION, GRAPH_LLM, GRAPH_LOC_HEADS, GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER)
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
