@@ -1,0 +1,379 @@
+"""The tokenizer oracle: NExT-Chat's tokenizer (transformers 4.31 slow LlamaTokenizer, legacy=False) on sentencepiece.
+
+This is the reference the runtime tokenizer (`nxc.runtime.tokenizer`) is tested against. It re-implements, on the
+sentencepiece model itself, what 4.31 does (reference §2, §3.3):
+
+    text = "▁" + text.replace("▁", " ")
+    split on added tokens (<im_patch> <im_start> <im_end> <at> <boxes>: strip the text on both sides;
+                           <s> </s> <unk>: split, strip as special_tokens_map.json says: not at all for LLaMA)
+    each text chunk: sp.encode(chunk) with the dummy prefix, then, unless the chunk is the first one or starts
+                     with a space, drop the "▁" of its first piece (a stripped piece not in the vocab is <unk>)
+    ids = [<s>] + ...   (no </s>)
+
+Also here: a tiny deterministic sentencepiece model for tests (`train_tiny_sentencepiece`) and the official file
+layout of a checkpoint's tokenizer (`write_tokenizer_files`).
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+
+import sentencepiece as spm
+
+from nxc import names
+# Only the error class and a constant come from the runtime: the oracle's algorithm is written separately, after
+# 4.31's code, so that the parity tests compare two implementations.
+from nxc.runtime.tokenizer import SPIECE_UNDERLINE, TokenizerError
+
+__all__ = ["SentencePieceOracle", "TokenizerError", "train_tiny_sentencepiece", "write_tokenizer_files"]
+
+TOKENIZER_MODEL = "tokenizer.model"
+ADDED_TOKENS_JSON = "added_tokens.json"
+TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_JSON = "special_tokens_map.json"
+
+_DANGER = (
+    "NExT-Chat's own loader (initialize_vision_tokenizer) would then add the tokens itself and overwrite rows "
+    "32001-32004 of embed_tokens and lm_head with the mean row, destroying the trained <im_start>/<im_end>/<at>/"
+    "<boxes> embeddings (reference §6.2). Restore added_tokens.json from the released checkpoint: it must map "
+    + ", ".join(f"{t} -> base_vocab+{i}" for i, t in enumerate(names.ADDED_TOKENS)) + "."
+)
+
+
+def load_sentencepiece(ckpt_dir) -> spm.SentencePieceProcessor:
+    """Load `<ckpt_dir>/tokenizer.model`. Returns the processor; raises TokenizerError if missing or unreadable."""
+    path = Path(ckpt_dir) / TOKENIZER_MODEL
+    if not path.is_file():
+        raise TokenizerError(
+            f"no {TOKENIZER_MODEL} in {ckpt_dir}: expected the LLaMA sentencepiece model saved with the NExT-Chat "
+            "checkpoint. Copy tokenizer.model from the released checkpoint into this directory.")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except Exception as e:  # sentencepiece raises RuntimeError / OSError on a corrupt proto
+        raise TokenizerError(
+            f"{path} is not a readable sentencepiece model ({e}); re-copy it from the checkpoint.") from None
+    for tok, want in ((names.UNK, 0), (names.BOS, 1), (names.EOS, 2)):
+        if sp.piece_to_id(tok) != want or sp.id_to_piece(want) != tok:
+            raise TokenizerError(
+                f"{path}: expected {tok} at id {want} (LLaMA layout), found id {sp.piece_to_id(tok)}; "
+                "this is not a LLaMA tokenizer.model.")
+    return sp
+
+
+def read_added_tokens(ckpt_dir, base_vocab: int) -> dict[str, int]:
+    """Read and check `added_tokens.json`. Returns {token: id} with ids base_vocab+0..4 in names.ADDED_TOKENS order."""
+    path = Path(ckpt_dir) / ADDED_TOKENS_JSON
+    if not path.is_file():
+        raise TokenizerError(f"no {ADDED_TOKENS_JSON} in {ckpt_dir}: expected the 5 NExT-Chat tokens. " + _DANGER)
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not readable JSON ({e}). " + _DANGER) from None
+    if not isinstance(found, dict):
+        raise TokenizerError(f"{path}: expected a JSON object {{token: id}}, found {type(found).__name__}. " + _DANGER)
+    missing = [t for t in names.ADDED_TOKENS if t not in found]
+    if missing:
+        raise TokenizerError(f"{path} lacks {missing} (found {sorted(found)}). " + _DANGER)
+    want = {t: base_vocab + i for i, t in enumerate(names.ADDED_TOKENS)}
+    wrong = {t: found[t] for t in names.ADDED_TOKENS if found[t] != want[t]}
+    extra = sorted(set(found) - set(want))
+    if wrong or extra:
+        raise TokenizerError(
+            f"{path}: expected exactly {want} (right after the {base_vocab} sentencepiece pieces, in NExT-Chat's "
+            f"add order), found wrong ids {wrong}" + (f" and extra tokens {extra}" if extra else "")
+            + ". The embedding rows are indexed by these ids, so the checkpoint and its tokenizer do not match; "
+            "use the added_tokens.json saved with the checkpoint.")
+    return want
+
+
+def check_tokenizer_config(ckpt_dir) -> dict:
+    """Check `tokenizer_config.json` describes the 4.31 behaviour emulated here. Returns the parsed config."""
+    path = Path(ckpt_dir) / TOKENIZER_CONFIG_JSON
+    if not path.is_file():
+        raise TokenizerError(
+            f"no {TOKENIZER_CONFIG_JSON} in {ckpt_dir}: expected the checkpoint's tokenizer config with "
+            '"legacy": false (without it 4.31 falls back to legacy=True, which tokenizes differently). '
+            "Copy it from the checkpoint.")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path} is not readable JSON ({e}); copy it from the checkpoint.") from None
+    bad = {}
+    if cfg.get("legacy") is not False:  # absent means legacy=True in 4.31
+        bad["legacy"] = cfg.get("legacy", "<missing>")
+    for key, default in (("add_bos_token", True), ("add_eos_token", False)):
+        if cfg.get(key, default) is not default:
+            bad[key] = cfg[key]
+    if bad:
+        raise TokenizerError(
+            f"{path}: expected legacy=false, add_bos_token=true, add_eos_token=false (NExT-Chat's saved tokenizer), "
+            f"found {bad}. nxc only reproduces that configuration; check this is a NExT-Chat checkpoint.")
+    return cfg
+
+
+_SPECIAL_ATTRS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def special_token_flags(ckpt_dir, config: dict) -> dict[str, tuple[bool, bool]]:
+    """(lstrip, rstrip) that 4.31 applies around literal <unk>, <s>, </s> in the text, for this checkpoint.
+
+    4.31 strips around a special token only as its AddedToken says, and around a plain-str one on both sides.
+    LlamaTokenizer wraps the tokenizer_config values in AddedToken(lstrip=False, rstrip=False) (or takes the
+    config's dict); special_tokens_map.json then overrides each attribute: a dict stays an AddedToken, a str does
+    not. Returns {token: (lstrip, rstrip)}; (True, True) for a token left as a plain str.
+    """
+    specials = (names.UNK, names.BOS, names.EOS)
+    attrs: dict[str, object] = {}
+    for key, default in (("bos_token", names.BOS), ("eos_token", names.EOS), ("unk_token", names.UNK),
+                         ("pad_token", None)):
+        v = config.get(key, default)
+        if v is not None:  # LlamaTokenizer.__init__ makes an AddedToken(lstrip=False, rstrip=False) of a str
+            attrs[key] = v if isinstance(v, dict) else {"content": v}
+    path = Path(ckpt_dir) / SPECIAL_TOKENS_MAP_JSON
+    if path.is_file():
+        try:
+            smap = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise TokenizerError(f"{path} is not readable JSON ({e}); copy it from the checkpoint.") from None
+        if not isinstance(smap, dict):
+            raise TokenizerError(f"{path}: expected a JSON object, found {type(smap).__name__}.")
+        if smap.get("additional_special_tokens"):
+            raise TokenizerError(
+                f"{path} lists additional_special_tokens {smap['additional_special_tokens']}; expected none "
+                "(NExT-Chat adds its tokens with add_tokens, which 4.31 strips around and never skips in decode). "
+                "nxc does not reproduce that tokenizer; check this is a NExT-Chat checkpoint.")
+        attrs.update({k: v for k, v in smap.items() if k in _SPECIAL_ATTRS})
+    flags = {t: (True, True) for t in specials}
+    for key in _SPECIAL_ATTRS:  # 4.31 builds {str(t): t} over the attributes in this order: the last one wins
+        v = attrs.get(key)
+        if isinstance(v, dict) and v.get("content") in specials:
+            flags[v["content"]] = (bool(v.get("lstrip", False)), bool(v.get("rstrip", False)))
+    for key, tok in (("bos_token", names.BOS), ("eos_token", names.EOS), ("unk_token", names.UNK)):
+        v = attrs.get(key)
+        content = v.get("content") if isinstance(v, dict) else v
+        if content != tok:
+            raise TokenizerError(
+                f"{key} is {content!r}, expected {tok!r} (LLaMA's specials); this is not a LLaMA tokenizer.")
+    return flags
+
+
+class SentencePieceOracle:
+    """NExT-Chat's tokenizer, computed the 4.31 way on the sentencepiece model. Use `from_dir`."""
+
+    def __init__(self, *, sp: spm.SentencePieceProcessor, added: dict[str, int],
+                 special_flags: dict[str, tuple[bool, bool]] | None = None):
+        self.sp = sp
+        self._added = dict(added)
+        self._id_to_added = {i: t for t, i in added.items()}
+        # 4.31 `unique_no_split_tokens`: the added tokens and the specials (registered by sanitize_special_tokens).
+        self._no_split = set(added) | {names.UNK, names.BOS, names.EOS}
+        # (lstrip, rstrip) per token: the added tokens are plain str in 4.31 (stripped on both sides); the specials
+        # are AddedToken(lstrip=False, rstrip=False) for LLaMA's usual files (see special_token_flags).
+        self.strip_flags = {t: (True, True) for t in added}
+        self.strip_flags.update(special_flags or {t: (False, False) for t in (names.UNK, names.BOS, names.EOS)})
+
+    @classmethod
+    def from_dir(cls, ckpt_dir) -> "SentencePieceOracle":
+        """Load from a checkpoint directory: tokenizer.model, added_tokens.json, tokenizer_config.json and, if present,
+        special_tokens_map.json. Raises TokenizerError when one is missing or does not fit NExT-Chat."""
+        sp = load_sentencepiece(ckpt_dir)
+        added = read_added_tokens(ckpt_dir, sp.get_piece_size())
+        config = check_tokenizer_config(ckpt_dir)
+        return cls(sp=sp, added=added, special_flags=special_token_flags(ckpt_dir, config))
+
+    @property
+    def vocab_size(self) -> int:
+        """sentencepiece pieces + 5 added tokens."""
+        return self.sp.get_piece_size() + len(self._added)
+
+    @property
+    def added_token_ids(self) -> dict[str, int]:
+        """{token: id} for the five NExT-Chat tokens."""
+        return dict(self._added)
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def token_to_id(self, tok: str) -> int:
+        """Id of an added token or piece; 0 (<unk>) for an unknown piece, as 4.31's sp.piece_to_id."""
+        return self._added[tok] if tok in self._added else self.sp.piece_to_id(tok)
+
+    def id_to_token(self, i: int) -> str:
+        """Piece or added-token string of id `i`. Raises TokenizerError when out of range."""
+        if i in self._id_to_added:
+            return self._id_to_added[i]
+        if not 0 <= i < self.sp.get_piece_size():
+            raise TokenizerError(f"token id {i} is out of range: expected 0 <= id < {self.vocab_size}.")
+        return self.sp.id_to_piece(i)
+
+    def tokenize_chunk(self, chunk: str) -> list[str]:
+        """4.31 LlamaTokenizer._tokenize (legacy=False) of one chunk. Returns piece strings."""
+        is_first = chunk.startswith(SPIECE_UNDERLINE)
+        if is_first:
+            chunk = chunk[1:]
+        tokens = self.sp.encode(chunk, out_type=str)
+        if not is_first and not chunk.startswith(" ") and tokens and tokens[0].startswith(SPIECE_UNDERLINE):
+            tokens = ([tokens[0][1:]] if len(tokens[0]) > 1 else []) + tokens[1:]
+        return tokens
+
+    def _trie_split(self, text: str) -> list[str]:
+        """4.31 `Trie.split`: cut `text` at the leftmost-longest no-split tokens; no empty pieces. Returns pieces."""
+        cuts, pos = [], 0
+        while pos < len(text):
+            hits = [t for t in self._no_split if text.startswith(t, pos)]
+            if hits:
+                end = pos + max(map(len, hits))
+                cuts += [pos, end]
+                pos = end
+            else:
+                pos += 1
+        pieces, start = [], 0
+        for end in cuts + [len(text)]:
+            if end > start:
+                pieces.append(text[start:end])
+                start = end
+        return pieces
+
+    def tokenize(self, text: str) -> list[str]:
+        """4.31 `LlamaTokenizer.tokenize` + `PreTrainedTokenizer.tokenize`: piece and added-token strings, no BOS."""
+        text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        tokens = self._trie_split(text)
+        for i, token in enumerate(tokens):
+            if token in self._no_split:
+                lstrip, rstrip = self.strip_flags[token]
+                if rstrip and i + 1 < len(tokens) and tokens[i + 1]:
+                    tokens[i + 1] = tokens[i + 1].lstrip()
+                if lstrip and i > 0 and tokens[i - 1]:
+                    tokens[i - 1] = tokens[i - 1].rstrip()
+        out: list[str] = []
+        for token in tokens:
+            if not token:
+                continue
+            out += [token] if token in self._no_split else self.tokenize_chunk(token)
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids: BOS, then the ids of `tokenize(text)`; no EOS."""
+        return [self.bos_id] + [self.token_to_id(t) for t in self.tokenize(text)]
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        """4.31 LlamaTokenizer.convert_tokens_to_string."""
+        specials = (names.UNK, names.BOS, names.EOS)
+        out, run, prev_special = "", [], False
+        for i, tok in enumerate(tokens):
+            if tok in specials:
+                if not prev_special and i != 0:
+                    out += " "
+                out += self.sp.decode(run) + tok
+                prev_special, run = True, []
+            else:
+                run.append(tok)
+                prev_special = False
+        return out + self.sp.decode(run)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        """4.31 `decode`: added tokens as text joined by single spaces; skip_special_tokens drops <s> </s> <unk>."""
+        special_ids = {self.sp.unk_id(), self.bos_id, self.eos_id}
+        toks = [self.id_to_token(int(i)) for i in ids if not (skip_special_tokens and int(i) in special_ids)]
+        sub_texts, run = [], []
+        for tok in toks:
+            if tok in self._added:
+                if run:
+                    sub_texts.append(self._tokens_to_string(run))
+                    run = []
+                sub_texts.append(tok)
+            else:
+                run.append(tok)
+        if run:
+            sub_texts.append(self._tokens_to_string(run))
+        return " ".join(sub_texts)
+
+
+# ---- a tiny tokenizer for tests ------------------------------------------------------------------------------
+_COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "brown", "pink")
+_SHAPES = ("circle", "square", "triangle", "star", "box", "dog", "cat", "man", "woman", "car", "tree", "ball")
+_WORDS = ("the", "a", "is", "on", "in", "of", "near", "left", "right", "top", "bottom", "image", "picture",
+          "walks", "holds", "sits", "next", "to", "with", "and", "there", "region", "object", "location")
+_QUESTIONS = (
+    "Where is the {c} {s} in the image?", "Can you describe the image and include object locations?",
+    "What is region [{n}]?", "Is there a {c} {s} in the image?", "Answer: yes", "Answer: no",
+    "Can you locate the {c} {s}?", "Please find the {c} {s}.", "Detect the {c} {s} in the image?",
+    "What is the {s} doing? Please mention related object locations.", "Describe region [{n},{m}].",
+)
+
+
+def tiny_corpus(seed: int) -> list[str]:
+    """A small English corpus in NExT-Chat's prompt style, fully determined by `seed`. Returns sentences."""
+    rng = random.Random(seed)
+    out = [names.SYSTEM_PROMPT, f"{names.ROLES[0]}: hello {names.ROLES[1]}: hi", "café naïve 😀 über ½ — “quoted”",
+           "digits 0123456789 and punctuation , . ; : ! ? ' \" ( ) [ ] { } - _ / + = * & % $ # @ ~ ` | < >",
+           "tab\tseparated\tvalues", "double  spaced   text    here"]
+    for c in _COLOURS:
+        for s in _SHAPES:
+            out.append(f"a {c} {s} is {rng.choice(_WORDS)} the {rng.choice(_WORDS)} of the image.")
+    for _ in range(300):
+        q = rng.choice(_QUESTIONS).format(c=rng.choice(_COLOURS), s=rng.choice(_SHAPES), n=rng.randrange(10),
+                                          m=rng.randrange(10))
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randrange(3, 12)))
+        out.append(f"{names.SYSTEM_PROMPT} {names.ROLES[0]}: {q} {names.ROLES[1]}: {words.capitalize()} "
+                   f"{rng.randrange(1000)}.")
+    return out
+
+
+def train_tiny_sentencepiece(out_dir, seed: int, vocab_size: int = 600) -> Path:
+    """Train a LLaMA-style BPE sentencepiece model (byte fallback, dummy prefix) on `tiny_corpus(seed)`.
+
+    Deterministic: the same seed gives a byte-identical file. Returns the path of `<out_dir>/tokenizer.model`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    with open("/dev/null", "w") as quiet:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(tiny_corpus(seed)), model_writer=buf, logstream=quiet,
+            vocab_size=vocab_size, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+            remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
+            allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+            num_threads=1, train_extremely_large_corpus=False)
+    path = out_dir / TOKENIZER_MODEL
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def write_tokenizer_files(ckpt_dir, sp_model_path) -> Path:
+    """Write the tokenizer files of a NExT-Chat checkpoint into `ckpt_dir` (reference §6.5 layout).
+
+    tokenizer.model (copied), added_tokens.json (the 5 tokens -> base_vocab+0..4), special_tokens_map.json,
+    tokenizer_config.json (legacy false). Returns `ckpt_dir` as a Path.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    data = Path(sp_model_path).read_bytes()
+    if Path(sp_model_path).resolve() != (ckpt_dir / TOKENIZER_MODEL).resolve():
+        (ckpt_dir / TOKENIZER_MODEL).write_bytes(data)
+    base = load_sentencepiece(ckpt_dir).get_piece_size()
+
+    def special(tok):
+        return {"content": tok, "lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
+
+    files = {
+        ADDED_TOKENS_JSON: {t: base + i for i, t in enumerate(names.ADDED_TOKENS)},
+        SPECIAL_TOKENS_MAP_JSON: {"bos_token": special(names.BOS), "eos_token": special(names.EOS),
+                                  "unk_token": special(names.UNK), "pad_token": names.UNK},
+        TOKENIZER_CONFIG_JSON: {
+            "add_bos_token": True, "add_eos_token": False, "bos_token": special(names.BOS),
+            "clean_up_tokenization_spaces": False, "eos_token": special(names.EOS), "legacy": False,
+            "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+            "tokenizer_class": "LlamaTokenizer", "unk_token": special(names.UNK)},
+    }
+    for name, obj in files.items():
+        (ckpt_dir / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return ckpt_dir
