@@ -1,45 +1,54 @@
-"""`make demo`: the reference NExT-Chat answering a grounding question on a generated image.
+"""`make demo`: the embedded NExT-Chat answers grounding questions on a generated image.
 
-Until the embedded shapes model ships, this runs a tiny random-weight checkpoint (made on the fly
-into build/tiny-nextchat): the answer is noise, but every stage of the reference runs.
+Prints the replies, the boxes (with their IoU against the drawn ground truth) and writes
+build/demo.png with boxes, indices and masks drawn.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
-
-
-def demo_image() -> Image.Image:
-    img = Image.new("RGB", (320, 200), (235, 235, 225))
-    d = ImageDraw.Draw(img)
-    d.ellipse((40, 50, 130, 140), fill=(220, 30, 30))
-    d.rectangle((190, 60, 280, 170), fill=(30, 60, 220))
-    return img
+import numpy as np
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nxc.model.reference import ReferenceChat
-    from nxc.model.writer import make_tiny_checkpoint
+    ap = argparse.ArgumentParser(prog="nxc-demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=7, help="which generated scene to use")
+    ap.add_argument("--out", default="build/demo.png", help="annotated PNG to write")
+    a = ap.parse_args(argv)
 
-    ckpt = Path("build/tiny-nextchat")
-    if not (ckpt / "config.json").is_file():
-        print(f"making a tiny random NExT-Chat checkpoint in {ckpt} ...", flush=True)
-        make_tiny_checkpoint(ckpt, seed=0)
+    from nxc.assets import embedded_checkpoint
+    from nxc.model.reference import ReferenceChat
+    from nxc.runtime.draw import annotate
+    from nxc.shapes.data import make_scene
+    from nxc.shapes.evaluate import box_iou
+
+    scene = make_scene(np.random.default_rng(a.seed), max_objects=3)
+    ckpt = embedded_checkpoint()
     t = time.perf_counter()
     ref = ReferenceChat.load(ckpt)
-    question = "Where is the red circle in the image?"
-    result = ref.chat(demo_image(), question, max_new_tokens=24)
-    print(f"checkpoint : {ckpt} (tiny, random weights: the reply is not meaningful yet)")
-    print(f"question   : {question}")
-    print(f"reply      : {result.text!r}")
-    print(f"token ids  : {result.token_ids} ({result.finish_reason})")
-    print(f"detections : {len(result.detections)}")
-    for k, det in enumerate(result.detections):
-        print(f"  [{k}] box {det.box.round(1).tolist()} score {det.score:.3f} mask pixels {int(det.mask.sum())}")
-    print(f"took {time.perf_counter() - t:.2f} s")
+    print(f"model   : {ckpt} (PyTorch reference, CPU, fp32)")
+    print(f"image   : generated {scene.image.size[0]}x{scene.image.size[1]}, objects: "
+          + ", ".join(o.phrase for o in scene.objects))
+    target = scene.objects[0]
+    boxes, masks = [], []
+    for question in (f"Where is the {target.phrase} in the image?",
+                     "Can you describe the image and include object locations?"):
+        r = ref.chat(scene.image, question, max_new_tokens=48)
+        print(f"\nUSER      : {question}\nASSISTANT : {r.text}")
+        for det in r.detections:
+            k = len(boxes)
+            best = max(scene.objects, key=lambda o: box_iou(det.box, o.box))
+            print(f"  [{k}] box {np.round(det.box, 1).tolist()}  mask score {det.score:.2f}  "
+                  f"IoU with the drawn {best.phrase}: {box_iou(det.box, best.box):.2f}")
+            boxes.append(det.box)
+            masks.append(det.mask)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    annotate(scene.image, boxes, masks).resize((scene.image.width * 3, scene.image.height * 3)).save(out)
+    print(f"\nwrote {out} ({time.perf_counter() - t:.1f} s)")
     return 0
 
 

@@ -328,24 +328,29 @@ def tiny_corpus(seed: int) -> list[str]:
     return out
 
 
-def train_tiny_sentencepiece(out_dir, seed: int, vocab_size: int = 600) -> Path:
-    """Train a LLaMA-style BPE sentencepiece model (byte fallback, dummy prefix) on `tiny_corpus(seed)`.
+def train_sentencepiece(sentences, out_dir, vocab_size: int) -> Path:
+    """Train a LLaMA-style BPE sentencepiece model (byte fallback, dummy prefix, identity normalisation).
 
-    Deterministic: the same seed gives a byte-identical file. Returns the path of `<out_dir>/tokenizer.model`.
+    Deterministic for the same sentences. Returns the path of `<out_dir>/tokenizer.model`.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     with open("/dev/null", "w") as quiet:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(tiny_corpus(seed)), model_writer=buf, logstream=quiet,
+            sentence_iterator=iter(sentences), model_writer=buf, logstream=quiet,
             vocab_size=vocab_size, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, add_dummy_prefix=True, split_digits=True,
             allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-            num_threads=1, train_extremely_large_corpus=False)
+            num_threads=1, train_extremely_large_corpus=False, hard_vocab_limit=False)
     path = out_dir / TOKENIZER_MODEL
     path.write_bytes(buf.getvalue())
     return path
+
+
+def train_tiny_sentencepiece(out_dir, seed: int, vocab_size: int = 600) -> Path:
+    """`train_sentencepiece` on `tiny_corpus(seed)`: the same seed gives a byte-identical file."""
+    return train_sentencepiece(tiny_corpus(seed), out_dir, vocab_size)
 
 
 def write_tokenizer_files(ckpt_dir, sp_model_path) -> Path:

@@ -1,0 +1,305 @@
+"""Train the embedded NExT-Chat on synthetic shapes, on CPU, in stages like the paper.
+
+Stage 1: CLIP tower, projector, LLaMA and the location heads, from scratch: token cross-entropy,
+         L1 + GIoU on the boxes of answer triggers, and the two cycle losses
+         (loc_decoder(loc_encoder(b)) ~ b, loc_encoder(loc_decoder(h)) ~ h).
+Stage 2: SAM (image encoder, prompt encoder, mask decoder) and seg_prompt_mlp, the rest frozen: BCE + Dice
+         on the masks, prompted like inference (boxes from loc_decoder, prompt tokens from the trigger
+         hidden). Deviation from the paper, which freezes SAM's image encoder: ours has no pretrained SAM to
+         start from, so stage 2 trains the encoder too.
+Writes the official checkpoint layout plus `training.json` (config, seed, losses, timings).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nxc import names
+from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
+from nxc.model.nextchat import NextChat
+from nxc.model.sam import nextchat_sam_decode
+from nxc.runtime.prompt import SLOT
+from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation
+
+SHAPES_VISION = VisionSizes(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
+                            image_size=96, patch_size=12)
+SHAPES_SAM = SamSizes(image_size=256, patch_size=16, encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4,
+                      encoder_global_attn_indexes=(1, 3), window_size=4, prompt_embed_dim=64, mask_in_chans=8,
+                      decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=8, iou_head_hidden_dim=64)
+
+
+def shapes_llm(vocab_size: int) -> LlamaSizes:
+    return LlamaSizes(hidden_size=192, intermediate_size=512, num_layers=4, num_heads=6, num_kv_heads=2,
+                      vocab_size=vocab_size, max_position_embeddings=1024)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    stage0_steps: int = 1500
+    stage1_steps: int = 3000
+    stage2_steps: int = 400
+    batch_size: int = 16
+    lr: float = 1e-3
+    sam_lr: float = 1e-3
+    warmup: int = 100
+    box_l1_weight: float = 5.0
+    giou_weight: float = 2.0
+    cycle_weight: float = 1.0
+    threads: int = 2
+    vocab_size: int = 1200
+    extra: dict = field(default_factory=dict)
+
+
+def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean (1 - GIoU) of [N,4] xyxy boxes; pred corners are sorted first so the loss is defined."""
+    p = torch.stack([torch.minimum(pred[:, 0], pred[:, 2]), torch.minimum(pred[:, 1], pred[:, 3]),
+                     torch.maximum(pred[:, 0], pred[:, 2]), torch.maximum(pred[:, 1], pred[:, 3])], 1)
+    area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
+    lt, rb = torch.maximum(p[:, :2], target[:, :2]), torch.minimum(p[:, 2:], target[:, 2:])
+    inter = (rb - lt).clamp(min=0).prod(1)
+    union = area(p) + area(target) - inter
+    iou = inter / union.clamp(min=1e-6)
+    elt, erb = torch.minimum(p[:, :2], target[:, :2]), torch.maximum(p[:, 2:], target[:, 2:])
+    enclose = (erb - elt).clamp(min=0).prod(1)
+    return (1 - (iou - (enclose - union) / enclose.clamp(min=1e-6))).mean()
+
+
+def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def batch_embeds(model: NextChat, batch: Batch) -> torch.Tensor:
+    """[B,T,H] embeddings: tokens, image rows after <im_start>, loc_encoder rows at <boxes>."""
+    emb = model.embed_tokens(batch.ids).clone()
+    feats = model.encode_image(batch.pixels)                          # [B,N,H]
+    n = feats.shape[1]
+    start = (batch.ids == model_ids(model)["im_start"]).float().argmax(1)
+    rows = torch.arange(batch.ids.shape[0])[:, None].expand(-1, n)
+    cols = start[:, None] + 1 + torch.arange(n)[None]
+    emb[rows, cols] = feats
+    if len(batch.slot_pos):
+        emb[batch.slot_pos[:, 0], batch.slot_pos[:, 1]] = model.loc_encoder(batch.slot_boxes)
+    return emb
+
+
+def model_ids(model: NextChat) -> dict:
+    return model._nxc_ids
+
+
+def forward_hidden(model: NextChat, batch: Batch) -> torch.Tensor:
+    out = model.llm.model(inputs_embeds=batch_embeds(model, batch), attention_mask=batch.attention, use_cache=False)
+    return out.last_hidden_state
+
+
+def vision_targets(scene, image_size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch targets in the CLIP frame: class [N] (0 = background, 1 + colour*4 + shape) and box [N,4]."""
+    from PIL import Image
+
+    from nxc.model import processing
+    from nxc.shapes.data import COLOURS, SHAPES
+    w, h = scene.image.size
+    side, dx, dy = processing.square_offset(w, h)
+    g = image_size // patch
+    cover = []
+    for o in scene.objects:
+        sq = np.zeros((side, side), np.float32)
+        sq[dy:dy + h, dx:dx + w] = o.mask
+        cover.append(np.asarray(Image.fromarray(sq).resize((g, g), Image.BOX)))
+    cover = np.stack(cover)                                         # [K,g,g] covered fraction
+    best = cover.argmax(0).reshape(-1)
+    has = cover.max(0).reshape(-1) > 0.2
+    kinds = np.array([1 + list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in scene.objects])
+    labels = np.where(has, kinds[best], 0)
+    boxes = processing.normalise_boxes(np.array([o.box for o in scene.objects], np.float32), w, h).numpy()
+    return torch.from_numpy(labels).long(), torch.from_numpy(boxes[best])
+
+
+def stage0_loss(model: NextChat, head: torch.nn.Module, rng, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
+    """Dense auxiliary pretraining of the CLIP tower (our stand-in for a pretrained CLIP): each patch feature
+    of the selected layer predicts which object covers it and that object's box. The head is discarded."""
+    from nxc.model import processing
+    from nxc.shapes.data import make_scene
+    v = model.config.vision
+    scenes = [make_scene(rng) for _ in range(cfg.batch_size * 2)]
+    pixels = torch.cat([processing.clip_pixels(s.image, v.image_size) for s in scenes])
+    targets = [vision_targets(s, v.image_size, v.patch_size) for s in scenes]
+    labels = torch.stack([t[0] for t in targets])
+    boxes = torch.stack([t[1] for t in targets])
+    feats = model.vision_tower(pixels, output_hidden_states=True).hidden_states[model.config.mm_vision_select_layer][:, 1:]
+    out = head(feats)                                                # [B,N,17+4]
+    ce = F.cross_entropy(out[..., :-4].reshape(-1, out.shape[-1] - 4), labels.reshape(-1))
+    obj = labels > 0
+    l1 = F.l1_loss(out[..., -4:][obj], boxes[obj])
+    return ce + 5 * l1, {"patch_ce": ce.item(), "patch_l1": l1.item()}
+
+
+def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    hidden = forward_hidden(model, batch)
+    logits = model.llm.lm_head(hidden[:, :-1])
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
+    pred = model.loc_decoder(h_at)
+    l1 = F.l1_loss(pred, batch.at_boxes)
+    giou = giou_loss(pred, batch.at_boxes)
+    cyc_box = F.l1_loss(model.loc_decoder(model.loc_encoder(batch.at_boxes)), batch.at_boxes)
+    cyc_emb = F.mse_loss(model.loc_encoder(model.loc_decoder(h_at.detach())), h_at.detach())
+    loss = ce + cfg.box_l1_weight * l1 + cfg.giou_weight * giou + cfg.cycle_weight * (cyc_box + 0.1 * cyc_emb)
+    return loss, {"ce": ce.item(), "l1": l1.item(), "giou": giou.item(), "cyc": cyc_box.item()}
+
+
+def stage2_loss(model: NextChat, batch: Batch) -> tuple[torch.Tensor, dict]:
+    s = model.config.sam.image_size
+    from nxc.model import processing
+    with torch.no_grad():
+        hidden = forward_hidden(model, batch)
+        h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
+        boxes = model.loc_decoder(h_at)
+    rows = batch.at_pos[:, 0].tolist()
+    losses = []
+    cache: dict[int, torch.Tensor] = {}
+    for r in sorted(set(rows)):
+        cache[r] = model.sam.image_encoder(processing.sam_pixels(batch.images[r], s))
+    for k, r in enumerate(rows):
+        _, obj = batch.at_objects[k]
+        low, _ = nextchat_sam_decode(model.sam, cache[r], boxes[k:k + 1] * s, model.seg_prompt(h_at[k:k + 1]))
+        logit = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)[0, 0]
+        target = sam_target(obj.mask, s)
+        prob = logit.sigmoid()
+        dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
+        losses.append(F.binary_cross_entropy_with_logits(logit, target) + dice)
+    loss = torch.stack(losses).mean()
+    return loss, {"mask": loss.item()}
+
+
+class Progress:
+    """One line per report: stage, step/total, losses, elapsed and ETA."""
+
+    def __init__(self, stage: str, total: int, every: int = 25):
+        self.stage, self.total, self.every, self.t0 = stage, total, every, time.perf_counter()
+        self.acc: dict[str, list] = {}
+
+    def update(self, step: int, stats: dict) -> None:
+        for k, v in stats.items():
+            self.acc.setdefault(k, []).append(v)
+        if (step + 1) % self.every == 0 or step + 1 == self.total:
+            el = time.perf_counter() - self.t0
+            eta = el / (step + 1) * (self.total - step - 1)
+            avg = " ".join(f"{k} {np.mean(v):.4f}" for k, v in self.acc.items())
+            print(f"[{self.stage}] {step + 1}/{self.total} {avg} | {el / 60:.1f} min, eta {eta / 60:.1f} min",
+                  flush=True)
+            self.acc = {}
+
+
+def _run_stage(name, model, params, steps, lr, cfg, rng, tokenizer, loss_fn, text: bool = True) -> list:
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    prog, history = Progress(name, steps), []
+    ids = model_ids(model)
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, lr, cfg.warmup)
+        if text:
+            convs = [sample_conversation(rng) for _ in range(cfg.batch_size)]
+            batch = make_batch(convs, tokenizer, image_size=model.config.vision.image_size,
+                               num_image_tokens=model.config.num_image_tokens, at_id=ids["at"],
+                               boxes_id=ids["boxes"])
+        else:
+            batch = rng
+        loss, stats = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        prog.update(step, stats)
+        history.append(stats)
+    return history
+
+
+def build_tokenizer(work: Path):
+    from nxc.model.sp_tokenizer import SentencePieceOracle, train_sentencepiece, write_tokenizer_files
+    from nxc.shapes.data import corpus_sentences
+    text = corpus_sentences() + [names.SYSTEM_PROMPT, "USER: ASSISTANT:"]
+    # 4.31's legacy=False drops the word-start marker of the first word after an added token ("Where" after
+    # <im_end>, "and" after <boxes>): the same texts with a quote in those places make such forms pieces too,
+    # so that they never become <unk>
+    quoted = [t.replace(SLOT + " ", '"') for t in text]
+    text = [t.replace(SLOT + " ", "") for t in text] + quoted + ['"' + t for t in quoted]
+    sp_path = train_sentencepiece(text, work / "sp", vocab_size=TrainConfig.vocab_size)
+    write_tokenizer_files(work / "tok", sp_path)
+    return SentencePieceOracle.from_dir(work / "tok"), sp_path
+
+
+def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
+    import tempfile
+
+    from nxc.model.writer import save_nextchat
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, sp_path = build_tokenizer(Path(tmp))
+        config = NextChatConfig(llm=shapes_llm(tokenizer.vocab_size), vision=SHAPES_VISION, sam=SHAPES_SAM,
+                                mm_hidden_size=SHAPES_VISION.hidden_size)
+        model = NextChat(config=config).train()
+        added = tokenizer.added_token_ids
+        model._nxc_ids = {"at": added[names.AT], "boxes": added[names.BOXES], "im_start": added[names.IM_START]}
+        print(f"shapes NExT-Chat: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+              f"vocab {tokenizer.vocab_size}", flush=True)
+        from nxc.shapes.data import COLOURS, SHAPES
+        head = torch.nn.Linear(config.vision.hidden_size, 1 + len(COLOURS) * len(SHAPES) + 4)
+        h0 = _run_stage("stage0 vision", model, list(model.vision_tower.parameters()) + list(head.parameters()),
+                        cfg.stage0_steps, cfg.lr, cfg, rng, None, lambda m, r: stage0_loss(m, head, r, cfg),
+                        text=False)
+        stage1 = [p for n, p in model.named_parameters() if not n.startswith(("sam.", "seg_prompt_mlp."))]
+        h1 = _run_stage("stage1 text+boxes", model, stage1, cfg.stage1_steps, cfg.lr, cfg, rng, tokenizer,
+                        lambda m, b: stage1_loss(m, b, cfg))
+        t1 = time.perf_counter()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        stage2 = [p for n, p in model.named_parameters() if n.startswith(("sam.", "seg_prompt_mlp."))]
+        for p in stage2:
+            p.requires_grad_(True)
+        model.eval()  # no dropout anywhere; eval() keeps the frozen parts deterministic
+        h2 = _run_stage("stage2 masks", model, stage2, cfg.stage2_steps, cfg.sam_lr, cfg, rng, tokenizer,
+                        stage2_loss)
+        del model._nxc_ids
+        out = save_nextchat(model.eval(), out_dir, tokenizer_model=sp_path, safetensors=True)
+    t2 = time.perf_counter()
+    record = {"config": asdict(cfg), "model": config.to_dict(), "minutes": {"stage1": (t1 - t0) / 60,
+              "stage2": (t2 - t1) / 60, "total": (t2 - t0) / 60},
+              "final": {"stage0": h0[-1] if h0 else {}, "stage1": h1[-1] if h1 else {}, "stage2": h2[-1] if h2 else {}},
+              "torch": torch.__version__, "reproduce": "nxc-train-shapes --out DIR --seed SEED"}
+    (out / "training.json").write_text(json.dumps(record, indent=2))
+    print(f"wrote {out} in {(t2 - t0) / 60:.1f} min", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="nxc-train-shapes", description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (official layout)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stage0-steps", type=int, default=TrainConfig.stage0_steps)
+    ap.add_argument("--stage1-steps", type=int, default=TrainConfig.stage1_steps)
+    ap.add_argument("--stage2-steps", type=int, default=TrainConfig.stage2_steps)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    a = ap.parse_args(argv)
+    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
+                             batch_size=a.batch_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
