@@ -30,7 +30,7 @@ def test_labels_cover_answers_and_mask_the_slot_after_at(shapes_tokenizer):
     rng = np.random.default_rng(4)
     for _ in range(50):
         conv = sample_conversation(rng)
-        ids, labels, slot_boxes, ats, at_boxes, objs = encode_conversation(conv, tok, 16, at, boxes)
+        ids, labels, slot_boxes, ats, at_boxes, objs, _ = encode_conversation(conv, tok, 16, at, boxes)
         assert len(ats) == len(objs) == len(at_boxes) == sum(len(s.answer_objects) for s in conv.samples)
         for p in ats:
             assert ids[p] == at and ids[p + 1] == boxes and labels[p + 1] == IGNORE and labels[p] == at

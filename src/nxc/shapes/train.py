@@ -27,7 +27,7 @@ from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
 from nxc.model.nextchat import NextChat
 from nxc.model.sam import nextchat_sam_decode
 from nxc.runtime.prompt import SLOT
-from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation
+from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation, vision_targets
 
 SHAPES_VISION = VisionSizes(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
                             image_size=96, patch_size=12)
@@ -45,7 +45,7 @@ def shapes_llm(vocab_size: int) -> LlamaSizes:
 class TrainConfig:
     seed: int = 0
     stage0_steps: int = 1500
-    stage1_steps: int = 3000
+    stage1_steps: int = 4500
     stage2_steps: int = 400
     batch_size: int = 16
     lr: float = 1e-3
@@ -54,8 +54,14 @@ class TrainConfig:
     box_l1_weight: float = 5.0
     giou_weight: float = 2.0
     cycle_weight: float = 1.0
+    dense_weight: float = 1.0
+    look_weight: float = 0.5
+    word_weight: float = 0.5
+    vision_lr_scale: float = 0.3   # stage 1 keeps the stage-0 vision features mostly as they are
+    curriculum: float = 0.3        # stage 1 grows max objects per scene 1 -> 4 over this fraction of its steps
     threads: int = 2
     vocab_size: int = 1200
+    init: str | None = None        # start from this checkpoint instead of random weights
     extra: dict = field(default_factory=dict)
 
 
@@ -97,32 +103,27 @@ def model_ids(model: NextChat) -> dict:
     return model._nxc_ids
 
 
-def forward_hidden(model: NextChat, batch: Batch) -> torch.Tensor:
-    out = model.llm.model(inputs_embeds=batch_embeds(model, batch), attention_mask=batch.attention, use_cache=False)
-    return out.last_hidden_state
+def forward_hidden(model: NextChat, batch: Batch, attentions: bool = False):
+    out = model.llm.model(inputs_embeds=batch_embeds(model, batch), attention_mask=batch.attention, use_cache=False,
+                          output_attentions=attentions)
+    return (out.last_hidden_state, out.attentions) if attentions else out.last_hidden_state
 
 
-def vision_targets(scene, image_size: int, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-patch targets in the CLIP frame: class [N] (0 = background, 1 + colour*4 + shape) and box [N,4]."""
-    from PIL import Image
-
-    from nxc.model import processing
-    from nxc.shapes.data import COLOURS, SHAPES
-    w, h = scene.image.size
-    side, dx, dy = processing.square_offset(w, h)
-    g = image_size // patch
-    cover = []
-    for o in scene.objects:
-        sq = np.zeros((side, side), np.float32)
-        sq[dy:dy + h, dx:dx + w] = o.mask
-        cover.append(np.asarray(Image.fromarray(sq).resize((g, g), Image.BOX)))
-    cover = np.stack(cover)                                         # [K,g,g] covered fraction
-    best = cover.argmax(0).reshape(-1)
-    has = cover.max(0).reshape(-1) > 0.2
-    kinds = np.array([1 + list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape) for o in scene.objects])
-    labels = np.where(has, kinds[best], 0)
-    boxes = processing.normalise_boxes(np.array([o.box for o in scene.objects], np.float32), w, h).numpy()
-    return torch.from_numpy(labels).long(), torch.from_numpy(boxes[best])
+def look_loss(attentions, batch: Batch, cols: torch.Tensor, heads: int = 2, layers: int = 2) -> torch.Tensor:
+    """Attention supervision: at outputs about one object, `heads` heads of the last `layers` layers put their
+    mass on that object's image patches (-log of the mass). Teaches the cross-modal look-up directly."""
+    if not len(batch.look_pos):
+        return attentions[-1].sum() * 0
+    rows, pos = batch.look_pos[:, 0], batch.look_pos[:, 1]
+    target = (batch.patch_labels[rows] == batch.look_class[:, None]).float()        # [L,N]
+    keep = target.sum(1) > 0
+    losses = []
+    for att in attentions[-layers:]:
+        a = att[rows, :heads, pos]                                                    # [L,heads,T]
+        a = torch.gather(a, 2, cols[rows][:, None, :].expand(-1, heads, -1))         # [L,heads,N]
+        mass = (a * target[:, None]).sum(-1)[keep]
+        losses.append(-torch.log(mass + 1e-4).mean())
+    return torch.stack(losses).mean()
 
 
 def stage0_loss(model: NextChat, head: torch.nn.Module, rng, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
@@ -145,7 +146,24 @@ def stage0_loss(model: NextChat, head: torch.nn.Module, rng, cfg: "TrainConfig")
 
 
 def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    hidden = forward_hidden(model, batch)
+    hidden, attentions = forward_hidden(model, batch, attentions=True)
+    # dense auxiliary: the LLM's output at every image position decodes (through loc_decoder) to the box of the
+    # object under that patch, so that an <at> needs only to attend to the right patch and copy
+    n = model.config.num_image_tokens
+    start = (batch.ids == model_ids(model)["im_start"]).float().argmax(1)
+    cols = start[:, None] + 1 + torch.arange(n)[None]
+    patch_h = hidden[torch.arange(hidden.shape[0])[:, None], cols]          # [B,N,H]
+    obj = batch.patch_labels > 0
+    dense = F.l1_loss(model.loc_decoder(patch_h[obj]), batch.patch_boxes[obj]) if obj.any() else hidden.sum() * 0
+    # ... and names it: lm_head at an object patch predicts the object's colour word and shape word
+    ids = model_ids(model)
+    if obj.any():
+        k = batch.patch_labels[obj] - 1
+        word_logits = model.llm.lm_head(patch_h[obj])
+        words = (F.cross_entropy(word_logits, ids["colour_tok"][k // ids["n_shapes"]])
+                 + F.cross_entropy(word_logits, ids["shape_tok"][k % ids["n_shapes"]]))
+    else:
+        words = hidden.sum() * 0
     logits = model.llm.lm_head(hidden[:, :-1])
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
     h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
@@ -153,32 +171,37 @@ def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.
     l1 = F.l1_loss(pred, batch.at_boxes)
     giou = giou_loss(pred, batch.at_boxes)
     cyc_box = F.l1_loss(model.loc_decoder(model.loc_encoder(batch.at_boxes)), batch.at_boxes)
-    cyc_emb = F.mse_loss(model.loc_encoder(model.loc_decoder(h_at.detach())), h_at.detach())
-    loss = ce + cfg.box_l1_weight * l1 + cfg.giou_weight * giou + cfg.cycle_weight * (cyc_box + 0.1 * cyc_emb)
-    return loss, {"ce": ce.item(), "l1": l1.item(), "giou": giou.item(), "cyc": cyc_box.item()}
+    # embedding cycle trains loc_encoder only: loc_decoder's job is the box
+    cyc_emb = F.mse_loss(model.loc_encoder(pred.detach()), h_at.detach())
+    look = look_loss(attentions, batch, cols)
+    loss = (ce + cfg.box_l1_weight * (l1 + cfg.dense_weight * dense) + cfg.giou_weight * giou
+            + cfg.cycle_weight * (cyc_box + 0.1 * cyc_emb) + cfg.look_weight * look + cfg.word_weight * words)
+    return loss, {"ce": ce.item(), "l1": l1.item(), "giou": giou.item(), "dense": dense.item(), "look": look.item(), "words": words.item(),
+                  "cyc": cyc_box.item()}
 
 
 def stage2_loss(model: NextChat, batch: Batch) -> tuple[torch.Tensor, dict]:
-    s = model.config.sam.image_size
+    """Masks prompted as at inference: box = loc_decoder(h_at), prompt tokens = seg_prompt_mlp(h_at).
+    One SAM image encoding and one decoder call per image, for all its triggers."""
     from nxc.model import processing
+    s = model.config.sam.image_size
     with torch.no_grad():
         hidden = forward_hidden(model, batch)
         h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
         boxes = model.loc_decoder(h_at)
-    rows = batch.at_pos[:, 0].tolist()
+    rows = batch.at_pos[:, 0]
     losses = []
-    cache: dict[int, torch.Tensor] = {}
-    for r in sorted(set(rows)):
-        cache[r] = model.sam.image_encoder(processing.sam_pixels(batch.images[r], s))
-    for k, r in enumerate(rows):
-        _, obj = batch.at_objects[k]
-        low, _ = nextchat_sam_decode(model.sam, cache[r], boxes[k:k + 1] * s, model.seg_prompt(h_at[k:k + 1]))
-        logit = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)[0, 0]
-        target = sam_target(obj.mask, s)
-        prob = logit.sigmoid()
-        dice = 1 - (2 * (prob * target).sum() + 1) / (prob.sum() + target.sum() + 1)
-        losses.append(F.binary_cross_entropy_with_logits(logit, target) + dice)
-    loss = torch.stack(losses).mean()
+    for r in rows.unique().tolist():
+        idx = (rows == r).nonzero()[:, 0]
+        emb = model.sam.image_encoder(processing.sam_pixels(batch.images[r], s))
+        low, _ = nextchat_sam_decode(model.sam, emb, boxes[idx] * s, model.seg_prompt(h_at[idx]))
+        logits = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)[:, 0]
+        target = torch.stack([sam_target(batch.at_objects[k][1].mask, s) for k in idx.tolist()])
+        prob = logits.sigmoid()
+        dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
+        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
+        losses.append(bce + dice)
+    loss = torch.cat(losses).mean()
     return loss, {"mask": loss.item()}
 
 
@@ -203,13 +226,16 @@ class Progress:
 
 def _run_stage(name, model, params, steps, lr, cfg, rng, tokenizer, loss_fn, text: bool = True) -> list:
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    base = [g["lr"] * g.get("lr_scale", 1.0) for g in opt.param_groups]
     prog, history = Progress(name, steps), []
     ids = model_ids(model)
     for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, cfg.warmup)
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = lr_at(step, steps, b, cfg.warmup)
         if text:
-            convs = [sample_conversation(rng) for _ in range(cfg.batch_size)]
+            ramp = name.startswith("stage1") and not cfg.init
+            max_obj = min(4, 1 + int(4 * step / max(1, cfg.curriculum * steps))) if ramp else 4
+            convs = [sample_conversation(rng, max_objects=max_obj) for _ in range(cfg.batch_size)]
             batch = make_batch(convs, tokenizer, image_size=model.config.vision.image_size,
                                num_image_tokens=model.config.num_image_tokens, at_id=ids["at"],
                                boxes_id=ids["boxes"])
@@ -218,7 +244,7 @@ def _run_stage(name, model, params, steps, lr, cfg, rng, tokenizer, loss_fn, tex
         loss, stats = loss_fn(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
         opt.step()
         prog.update(step, stats)
         history.append(stats)
@@ -249,20 +275,33 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
     rng = np.random.default_rng(cfg.seed)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer, sp_path = build_tokenizer(Path(tmp))
-        config = NextChatConfig(llm=shapes_llm(tokenizer.vocab_size), vision=SHAPES_VISION, sam=SHAPES_SAM,
-                                mm_hidden_size=SHAPES_VISION.hidden_size)
-        model = NextChat(config=config).train()
+        if cfg.init:   # continue from a checkpoint this script wrote (stage 0 is then usually skipped)
+            from nxc.model.checkpoint import load_nextchat
+            model, tokenizer = load_nextchat(cfg.init)
+            model.train()
+            config, sp_path = model.config, Path(tmp) / "tokenizer.model"
+            sp_path.write_bytes((Path(cfg.init) / "tokenizer.model").read_bytes())
+        else:
+            tokenizer, sp_path = build_tokenizer(Path(tmp))
+            config = NextChatConfig(llm=shapes_llm(tokenizer.vocab_size), vision=SHAPES_VISION, sam=SHAPES_SAM,
+                                    mm_hidden_size=SHAPES_VISION.hidden_size)
+            model = NextChat(config=config).train()
         added = tokenizer.added_token_ids
-        model._nxc_ids = {"at": added[names.AT], "boxes": added[names.BOXES], "im_start": added[names.IM_START]}
+        from nxc.shapes.data import COLOURS, SHAPES
+        word = lambda w: tokenizer.encode(" " + w)[-1]  # noqa: E731  (the single "▁red"-style piece)
+        model._nxc_ids = {"at": added[names.AT], "boxes": added[names.BOXES], "im_start": added[names.IM_START],
+                          "colour_tok": torch.tensor([word(c) for c in COLOURS]),
+                          "shape_tok": torch.tensor([word(x) for x in SHAPES]), "n_shapes": len(SHAPES)}
         print(f"shapes NExT-Chat: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"vocab {tokenizer.vocab_size}", flush=True)
-        from nxc.shapes.data import COLOURS, SHAPES
         head = torch.nn.Linear(config.vision.hidden_size, 1 + len(COLOURS) * len(SHAPES) + 4)
         h0 = _run_stage("stage0 vision", model, list(model.vision_tower.parameters()) + list(head.parameters()),
                         cfg.stage0_steps, cfg.lr, cfg, rng, None, lambda m, r: stage0_loss(m, head, r, cfg),
                         text=False)
-        stage1 = [p for n, p in model.named_parameters() if not n.startswith(("sam.", "seg_prompt_mlp."))]
+        stage1 = [{"params": [p for n, p in model.named_parameters() if n.startswith("vision_tower.")],
+                   "lr_scale": cfg.vision_lr_scale},
+                  {"params": [p for n, p in model.named_parameters()
+                              if not n.startswith(("sam.", "seg_prompt_mlp.", "vision_tower."))]}]
         h1 = _run_stage("stage1 text+boxes", model, stage1, cfg.stage1_steps, cfg.lr, cfg, rng, tokenizer,
                         lambda m, b: stage1_loss(m, b, cfg))
         t1 = time.perf_counter()
@@ -295,8 +334,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage1-steps", type=int, default=TrainConfig.stage1_steps)
     ap.add_argument("--stage2-steps", type=int, default=TrainConfig.stage2_steps)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--init", help="continue from a checkpoint written by this script")
     a = ap.parse_args(argv)
-    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps,
+    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, init=a.init,
                              batch_size=a.batch_size))
     return 0
 
