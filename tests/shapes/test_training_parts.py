@@ -45,8 +45,8 @@ def test_giou_loss():
     assert T.giou_loss(b, b).item() == pytest.approx(0.0, abs=1e-6)
     far = torch.tensor([[0.6, 0.6, 0.9, 0.9]])
     assert T.giou_loss(far, b).item() > 1.0
-    swapped = torch.tensor([[0.5, 0.5, 0.1, 0.1]])   # corners in the wrong order still score as the same box
-    assert T.giou_loss(swapped, b).item() == pytest.approx(0.0, abs=1e-6)
+    swapped = torch.tensor([[0.1, 0.5, 0.5, 0.1]])   # y1/y2 swapped: a wrong box, not the same box
+    assert T.giou_loss(swapped, b).item() > 0.9
 
 
 class _Det:
@@ -104,3 +104,4 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert box_iou((0, 10, 10, 0), (0, 0, 10, 10)) == 0.0   # swapped corners are not the same box

@@ -26,14 +26,13 @@ ChatFn = Callable[..., object]   # (image, text, boxes) -> object with .text and
 
 
 def box_iou(a, b) -> float:
+    """IoU of xyxy boxes as given: a box with x2 < x1 or y2 < y1 has no area (a swapped box is a wrong box)."""
     ax1, ay1, ax2, ay2 = (float(v) for v in a)
     bx1, by1, bx2, by2 = (float(v) for v in b)
-    ax1, ax2 = min(ax1, ax2), max(ax1, ax2)
-    ay1, ay2 = min(ay1, ay2), max(ay1, ay2)
     iw = max(0.0, min(ax2, bx2) - max(ax1, bx1))
     ih = max(0.0, min(ay2, by2) - max(ay1, by1))
     inter = iw * ih
-    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    union = max(0.0, ax2 - ax1) * max(0.0, ay2 - ay1) + max(0.0, bx2 - bx1) * max(0.0, by2 - by1) - inter
     return inter / union if union > 0 else 0.0
 
 

@@ -61,22 +61,31 @@ class TrainConfig:
     curriculum: float = 0.3        # stage 1 grows max objects per scene 1 -> 4 over this fraction of its steps
     threads: int = 2
     vocab_size: int = 1200
+    sorted_giou: bool = False      # the first recipe's GIoU (see sorted_giou_loss)
     init: str | None = None        # start from this checkpoint instead of random weights
     extra: dict = field(default_factory=dict)
 
 
 def giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean (1 - GIoU) of [N,4] xyxy boxes; pred corners are sorted first so the loss is defined."""
-    p = torch.stack([torch.minimum(pred[:, 0], pred[:, 2]), torch.minimum(pred[:, 1], pred[:, 3]),
-                     torch.maximum(pred[:, 0], pred[:, 2]), torch.maximum(pred[:, 1], pred[:, 3])], 1)
+    """Mean (1 - GIoU) of [N,4] xyxy boxes. Corners are NOT sorted: a box with x2 < x1 has no area, so the loss
+    agrees with L1 on which corner is which (sorting them made "y1 and y2 swapped" a stable minimum)."""
     area = lambda b: (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)  # noqa: E731
-    lt, rb = torch.maximum(p[:, :2], target[:, :2]), torch.minimum(p[:, 2:], target[:, 2:])
+    lt, rb = torch.maximum(pred[:, :2], target[:, :2]), torch.minimum(pred[:, 2:], target[:, 2:])
     inter = (rb - lt).clamp(min=0).prod(1)
-    union = area(p) + area(target) - inter
+    union = area(pred) + area(target) - inter
     iou = inter / union.clamp(min=1e-6)
-    elt, erb = torch.minimum(p[:, :2], target[:, :2]), torch.maximum(p[:, 2:], target[:, 2:])
+    elt = torch.minimum(torch.minimum(pred[:, :2], pred[:, 2:]), target[:, :2])
+    erb = torch.maximum(torch.maximum(pred[:, :2], pred[:, 2:]), target[:, 2:])
     enclose = (erb - elt).clamp(min=0).prod(1)
     return (1 - (iou - (enclose - union) / enclose.clamp(min=1e-6))).mean()
+
+
+def sorted_giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The first recipe's GIoU, with the predicted corners sorted. Kept only so that the shipped checkpoint's
+    first run reproduces (see training.json); it lets a model settle on swapped y1/y2, so it is off by default."""
+    p = torch.stack([torch.minimum(pred[:, 0], pred[:, 2]), torch.minimum(pred[:, 1], pred[:, 3]),
+                     torch.maximum(pred[:, 0], pred[:, 2]), torch.maximum(pred[:, 1], pred[:, 3])], 1)
+    return giou_loss(p, target)
 
 
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -169,7 +178,7 @@ def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.
     h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
     pred = model.loc_decoder(h_at)
     l1 = F.l1_loss(pred, batch.at_boxes)
-    giou = giou_loss(pred, batch.at_boxes)
+    giou = (sorted_giou_loss if cfg.sorted_giou else giou_loss)(pred, batch.at_boxes)
     cyc_box = F.l1_loss(model.loc_decoder(model.loc_encoder(batch.at_boxes)), batch.at_boxes)
     # embedding cycle trains loc_encoder only: loc_decoder's job is the box
     cyc_emb = F.mse_loss(model.loc_encoder(pred.detach()), h_at.detach())
@@ -319,7 +328,9 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
     record = {"config": asdict(cfg), "model": config.to_dict(), "minutes": {"stage1": (t1 - t0) / 60,
               "stage2": (t2 - t1) / 60, "total": (t2 - t0) / 60},
               "final": {"stage0": h0[-1] if h0 else {}, "stage1": h1[-1] if h1 else {}, "stage2": h2[-1] if h2 else {}},
-              "torch": torch.__version__, "reproduce": "nxc-train-shapes --out DIR --seed SEED"}
+              "torch": torch.__version__, "command": "nxc-train-shapes " + " ".join(sys.argv[1:])}
+    if cfg.init and (Path(cfg.init) / "training.json").is_file():   # keep the whole recipe reproducible
+        record["continued_from"] = json.loads((Path(cfg.init) / "training.json").read_text())
     (out / "training.json").write_text(json.dumps(record, indent=2))
     print(f"wrote {out} in {(t2 - t0) / 60:.1f} min", flush=True)
     return out
@@ -336,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--init", help="continue from a checkpoint written by this script")
+    ap.add_argument("--sorted-giou", action="store_true", help="the first recipe's GIoU (reproduction only)")
     a = ap.parse_args(argv)
-    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, init=a.init,
+    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, init=a.init, sorted_giou=a.sorted_giou,
                              batch_size=a.batch_size))
     return 0
 
