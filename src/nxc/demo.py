@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     boxes, masks = [], []
     for question in (f"Where is the {target.phrase} in the image?",
                      "Can you describe the image and include object locations?"):
-        r = ref.chat(scene.image, question, max_new_tokens=48, iou_threshold=None)  # IoU head untrained: see README
+        r = ref.chat(scene.image, question, max_new_tokens=48)
         print(f"\nUSER      : {question}\nASSISTANT : {r.text}")
         for det in r.detections:
             k = len(boxes)

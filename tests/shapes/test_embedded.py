@@ -25,14 +25,13 @@ def test_answers_a_referring_question_with_the_right_box_and_mask(embedded):
     rng = np.random.default_rng(2024)
     scene = make_scene(rng, max_objects=3)
     target = scene.objects[0]
-    # iou_threshold=None: stage 2 does not train SAM's IoU-score head, so its scores cannot gate masks (README)
-    r = embedded.chat(scene.image, f"Where is the {target.phrase} in the image?", max_new_tokens=16,
-                      iou_threshold=None)
+    r = embedded.chat(scene.image, f"Where is the {target.phrase} in the image?", max_new_tokens=16)
     assert r.raw_text.startswith("Answer:") and r.text.count("[0]") == 1 and r.finish_reason == "stop"
     (det,) = r.detections
     assert box_iou(det.box, target.box) >= 0.5
     inter, union = (det.mask & target.mask).sum(), (det.mask | target.mask).sum()
     assert inter / union >= 0.5
+    assert det.score >= 0.3   # the IoU-score head is trained: a good mask is not filtered away
 
 
 def test_several_referring_questions(embedded):

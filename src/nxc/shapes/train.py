@@ -61,6 +61,7 @@ class TrainConfig:
     curriculum: float = 0.3        # stage 1 grows max objects per scene 1 -> 4 over this fraction of its steps
     threads: int = 2
     vocab_size: int = 1200
+    iou_weight: float = 1.0        # stage 2: SAM's IoU-score head (0 in the first two runs of the shipped model)
     sorted_giou: bool = False      # the first recipe's GIoU (see sorted_giou_loss)
     init: str | None = None        # start from this checkpoint instead of random weights
     extra: dict = field(default_factory=dict)
@@ -189,7 +190,7 @@ def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.
                   "cyc": cyc_box.item()}
 
 
-def stage2_loss(model: NextChat, batch: Batch) -> tuple[torch.Tensor, dict]:
+def stage2_loss(model: NextChat, batch: Batch, iou_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Masks prompted as at inference: box = loc_decoder(h_at), prompt tokens = seg_prompt_mlp(h_at).
     One SAM image encoding and one decoder call per image, for all its triggers."""
     from nxc.model import processing
@@ -203,13 +204,16 @@ def stage2_loss(model: NextChat, batch: Batch) -> tuple[torch.Tensor, dict]:
     for r in rows.unique().tolist():
         idx = (rows == r).nonzero()[:, 0]
         emb = model.sam.image_encoder(processing.sam_pixels(batch.images[r], s))
-        low, _ = nextchat_sam_decode(model.sam, emb, boxes[idx] * s, model.seg_prompt(h_at[idx]))
+        low, iou_pred = nextchat_sam_decode(model.sam, emb, boxes[idx] * s, model.seg_prompt(h_at[idx]))
         logits = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)[:, 0]
         target = torch.stack([sam_target(batch.at_objects[k][1].mask, s) for k in idx.tolist()])
         prob = logits.sigmoid()
         dice = 1 - (2 * (prob * target).sum((1, 2)) + 1) / (prob.sum((1, 2)) + target.sum((1, 2)) + 1)
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").mean((1, 2))
-        losses.append(bce + dice)
+        # SAM's IoU-score head learns the IoU its own thresholded mask reaches (as SAM trains it)
+        hard = (logits.detach() > 0).float()
+        actual = (hard * target).sum((1, 2)) / ((hard + target).clamp(max=1).sum((1, 2))).clamp(min=1)
+        losses.append(bce + dice + iou_weight * F.mse_loss(iou_pred[:, 0], actual, reduction="none"))
     loss = torch.cat(losses).mean()
     return loss, {"mask": loss.item()}
 
@@ -321,7 +325,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
             p.requires_grad_(True)
         model.eval()  # no dropout anywhere; eval() keeps the frozen parts deterministic
         h2 = _run_stage("stage2 masks", model, stage2, cfg.stage2_steps, cfg.sam_lr, cfg, rng, tokenizer,
-                        stage2_loss)
+                        lambda m, b: stage2_loss(m, b, cfg.iou_weight))
         del model._nxc_ids
         out = save_nextchat(model.eval(), out_dir, tokenizer_model=sp_path, safetensors=True)
     t2 = time.perf_counter()
