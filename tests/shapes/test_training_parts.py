@@ -6,7 +6,7 @@ import torch
 from nxc import names
 from nxc.shapes import train as T
 from nxc.shapes.batching import IGNORE, encode_conversation, sample_conversation
-from nxc.shapes.data import Obj, make_samples
+from nxc.shapes.data import make_samples
 from nxc.shapes.evaluate import Scores, box_iou
 
 

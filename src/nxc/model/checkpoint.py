@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from nxc.config import ConfigError, NextChatConfig, llama_sizes_from_config_json
 from nxc.model.nextchat import NextChat, vision_sizes_from_clip
 from nxc.model.sam import infer_sam_sizes
+
+if TYPE_CHECKING:
+    from nxc.model.sp_tokenizer import SentencePieceOracle
 
 
 class CheckpointError(ValueError):
