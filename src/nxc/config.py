@@ -148,12 +148,18 @@ SAM_SIZES = {
     "tiny": SamSizes(image_size=128, patch_size=16, encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2,
                      encoder_global_attn_indexes=(1,), window_size=4, prompt_embed_dim=32, mask_in_chans=4,
                      decoder_depth=2, decoder_mlp_dim=64, decoder_num_heads=2, iou_head_hidden_dim=32),
+    # The embedded shapes model's SAM: 256 px input, 16x16 grid.
+    "shapes": SamSizes(image_size=256, patch_size=16, encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4,
+                       encoder_global_attn_indexes=(1, 3), window_size=4, prompt_embed_dim=64, mask_in_chans=8,
+                       decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=8, iou_head_hidden_dim=64),
 }
 
 VISION_SIZES = {
     "clip-vit-l-336": VisionSizes(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
                                   image_size=336, patch_size=14),
     "tiny": VisionSizes(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=32, patch_size=8),
+    "shapes": VisionSizes(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=96,
+                          patch_size=12),
 }
 
 LLAMA_SIZES = {

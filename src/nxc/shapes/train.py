@@ -23,17 +23,14 @@ import torch
 import torch.nn.functional as F
 
 from nxc import names
-from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
+from nxc.config import SAM_SIZES, VISION_SIZES, LlamaSizes, NextChatConfig
 from nxc.model.nextchat import NextChat
 from nxc.model.sam import nextchat_sam_decode
 from nxc.runtime.prompt import SLOT
 from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation, vision_targets
 
-SHAPES_VISION = VisionSizes(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4,
-                            image_size=96, patch_size=12)
-SHAPES_SAM = SamSizes(image_size=256, patch_size=16, encoder_embed_dim=64, encoder_depth=4, encoder_num_heads=4,
-                      encoder_global_attn_indexes=(1, 3), window_size=4, prompt_embed_dim=64, mask_in_chans=8,
-                      decoder_depth=2, decoder_mlp_dim=256, decoder_num_heads=8, iou_head_hidden_dim=64)
+SHAPES_VISION = VISION_SIZES["shapes"]
+SHAPES_SAM = SAM_SIZES["shapes"]
 
 
 def shapes_llm(vocab_size: int) -> LlamaSizes:
