@@ -113,6 +113,8 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
         if nxt == tok.eos:
             finish = "stop"
             break
+        if len(out) >= max_new_tokens and nxt != tok.at:
+            break   # at the limit: no step for a token nobody reads (an <at> still needs its hidden)
         logits, hidden = model.llm_step(emb, cache)
         fed = nxt
     h = model.config.llm.hidden_size

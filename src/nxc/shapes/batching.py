@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nxc.model import processing
-from nxc.runtime.prompt import SLOT, Turn, expand_region_refs, render
+from nxc.runtime.prompt import Turn, expand_region_refs, render
 from nxc.shapes.data import COLOURS, SHAPES, Obj, Sample, make_sample, make_scene
 
 IGNORE = -100
@@ -164,5 +164,3 @@ def sam_target(mask: np.ndarray, size: int) -> torch.Tensor:
     out[top:top + nh, left:left + nw] = m
     return torch.from_numpy(out)
 
-
-__all__ = ["Batch", "Conversation", "IGNORE", "SLOT", "make_batch", "sample_conversation", "sam_target"]
