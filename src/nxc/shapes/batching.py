@@ -45,15 +45,20 @@ class Batch:
     look_class: torch.Tensor | None = None     # [L] that object's class (as in patch_labels)
 
 
-def sample_conversation(rng: np.random.Generator, max_turns: int = 3, max_objects: int = 4) -> Conversation:
+def sample_conversation(rng: np.random.Generator, max_turns: int = 3, max_objects: int = 4,
+                        task_weights: dict | None = None, pope_near: float = 0.5) -> Conversation:
+    weights = task_weights or TASK_WEIGHTS
     scene = make_scene(rng, max_objects=max_objects)
     n = int(rng.integers(1, max_turns + 1))
-    tasks = rng.choice(list(TASK_WEIGHTS), size=n, p=list(TASK_WEIGHTS.values()))
-    return Conversation([make_sample(rng, str(t), scene) for t in tasks], scene)
+    p = list(weights.values()) if task_weights is None else np.asarray(list(weights.values()), float) / sum(weights.values())
+    tasks = rng.choice(list(weights), size=n, p=p)
+    return Conversation([make_sample(rng, str(t), scene, pope_near=pope_near) for t in tasks], scene)
 
 
-def encode_conversation(conv: Conversation, tokenizer, num_image_tokens: int, at_id: int, boxes_id: int):
-    """Token ids, labels, slot boxes (in slot order) and answer-trigger objects of one conversation."""
+def encode_conversation(conv: Conversation, tokenizer, num_image_tokens: int, at_id: int, boxes_id: int,
+                        look_absent: bool = False):
+    """Token ids, labels, slot boxes (in slot order) and answer-trigger objects of one conversation.
+    look_absent: a POPE turn about an absent object gets look targets too, on the background (class 0)."""
     image = conv.samples[0].image
     w, h = image.size
     turns: list[Turn] = []
@@ -71,6 +76,8 @@ def encode_conversation(conv: Conversation, tokenizer, num_image_tokens: int, at
         if s.target is not None and (s.task != "pope" or s.present):
             obj = next(o for o in conv.scene.objects if (o.colour, o.shape) == (s.target.colour, s.target.shape))
             looks.append((span[0] - 1, span[1] - 1, obj))
+        elif s.task == "pope" and look_absent:
+            looks.append((span[0] - 1, span[1] - 1, None))
         slot_boxes += [o.box for o in s.answer_objects]
         answer_objs += [(s, o) for o in s.answer_objects]
         turns.append(Turn(q, s.answer))
@@ -95,13 +102,15 @@ def encode_conversation(conv: Conversation, tokenizer, num_image_tokens: int, at
     return ids, labels, norm, ats, at_norm, answer_objs, look
 
 
-def object_class(o: Obj) -> int:
+def object_class(o: Obj | None) -> int:
+    if o is None:
+        return 0   # background
     return 1 + list(COLOURS).index(o.colour) * len(SHAPES) + SHAPES.index(o.shape)
 
 
 def make_batch(convs: list[Conversation], tokenizer, *, image_size: int, num_image_tokens: int,
-               at_id: int, boxes_id: int) -> Batch:
-    enc = [encode_conversation(c, tokenizer, num_image_tokens, at_id, boxes_id) for c in convs]
+               at_id: int, boxes_id: int, look_absent: bool = False) -> Batch:
+    enc = [encode_conversation(c, tokenizer, num_image_tokens, at_id, boxes_id, look_absent) for c in convs]
     t_max = max(len(e[0]) for e in enc)
     b = len(enc)
     ids = torch.zeros(b, t_max, dtype=torch.long)

@@ -158,7 +158,9 @@ def caption_answer(objects: list[Obj]) -> str:
     return text + " ."
 
 
-def make_sample(rng: np.random.Generator, task: str, scene: Scene | None = None) -> Sample:
+def make_sample(rng: np.random.Generator, task: str, scene: Scene | None = None, *, pope_near: float = 0.5) -> Sample:
+    """One sample of `task`; pope: `pope_near` of the absent questions name an object sharing a colour or a shape
+    with a present one (0.5 in the evaluation set)."""
     scene = scene or make_scene(rng)
     objs = scene.objects
     if task == "rec":
@@ -181,7 +183,7 @@ def make_sample(rng: np.random.Generator, task: str, scene: Scene | None = None)
             absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in have]
             # adversarial half: an absent object that shares a colour or a shape with a present one
             near = [(c, s) for c, s in absent if any(c == hc or s == hs for hc, hs in have)]
-            colour, shape = _pick(rng, near if near and rng.random() < 0.5 else absent)
+            colour, shape = _pick(rng, near if near and rng.random() < pope_near else absent)
         q = _pick(rng, POPE_TEMPLATES).replace("<obj>", f"a {colour} {shape}")
         return Sample(task, scene.image, q, "Yes" if present else "No", present=present,
                       target=Obj(colour, shape, (0, 0, 0, 0), np.zeros((1, 1), bool)))

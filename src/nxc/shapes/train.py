@@ -61,6 +61,10 @@ class TrainConfig:
     iou_weight: float = 1.0        # stage 2: SAM's IoU-score head (0 in the first two runs of the shipped model)
     sorted_giou: bool = False      # the first recipe's GIoU (see sorted_giou_loss)
     init: str | None = None        # start from this checkpoint instead of random weights
+    task_weights: dict | None = None   # stage 1 task mix (None: batching.TASK_WEIGHTS)
+    pope_near: float = 0.5         # share of absent POPE objects that share a colour or shape with a present one
+    look_absent: bool = False      # POPE about an absent object: the look heads attend to the background
+    yes_no_weight: float = 1.0     # cross-entropy weight of the "Yes"/"No" answer tokens (POPE)
     extra: dict = field(default_factory=dict)
 
 
@@ -172,7 +176,13 @@ def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.
     else:
         words = hidden.sum() * 0
     logits = model.llm.lm_head(hidden[:, :-1])
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE)
+    labels = batch.labels[:, 1:].reshape(-1)
+    if cfg.yes_no_weight != 1.0:   # one answer token among dozens of template tokens: give it a louder voice
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, ignore_index=IGNORE, reduction="none")
+        weight = 1 + (cfg.yes_no_weight - 1) * torch.isin(labels, ids["yes_no"]).float()
+        ce = (ce * weight).sum() / (weight * (labels != IGNORE)).sum()
+    else:
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels, ignore_index=IGNORE)
     h_at = hidden[batch.at_pos[:, 0], batch.at_pos[:, 1]]
     pred = model.loc_decoder(h_at)
     l1 = F.l1_loss(pred, batch.at_boxes)
@@ -245,10 +255,11 @@ def _run_stage(name, model, params, steps, lr, cfg, rng, tokenizer, loss_fn, tex
         if text:
             ramp = name.startswith("stage1") and not cfg.init
             max_obj = min(4, 1 + int(4 * step / max(1, cfg.curriculum * steps))) if ramp else 4
-            convs = [sample_conversation(rng, max_objects=max_obj) for _ in range(cfg.batch_size)]
+            convs = [sample_conversation(rng, max_objects=max_obj, task_weights=cfg.task_weights,
+                                         pope_near=cfg.pope_near) for _ in range(cfg.batch_size)]
             batch = make_batch(convs, tokenizer, image_size=model.config.vision.image_size,
                                num_image_tokens=model.config.num_image_tokens, at_id=ids["at"],
-                               boxes_id=ids["boxes"])
+                               boxes_id=ids["boxes"], look_absent=cfg.look_absent)
         else:
             batch = rng
         loss, stats = loss_fn(model, batch)
@@ -301,7 +312,8 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
         word = lambda w: tokenizer.encode(" " + w)[-1]  # noqa: E731  (the single "▁red"-style piece)
         model._nxc_ids = {"at": added[names.AT], "boxes": added[names.BOXES], "im_start": added[names.IM_START],
                           "colour_tok": torch.tensor([word(c) for c in COLOURS]),
-                          "shape_tok": torch.tensor([word(x) for x in SHAPES]), "n_shapes": len(SHAPES)}
+                          "shape_tok": torch.tensor([word(x) for x in SHAPES]), "n_shapes": len(SHAPES),
+                          "yes_no": torch.tensor([word("Yes"), word("No")])}
         print(f"shapes NExT-Chat: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
               f"vocab {tokenizer.vocab_size}", flush=True)
         head = torch.nn.Linear(config.vision.hidden_size, 1 + len(COLOURS) * len(SHAPES) + 4)
@@ -337,6 +349,19 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
     return out
 
 
+def _weights(text: str) -> dict:
+    import argparse
+
+    from nxc.shapes.data import TASKS
+    try:
+        out = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected task=weight pairs separated by commas, got {text!r}") from None
+    if set(out) - set(TASKS) or min(out.values()) < 0 or sum(out.values()) <= 0:
+        raise argparse.ArgumentTypeError(f"tasks must be among {TASKS} with weights >= 0 and a positive sum: {text!r}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     ap = argparse.ArgumentParser(prog="nxc-train-shapes", description=__doc__.split("\n")[0])
@@ -349,9 +374,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
     ap.add_argument("--init", help="continue from a checkpoint written by this script")
     ap.add_argument("--sorted-giou", action="store_true", help="the first recipe's GIoU (reproduction only)")
+    ap.add_argument("--iou-weight", type=float, default=TrainConfig.iou_weight,
+                    help="stage-2 weight of SAM's IoU-score loss (0 in the shipped model's first two runs)")
+    ap.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear warm-up steps of each stage")
+    ap.add_argument("--task-weights", type=_weights, help="stage-1 task mix, e.g. rec=0.3,caption=0.1,region=0.1,pope=0.5")
+    ap.add_argument("--pope-near", type=float, default=TrainConfig.pope_near,
+                    help="share of absent POPE objects that share a colour or shape with a present one")
+    ap.add_argument("--yes-no-weight", type=float, default=TrainConfig.yes_no_weight,
+                    help="cross-entropy weight of POPE's Yes/No answer token")
+    ap.add_argument("--vision-lr-scale", type=float, default=TrainConfig.vision_lr_scale,
+                    help="stage-1 learning-rate factor of the CLIP tower")
+    ap.add_argument("--look-absent", action="store_true",
+                    help="supervise attention onto the background for questions about absent objects")
     a = ap.parse_args(argv)
-    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps, stage2_steps=a.stage2_steps, lr=a.lr, init=a.init, sorted_giou=a.sorted_giou,
-                             batch_size=a.batch_size))
+    train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps,
+                             stage2_steps=a.stage2_steps, lr=a.lr, init=a.init, sorted_giou=a.sorted_giou,
+                             batch_size=a.batch_size, warmup=a.warmup, task_weights=a.task_weights,
+                             pope_near=a.pope_near, look_absent=a.look_absent, yes_no_weight=a.yes_no_weight,
+                             vision_lr_scale=a.vision_lr_scale, iou_weight=a.iou_weight))
     return 0
 
 
