@@ -105,3 +105,40 @@ def test_box_iou():
     assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(1 / 3)
     assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
     assert box_iou((0, 10, 10, 0), (0, 0, 10, 10)) == 0.0   # swapped corners are not the same box
+
+
+def test_look_absent_targets_background_for_absent_pope_only(shapes_tokenizer):
+    tok = shapes_tokenizer
+    at, boxes = tok.added_token_ids[names.AT], tok.added_token_ids[names.BOXES]
+    rng = np.random.default_rng(5)
+    seen = {True: 0, False: 0}
+    for _ in range(60):
+        conv = sample_conversation(rng, task_weights={"pope": 1.0})
+        *_, plain = encode_conversation(conv, tok, 16, at, boxes)
+        *_, with_absent = encode_conversation(conv, tok, 16, at, boxes, look_absent=True)
+        absent = sum(not s.present for s in conv.samples)
+        extra = [c for c in (x[1] for x in with_absent) if c == 0]
+        assert (len(extra) > 0) == (absent > 0) and not [c for _, c in plain if c == 0]
+        seen[absent > 0] += 1
+    assert seen[True] and seen[False]
+
+
+def test_pope_near_share_controls_absent_objects():
+    from nxc.shapes.data import make_sample, make_scene
+    rng = np.random.default_rng(0)
+    for _ in range(40):
+        scene = make_scene(rng, max_objects=1)
+        s = make_sample(rng, "pope", scene, pope_near=1.0)
+        o = scene.objects[0]
+        assert s.present or (s.target.colour == o.colour) != (s.target.shape == o.shape)
+
+
+@pytest.mark.parametrize("text,ok", [("rec=0.5,pope=0.5", True), ("rec=1", True), ("rec", False),
+                                      ("foo=1", False), ("rec=-1,pope=2", False), ("rec=0", False)])
+def test_task_weight_flag(text, ok):
+    import argparse
+    if ok:
+        assert sum(T._weights(text).values()) > 0
+    else:
+        with pytest.raises(argparse.ArgumentTypeError):
+            T._weights(text)
