@@ -1,0 +1,65 @@
+"""nxc-export: a NExT-Chat checkpoint (default: the embedded shapes model) -> a build directory."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from nxc import names
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nxc-export", description=__doc__,
+        epilog="example: nxc-export --fp16 --out build/fp16   (exports the embedded model)")
+    ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory "
+                    "(default: the embedded shapes model)")
+    ap.add_argument("--clip", metavar="DIR", help="CLIP vision model directory, if not the checkpoint's own")
+    ap.add_argument("--sam", metavar="FILE", help="SAM weights, if not inside the checkpoint")
+    ap.add_argument("--out", metavar="DIR", help="build directory to write (default: build/<precision>)")
+    prec = ap.add_mutually_exclusive_group()
+    prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="float32 (default)")
+    prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
+                      help="float16 weights and activations, float32 inputs/outputs")
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8", help=argparse.SUPPRESS)
+    prec.add_argument("--int4", dest="precision", action="store_const", const="int4", help=argparse.SUPPRESS)
+    ap.add_argument("--max-context", type=int, metavar="N", help="longest prompt + reply the build serves "
+                    "(default: the model's max_position_embeddings, at most 4096)")
+    ap.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what TensorRT >= 8.6 parses)")
+    ap.add_argument("--graphs", nargs="+", choices=names.GRAPHS, default=list(names.GRAPHS), metavar="GRAPH",
+                    help=f"graphs to export (default: all of {', '.join(names.GRAPHS)})")
+    ap.add_argument("--kv-mode", choices=("inplace", "concat"), default="inplace",
+                    help="KV cache of the llm graph (default inplace; concat exists for benchmarks/kv_cache.py)")
+    ap.add_argument("--skip-parity", action="store_true", help="do not run the ONNX Runtime vs torch check")
+    ap.set_defaults(precision="fp32")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.precision in ("int8", "int4"):
+        print(f"nxc-export: --{a.precision} is not available in this version (quantization comes with the "
+              "precision work); use --fp32 or --fp16.", file=sys.stderr)
+        return 2
+    if a.opset < 17:
+        print(f"nxc-export: --opset {a.opset} is too old; the graphs need opset 17 or newer.", file=sys.stderr)
+        return 2
+    try:
+        from nxc.export.exporter import ExportError, ExportOptions, export_build
+        from nxc.model.checkpoint import CheckpointError
+    except ImportError as e:
+        print(f"nxc-export needs the export extra ({e.name} is missing): pip install 'nxc[export]'", file=sys.stderr)
+        return 2
+    from nxc.config import ConfigError
+    out = a.out or f"build/{a.precision}"
+    opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
+                         parity=not a.skip_parity, kv_mode=a.kv_mode)
+    try:
+        export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
+    except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"nxc-export: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Checkpoint -> build directory (DESIGN "the build directory is the contract").
+
+    load (nxc.model) ─▶ per graph: wrapper ─ torch.onnx.export ─▶ graphs/<g>.onnx ─▶ TensorRT lint ─▶ ORT parity
+                     ─▶ tokenizer.json, embeddings.npy ─▶ reports/parity.json ─▶ manifest.json (sha256 of all)
+    all of it in <out>.partial-<pid>/, renamed to <out> last: an interrupted export leaves nothing that loads.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nxc import __version__, names
+from nxc.config import NextChatConfig
+from nxc.specs import GraphSpec, axis_ranges, graph_specs
+
+PRECISIONS = ("fp32", "fp16")
+EXTERNAL_DATA_BYTES = 1 << 30      # graphs whose weights exceed this are written with ONNX external data (< 2 GB)
+
+
+class ExportError(RuntimeError):
+    """The export cannot go on: the message says what and what to do."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    max_context: int | None = None     # default: the model's max_position_embeddings, capped at 4096
+    opset: int = 17
+    graphs: tuple[str, ...] = names.GRAPHS
+    parity: bool = True
+    kv_mode: str = "inplace"
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
+    from nxc.export.llm import LlmGraph
+    from nxc.export.wrappers import LocHeadsGraph, SamDecoderGraph, SamEncoderGraph, VisionGraph
+    make = {names.GRAPH_VISION: VisionGraph, names.GRAPH_LOC_HEADS: LocHeadsGraph,
+            names.GRAPH_SAM_ENCODER: SamEncoderGraph, names.GRAPH_SAM_DECODER: SamDecoderGraph,
+            names.GRAPH_LLM: lambda m: LlmGraph(m, kv_mode=opts.kv_mode)}
+    wrapper = make[graph](model).eval()
+    if opts.precision == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
+        from nxc.export.fp16 import Float32IO
+        spec = graph_specs(model.config)[graph]
+        wrapper = Float32IO(wrapper, half_inputs=(True,) * len(spec.inputs), half_outputs=(False,) * len(spec.outputs))
+    return wrapper
+
+
+def dummy_inputs(spec: GraphSpec, config: NextChatConfig) -> tuple[torch.Tensor, ...]:
+    """Trace inputs: every dynamic axis > 1 and distinct, so no length gets baked in as a constant."""
+    from nxc.export.parity import random_inputs
+    axes = {"batch": 2, "sequence": 3, "past": 4, "detections": 2, "boxes": 3}
+    if spec.name in ("sam_encoder", "sam_decoder", "loc_heads"):
+        axes["batch"] = 1
+    feeds = random_inputs(spec, axes, np.random.default_rng(0), sam_size=config.sam.image_size)
+    return tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+
+
+def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConfig, path: Path, opts: ExportOptions) -> list[str]:
+    """torch -> ONNX at `path`; returns the external-data file names written beside it (empty if none)."""
+    import onnx
+    scratch = path.parent / f".{path.stem}-scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    raw = scratch / path.name
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, dummy_inputs(spec, config), str(raw), dynamo=False, opset_version=opts.opset,
+                          input_names=spec.input_names, output_names=spec.output_names,
+                          dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
+    model = onnx.load(str(raw), load_external_data=True)
+    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    model.producer_name, model.doc_string = "nxc", f"nxc {__version__} graph {spec.name} ({opts.precision})"
+    external: list[str] = []
+    if weight_bytes > EXTERNAL_DATA_BYTES:
+        external = [path.name + ".data"]
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external[0], size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    shutil.rmtree(scratch)
+    return external
+
+
+def _prepare_out(out: Path) -> Path:
+    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not a build directory; refusing to replace it. "
+                          "Choose another --out or remove it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):     # left by an interrupted export
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished build into place; an existing build is replaced only now."""
+    old = None
+    if out.exists():
+        if not (out / "manifest.json").is_file() and any(out.iterdir()):
+            raise ExportError(f"{out} exists and is not a build directory; refusing to replace it. "
+                              "Choose another --out or remove it.")
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, source: dict) -> dict:
+    from nxc.model import processing
+    from nxc.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
+    cfg = model.config
+    added = tokenizer.added_token_ids
+    tokens = {**{t: added[t] for t in names.ADDED_TOKENS},
+              names.BOS: tokenizer.bos_id, names.EOS: tokenizer.eos_id, names.UNK: tokenizer.token_to_id(names.UNK)}
+    return {
+        "nxc_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "precision": opts.precision,
+        "config": cfg.to_dict(),
+        "tokens": tokens,
+        "prompt": {"template": "vicuna_v1.1", "system": names.SYSTEM_PROMPT, "roles": list(names.ROLES),
+                   "sep": names.SEP, "sep2": names.SEP2, "image_placeholder": names.IMAGE_PLACEHOLDER,
+                   "num_image_tokens": cfg.num_image_tokens, "use_im_start_end": cfg.mm_use_im_start_end},
+        "preprocess": {
+            "clip": {"size": cfg.vision.image_size, "mean": list(processing.CLIP_MEAN), "std": list(processing.CLIP_STD),
+                     "pad": "white square, centred", "resample": "bicubic"},
+            "sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
+                    "resize": "longest side, bilinear", "pad": "zeros, centred"}},
+        "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
+                       "eos": names.EOS},
+        "dispatch": {"trigger": names.AT, "slot": names.BOXES, "on_trigger": ["box", "seg_prompt"],
+                     "feedback": "feedback", "graph": names.GRAPH_LOC_HEADS},
+        "max_context": max_context,
+        "kv_cache": {"mode": opts.kv_mode, "dtype": "float16" if opts.precision == "fp16" else "float32", "layout": "[batch, position, kv_heads, head_dim]",
+                     "present": "new rows only" if opts.kv_mode == "inplace" else "past + new rows"},
+        "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64)),
+        "embeddings": {"file": "embeddings.npy", "shape": [cfg.llm.vocab_size, cfg.llm.hidden_size],
+                       "dtype": "float32"},
+        "tokenizer": {"file": "tokenizer.json"},
+    }
+
+
+def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=None, sam_file=None,
+                 options: ExportOptions = ExportOptions()) -> Path:
+    """Export `checkpoint` (default: the embedded shapes model) into the build directory `out`."""
+    from nxc.model.checkpoint import load_nextchat
+
+    _check_options(options)
+    embedded = checkpoint is None
+    if embedded:
+        from nxc.assets import embedded_checkpoint
+        checkpoint = embedded_checkpoint()
+    checkpoint = Path(checkpoint)
+    _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
+    model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file)
+    source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
+    return export_model(model, tokenizer, out, tokenizer_dir=checkpoint, options=options, source=source)
+
+
+def _check_options(options: ExportOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
+    unknown = [g for g in options.graphs if g not in names.GRAPHS]
+    if unknown:
+        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.GRAPHS)}")
+
+
+def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
+                 source: dict | None = None) -> Path:
+    """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
+    from nxc.export.parity import check_graph
+    from nxc.export.tokenizer_json import write_tokenizer_json
+    from nxc.export.trt_lint import lint
+    from nxc.manifest import write_manifest
+
+    _check_options(options)
+    out = Path(out)
+    t0 = time.perf_counter()
+    cfg = model.config
+    max_context = options.max_context or min(cfg.llm.max_position_embeddings, 4096)
+    if not 2 <= max_context <= cfg.llm.max_position_embeddings:
+        raise ExportError(f"--max-context {max_context} must be between 2 and the model's "
+                          f"max_position_embeddings ({cfg.llm.max_position_embeddings})")
+    if options.precision == "fp16":
+        from nxc.export.fp16 import to_fp16
+        model = to_fp16(model)
+    specs = graph_specs(cfg, kv_dtype="float16" if options.precision == "fp16" else "float32")
+    tmp = _prepare_out(out)
+    try:
+        (tmp / "graphs").mkdir()
+        (tmp / "reports").mkdir()
+        graphs, parity = {}, {}
+        for i, g in enumerate(options.graphs, 1):
+            tg = time.perf_counter()
+            _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: exporting")
+            wrapper = wrapper_for(model, g, options)
+            path = tmp / "graphs" / f"{g}.onnx"
+            external = export_graph(wrapper, specs[g], cfg, path, options)
+            import onnx
+            findings = lint(onnx.load(str(path), load_external_data=False))
+            graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
+                         "precision": options.precision, "opset": options.opset, **specs[g].to_dict(),
+                         "tensorrt_lint": findings}
+            lint_msg = "TensorRT lint ok" if findings["ok"] else f"TensorRT lint: {findings['problem_count']} problem(s)"
+            if options.parity:
+                _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: checking against torch in ONNX Runtime")
+                parity[g] = check_graph(wrapper, path, specs[g], precision=options.precision,
+                                        sam_size=cfg.sam.image_size)
+                if not parity[g]["ok"]:
+                    (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
+                    raise ExportError(f"graph {g} does not match torch in ONNX Runtime: "
+                                      f"{json.dumps(parity[g]['checks'], default=str)[:600]}")
+            size = sum((tmp / "graphs" / f).stat().st_size for f in [f"{g}.onnx", *external])
+            _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: {size / 1e6:.1f} MB, {lint_msg}, "
+                 f"{time.perf_counter() - tg:.1f} s")
+        (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+        write_tokenizer_json(tokenizer_dir, tmp / "tokenizer.json")
+        emb = model.llm.model.embed_tokens.weight.detach().float().numpy()
+        np.save(tmp / "embeddings.npy", emb)
+        body = manifest_body(model, tokenizer, options, max_context, source or {})
+        body["graphs"] = graphs
+        write_manifest(tmp, body)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return out

@@ -1,0 +1,109 @@
+"""Export wrappers for `vision`, `loc_heads`, `sam_encoder` and `sam_decoder` (the `llm` one is in llm.py).
+
+Each is a small nn.Module that exists only for export: it reads the reference modules' weights, fixes the
+choices the reference makes at run time (which CLIP layer, which mask token) and leaves nxc.model untouched.
+Tensor names and axes are in nxc.specs.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nxc.model.nextchat import NextChat
+
+
+class VisionGraph(nn.Module):
+    """pixel_values [B,3,R,R] (CLIP-normalised, white-padded square) -> image_embeds [B,N,H].
+
+    Runs CLIP only up to the selected hidden layer (reference §1.1: index -2 = output of the second-to-last
+    encoder layer; the last layer is never computed), drops CLS, applies mm_projector."""
+
+    def __init__(self, model: NextChat):
+        super().__init__()
+        vm = getattr(model.vision_tower, "vision_model", model.vision_tower)   # transformers 5 flattened it
+        n_layers = len(vm.encoder.layers)
+        sel = model.config.mm_vision_select_layer
+        keep = sel if sel >= 0 else n_layers + 1 + sel      # hidden_states[k] is the output of the first k layers
+        if not 0 <= keep <= n_layers:
+            raise ValueError(f"mm_vision_select_layer {sel} is outside CLIP's {n_layers} layers")
+        self.embeddings, self.pre_layrnorm = vm.embeddings, vm.pre_layrnorm
+        self.layers = vm.encoder.layers[:keep]
+        self.projector = model.mm_projector
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        h = self.pre_layrnorm(self.embeddings(pixel_values))
+        for layer in self.layers:
+            out = layer(h, None)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.projector(h[:, 1:])
+
+
+class LocHeadsGraph(nn.Module):
+    """The three small MLPs (reference §1.4, §1.5), two independent halves in one graph:
+
+        hidden [K,H] ─ loc_decoder ─▶ box [K,4] ─ loc_encoder ─▶ feedback [K,H]   (trigger: box + next input)
+                     └ seg_prompt_mlp ─▶ seg_prompt [K,4,C]                          (SAM prompt tokens)
+        boxes [M,4] ─ loc_encoder ─▶ loc_embeds [M,H]                                 (region input <boxes> rows)
+    Boxes are normalised xyxy in the padded square, unclamped."""
+
+    def __init__(self, model: NextChat):
+        super().__init__()
+        self.loc_encoder, self.loc_decoder, self.seg_prompt_mlp = model.loc_encoder, model.loc_decoder, model.seg_prompt_mlp
+        self.c = model.config.sam.prompt_embed_dim
+
+    def forward(self, hidden: torch.Tensor, boxes: torch.Tensor):
+        box = self.loc_decoder(hidden)
+        seg = self.seg_prompt_mlp(hidden).reshape(hidden.shape[0], 4, self.c)
+        return box, self.loc_encoder(box), seg, self.loc_encoder(boxes)
+
+
+class SamEncoderGraph(nn.Module):
+    """image [1,3,S,S] (SAM-normalised, centre-padded; reference §4.2) -> image_embedding [1,C,S/16,S/16]."""
+
+    def __init__(self, model: NextChat):
+        super().__init__()
+        self.encoder = model.sam.image_encoder
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.encoder(image)
+
+
+class SamDecoderGraph(nn.Module):
+    """NExT-Chat's SAM call (reference §1.7), not the stock SAM decoder export: no points, no mask input, no
+    padding point; sparse prompt = [4 seg-prompt tokens, 2 box-corner tokens]; mask token 0 only.
+
+        boxes [K,4] (SAM frame px) ─ +0.5, Fourier PE, corner embeds ─▶ [K,2,C] ─┐
+        seg_prompt [K,4,C] ──────────────────────────────────────────────────────┴▶ sparse [K,6,C]
+        [iou, mask x4] tokens + sparse ─▶ two-way transformer with image_embedding (expanded to K) + no_mask
+                                         ─▶ mask token 0 ─ hypernetwork ─▶ low_res_masks [K,1,4g,4g]
+                                         ─▶ iou token ─ head ─▶ iou [K,1]
+    The image is expanded to K rows (a broadcast view) instead of SAM's repeat_interleave."""
+
+    def __init__(self, model: NextChat):
+        super().__init__()
+        sam = model.sam
+        self.pe, self.decoder = sam.prompt_encoder, sam.mask_decoder
+        dtype = sam.mask_decoder.iou_token.weight.dtype
+        self.register_buffer("image_pe", sam.prompt_encoder.get_dense_pe().detach().to(dtype), persistent=False)
+
+    def forward(self, image_embedding: torch.Tensor, boxes: torch.Tensor, seg_prompt: torch.Tensor):
+        dec, pe = self.decoder, self.pe
+        k = boxes.shape[0]
+        # Fourier features in float32 (sin/cos of coordinates x a random matrix), then the decoder's dtype
+        corners = self.pe.pe_layer.forward_with_coords((boxes.float() + 0.5).reshape(-1, 2, 2), pe.input_image_size)
+        corners = corners.to(seg_prompt.dtype)
+        corners = torch.stack([corners[:, 0] + pe.point_embeddings[2].weight[0],
+                               corners[:, 1] + pe.point_embeddings[3].weight[0]], dim=1)      # [K,2,C]
+        sparse = torch.cat([seg_prompt, corners], dim=1)                                        # [K,6,C]
+        out_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([out_tokens[None].expand(k, -1, -1), sparse], dim=1)
+        c, g1, g2 = image_embedding.shape[1:]
+        src = (image_embedding + pe.no_mask_embed.weight.reshape(1, -1, 1, 1)).expand(k, c, g1, g2)
+        pos = self.image_pe.expand(k, c, g1, g2)
+        hs, src = dec.transformer(src, pos, tokens)
+        up = dec.output_upscaling(src.transpose(1, 2).reshape(k, c, g1, g2))
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1])[:, None]                           # [K,1,c']
+        _, cu, h, w = up.shape
+        masks = torch.matmul(hyper, up.reshape(k, cu, h * w)).reshape(k, 1, h, w)
+        iou = dec.iou_prediction_head(hs[:, 0])[:, :1]
+        return masks, iou

@@ -1,0 +1,138 @@
+"""Graph I/O as data: every graph's tensor names, dtypes and axes, declared once. Torch-free.
+
+Export (dynamic axes, dummy inputs), the manifest, the parity check, the runtime (feeds) and TensorRT
+optimisation profiles all read these specs; nothing else spells a tensor name or an axis.
+
+A shape entry is an int (fixed) or the name of a dynamic axis:
+
+    batch       images / sequences per call (the runtime uses 1)
+    sequence    new positions fed to `llm` in one call (prefill: the prompt; decode: 1)
+    past        positions already in the KV cache
+    total       past + sequence (the attention mask)
+    detections  trigger hiddens given to `loc_heads` / masks asked of `sam_decoder`
+    boxes       input boxes given to `loc_heads` (region references)
+
+KV cache layout: `past_key_values.{i}.key` is [batch, past, kv_heads, head_dim] (sequence-major, so that a
+runtime's preallocated [1, capacity, kv_heads, head_dim] buffer sliced to [:, :past] is contiguous and is fed
+without a copy), and `present.{i}.key` holds ONLY the `sequence` new rows, which the runtime writes into its
+buffer at [past:past+sequence]. See `nxc.export.llm` for why (measured there).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nxc import names
+from nxc.config import NextChatConfig
+
+DTYPES = ("float32", "float16", "int64", "int32", "int8", "bool")
+AXES = ("batch", "sequence", "past", "total", "detections", "boxes")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        return cls(name=d["name"], dtype=d["dtype"], shape=tuple(d["shape"]))
+
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: a for i, a in enumerate(self.shape) if isinstance(a, str)}
+
+    def resolve(self, axes: dict[str, int]) -> tuple[int, ...]:
+        """The concrete shape for given axis lengths, e.g. {"batch": 1, "past": 37}."""
+        missing = [a for a in self.shape if isinstance(a, str) and a not in axes]
+        if missing:
+            raise KeyError(f"{self.name}: no length given for axis {missing[0]!r}")
+        return tuple(axes[a] if isinstance(a, str) else a for a in self.shape)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """{tensor name: {axis index: axis name}} in the form torch.onnx.export takes."""
+        return {t.name: t.dynamic_axes() for t in self.inputs + self.outputs if t.dynamic_axes()}
+
+    def to_dict(self) -> dict:
+        return {"inputs": [t.to_dict() for t in self.inputs], "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> "GraphSpec":
+        return cls(name=name, inputs=tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
+
+
+def _t(name: str, shape: tuple, dtype: str = "float32") -> TensorSpec:
+    return TensorSpec(name=name, dtype=dtype, shape=shape)
+
+
+def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[str, GraphSpec]:
+    """The five graphs of DESIGN "the cut", sized from `config`. Graph inputs and outputs are float32 at every
+    precision except the KV cache, which is kept in the llm's own precision (`kv_dtype`)."""
+    llm, v, sam = config.llm, config.vision, config.sam
+    h, kv, d = llm.hidden_size, llm.num_kv_heads, llm.head_dim
+    c, g, r = sam.prompt_embed_dim, sam.embedding_size, v.image_size
+    kv_in, kv_out = [], []
+    for i in range(llm.num_layers):
+        kv_in += [_t(names.past_key(i), ("batch", "past", kv, d), kv_dtype),
+                  _t(names.past_value(i), ("batch", "past", kv, d), kv_dtype)]
+        kv_out += [_t(names.present_key(i), ("batch", "sequence", kv, d), kv_dtype),
+                   _t(names.present_value(i), ("batch", "sequence", kv, d), kv_dtype)]
+    return {
+        names.GRAPH_VISION: GraphSpec(
+            names.GRAPH_VISION,
+            inputs=(_t("pixel_values", ("batch", 3, r, r)),),
+            outputs=(_t("image_embeds", ("batch", v.num_patches, h)),)),
+        names.GRAPH_LLM: GraphSpec(
+            names.GRAPH_LLM,
+            inputs=(_t("inputs_embeds", ("batch", "sequence", h)),
+                    _t("attention_mask", ("batch", "total"), "int64"),
+                    _t("position_ids", ("batch", "sequence"), "int64"), *kv_in),
+            outputs=(_t("logits", ("batch", llm.vocab_size)), _t("hidden", ("batch", h)), *kv_out)),
+        names.GRAPH_LOC_HEADS: GraphSpec(
+            names.GRAPH_LOC_HEADS,
+            inputs=(_t("hidden", ("detections", h)), _t("boxes", ("boxes", 4))),
+            outputs=(_t("box", ("detections", 4)), _t("feedback", ("detections", h)),
+                     _t("seg_prompt", ("detections", 4, c)), _t("loc_embeds", ("boxes", h)))),
+        names.GRAPH_SAM_ENCODER: GraphSpec(
+            names.GRAPH_SAM_ENCODER,
+            inputs=(_t("image", (1, 3, sam.image_size, sam.image_size)),),
+            outputs=(_t("image_embedding", (1, c, g, g)),)),
+        names.GRAPH_SAM_DECODER: GraphSpec(
+            names.GRAPH_SAM_DECODER,
+            inputs=(_t("image_embedding", (1, c, g, g)), _t("boxes", ("detections", 4)),
+                    _t("seg_prompt", ("detections", 4, c))),
+            outputs=(_t("low_res_masks", ("detections", 1, sam.low_res_size, sam.low_res_size)),
+                     _t("iou", ("detections", 1)))),
+    }
+
+
+def axis_ranges(max_context: int, *, max_batch: int = 1, max_detections: int = 16,
+                max_boxes: int = 16, prefill_opt: int = 0) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) per dynamic axis: the optimisation profiles a TensorRT build needs, kept in the manifest.
+    `past` may be 0 (the prefill); `sequence` opt is the usual prefill length when given, else 1 (decode)."""
+    if max_context < 2:
+        raise ValueError(f"max_context must be at least 2, got {max_context}")
+    return {"batch": (1, 1, max_batch),
+            "sequence": (1, prefill_opt or 1, max_context),
+            "past": (0, max_context // 2, max_context - 1),
+            "total": (1, max_context // 2 + 1, max_context),
+            "detections": (1, 1, max_detections),
+            "boxes": (1, 1, max_boxes)}
