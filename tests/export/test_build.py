@@ -185,3 +185,17 @@ def test_torch_free_modules_do_not_import_torch():
             "import nxc.manifest, nxc.specs, nxc.runtime.kv_cache\n")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert torch  # the test module itself may use torch
+
+
+def test_export_cli_embedded_fp16_with_progress(tmp_path, capsys):
+    """`nxc-export --fp16` on the embedded model: progress per graph, a verified build, fp16 KV cache."""
+    from nxc.export.cli import main
+    out = tmp_path / "fp16"
+    assert main(["--fp16", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    for i, g in enumerate(names.GRAPHS, 1):
+        assert f"[{i}/5] {g}: exporting" in err
+    m = load_manifest(out)
+    assert m.data["precision"] == "fp16" and m.data["source"]["checkpoint"] == "embedded:shapes-nextchat"
+    assert m.graph_spec("llm").inputs[3].dtype == "float16"
+    assert all(g["precision"] == "fp16" for g in m.graphs.values())
