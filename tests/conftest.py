@@ -1,4 +1,4 @@
-"""Shared tokenizer fixtures: a tiny sentencepiece model trained in the session (seed 0), no downloads."""
+"""Shared fixtures: tiny tokenizers and checkpoints made in the session, the embedded model and its fp32 build."""
 import pytest
 
 
@@ -28,3 +28,44 @@ def tiny_tokenizer(tiny_tokenizer_json):
     """The runtime Tokenizer loaded from `tiny_tokenizer_json`."""
     from nxc.runtime.tokenizer import Tokenizer
     return Tokenizer.from_file(tiny_tokenizer_json)
+@pytest.fixture(scope="session")
+def tiny_ckpt_export(tmp_path_factory):
+    """A tiny random NExT-Chat (seed 1: GQA with 4 heads over 2 KV heads), official layout. Read-only."""
+    from nxc.model.writer import make_tiny_checkpoint
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-export") / "nextchat", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_ckpt_export):
+    from nxc.model.checkpoint import load_nextchat
+    model, tokenizer = load_nextchat(tiny_ckpt_export)
+    return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_ckpt_export, tmp_path_factory):
+    """The tiny checkpoint exported (fp32, context 256, with the exporter's own parity check)."""
+    from nxc.export.exporter import ExportOptions, export_build
+    out = tmp_path_factory.mktemp("builds") / "fp32"
+    return export_build(tiny_ckpt_export, out, options=ExportOptions(max_context=256))
+
+
+@pytest.fixture(scope="session")
+def embedded_ref():
+    """The PyTorch reference on the shipped shapes checkpoint."""
+    from nxc.assets import embedded_checkpoint
+    from nxc.model.reference import ReferenceChat
+    return ReferenceChat.load(embedded_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def embedded_build(tmp_path_factory):
+    """The shipped shapes checkpoint exported fp32 (with the exporter's parity check)."""
+    from nxc.export.exporter import ExportOptions, export_build
+    return export_build(None, tmp_path_factory.mktemp("embedded") / "fp32", options=ExportOptions())
+
+
+@pytest.fixture(scope="session")
+def embedded_pipe(embedded_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(embedded_build)

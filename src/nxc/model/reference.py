@@ -4,7 +4,6 @@ This is what every exported graph and the runtime are compared with. Batch 1, fl
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from nxc.model import processing
 from nxc.model.checkpoint import load_nextchat
 from nxc.model.generate import Generation, TokenIds, generate
 from nxc.model.nextchat import NextChat
-from nxc.runtime.prompt import SLOT, Turn, build_prompt
+from nxc.runtime.prompt import Turn, build_prompt, render_reply
 from nxc.sampling import SamplingParams
 
 
@@ -38,12 +37,6 @@ class ChatResult:
     finish_reason: str
     detections: list[Detection] = field(default_factory=list)
     generation: Generation | None = None
-
-
-def render_reply(raw: str) -> str:
-    """Replace the k-th `<at> <boxes>` with `[k]` (the web demo's post-processing, without HTML escaping)."""
-    counter = iter(range(1 << 30))
-    return re.sub(re.escape(SLOT), lambda _: f"[{next(counter)}]", raw)
 
 
 class ReferenceChat:

@@ -49,6 +49,12 @@ def expand_region_refs(text: str, num_boxes: int) -> tuple[str, list[int]]:
     return "".join(pieces), order
 
 
+def render_reply(raw: str) -> str:
+    """Replace the k-th `<at> <boxes>` with `[k]` (the web demo's post-processing, without HTML escaping)."""
+    counter = iter(range(1 << 30))
+    return re.sub(re.escape(SLOT), lambda _: f"[{next(counter)}]", raw)
+
+
 def check_all_boxes_used(order: list[int], num_boxes: int) -> None:
     unused = sorted(set(range(num_boxes)) - set(order))
     if unused:

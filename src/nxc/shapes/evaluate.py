@@ -119,6 +119,14 @@ def reference_chat(ckpt, *, clip_dir=None, sam_file=None, max_new_tokens: int = 
                                                iou_threshold=None)
 
 
+def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime", providers=None) -> ChatFn:
+    """The same questions through the torch-free runtime on a build directory (masks unfiltered, as RES eval)."""
+    from nxc.runtime.pipeline import Pipeline
+    pipe = Pipeline.load(build, backend=backend, providers=providers)
+    return lambda image, text, boxes: pipe.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens,
+                                                iou_threshold=None)
+
+
 def format_table(m: dict) -> str:
     rows = []
     if "rec" in m:
@@ -139,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from nxc.assets import embedded_checkpoint
     ap = argparse.ArgumentParser(prog="nxc-eval", description="Grounding accuracy on the held-out shapes set.")
-    ap.add_argument("target", nargs="?", help="NExT-Chat checkpoint directory (default: the embedded model)")
+    ap.add_argument("target", nargs="?", help="NExT-Chat checkpoint directory, or a build directory written by "
+                    "nxc-export (run through the runtime); default: the embedded model's checkpoint")
+    ap.add_argument("--backend", default="onnxruntime", help="runtime backend for a build directory")
+    ap.add_argument("--provider", action="append", help="ONNX Runtime provider for a build directory (cpu, cuda)")
     ap.add_argument("--clip", help="CLIP directory for a checkpoint")
     ap.add_argument("--sam", help="separate SAM weights for a checkpoint")
     ap.add_argument("--n-per-task", type=int, default=500)
@@ -150,13 +161,19 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     target = Path(a.target) if a.target else embedded_checkpoint()
     if (target / "manifest.json").is_file():
-        print(f"error: {target} is a build directory; evaluating builds needs the runtime (nxc.runtime), "
-              "which is not in this version. Pass a checkpoint directory.", file=sys.stderr)
+        from nxc.manifest import BuildError
+        from nxc.runtime.backends import BackendError
+        try:
+            chat = runtime_chat(target, max_new_tokens=a.max_new_tokens, backend=a.backend, providers=a.provider)
+        except (BuildError, BackendError) as e:
+            print(f"nxc-eval: {e}", file=sys.stderr)
+            return 2
+    elif (target / "config.json").is_file():
+        chat = reference_chat(target, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
+    else:
+        print(f"nxc-eval: {target} is neither a NExT-Chat checkpoint (config.json) nor a build directory "
+              "(manifest.json).", file=sys.stderr)
         return 2
-    if not (target / "config.json").is_file():
-        print(f"error: {target} is not a NExT-Chat checkpoint directory (no config.json).", file=sys.stderr)
-        return 2
-    chat = reference_chat(target, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
     metrics = evaluate(chat, seed=a.seed, n_per_task=a.n_per_task, tasks=a.tasks)
     metrics["meta"]["target"] = str(target)
     print(format_table(metrics))

@@ -1,0 +1,131 @@
+"""Native TensorRT backend: serialized engines (built by `nxc-build`) run with the tensorrt and cuda-python
+packages, no torch. Engines live in <build>/engines/<gpu>-trt<version>/<graph>.plan with engine.json beside them
+(TensorRT version, GPU name, compute capability); a mismatch is refused with what to rebuild.
+
+TensorRT 10 name-based API: set_input_shape / set_tensor_address per I/O tensor, execute_async_v3 on a stream.
+Device buffers grow as needed and are reused across calls.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nxc.runtime.backends import BackendError
+from nxc.specs import GraphSpec
+
+
+def _cudart():
+    try:
+        from cuda.bindings import runtime as cudart      # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart                          # older cuda-python
+        except ImportError:
+            raise BackendError("the tensorrt backend needs cuda-python: pip install 'nxc[trt]'") from None
+    return cudart
+
+
+def _check(result):
+    err, *rest = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        raise BackendError(f"CUDA error {err}")
+    return rest[0] if len(rest) == 1 else rest
+
+
+def gpu_identity() -> dict:
+    """{"name", "compute_capability"} of device 0; BackendError when there is no usable GPU."""
+    cudart = _cudart()
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        raise BackendError("the tensorrt backend needs an NVIDIA GPU; none is visible here (use --backend onnxruntime)")
+    props = _check(cudart.cudaGetDeviceProperties(0))
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
+
+
+class _DeviceBuffer:
+    def __init__(self, cudart):
+        self.cudart, self.ptr, self.nbytes = cudart, 0, 0
+
+    def ensure(self, nbytes: int) -> int:
+        if nbytes > self.nbytes:
+            if self.ptr:
+                _check(self.cudart.cudaFree(self.ptr))
+            self.ptr, self.nbytes = _check(self.cudart.cudaMalloc(max(nbytes, 1))), max(nbytes, 1)
+        return self.ptr
+
+
+class TrtRunner:
+    def __init__(self, engine, spec: GraphSpec, cudart, trt):
+        self.engine, self.spec, self.cudart, self.trt = engine, spec, cudart, trt
+        self.context = engine.create_execution_context()
+        self.stream = _check(cudart.cudaStreamCreate())
+        self.buffers = {t.name: _DeviceBuffer(cudart) for t in spec.inputs + spec.outputs}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cudart, ctx = self.cudart, self.context
+        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        for t in self.spec.inputs:
+            x = np.ascontiguousarray(feeds[t.name], dtype=self.trt.nptype(self.engine.get_tensor_dtype(t.name)))
+            ctx.set_input_shape(t.name, x.shape)
+            ptr = self.buffers[t.name].ensure(x.nbytes)
+            if x.nbytes:
+                _check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream))
+            ctx.set_tensor_address(t.name, ptr)
+        outs = {}
+        for name in self.spec.output_names:
+            shape = tuple(ctx.get_tensor_shape(name))
+            out = np.empty(shape, self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            ctx.set_tensor_address(name, self.buffers[name].ensure(out.nbytes))
+            outs[name] = out
+        if not ctx.execute_async_v3(self.stream):
+            raise BackendError(f"TensorRT failed to run graph {self.spec.name}")
+        for name, out in outs.items():
+            if out.nbytes:
+                _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream))
+        _check(cudart.cudaStreamSynchronize(self.stream))
+        return outs
+
+
+class TrtBackend:
+    name = "tensorrt"
+
+    def __init__(self, *, engine_dir: Path | None = None):
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise BackendError("the tensorrt backend needs TensorRT's Python package: pip install 'nxc[trt]' "
+                               "(or use --backend onnxruntime)") from None
+        self.trt, self.cudart = trt, _cudart()
+        self.gpu = gpu_identity()
+        self.engine_dir = Path(engine_dir) if engine_dir else None
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+
+    def engine_folder(self, build: Path) -> Path:
+        """engines/<gpu>-trt<version>/ for this GPU and TensorRT; BackendError naming what to rebuild."""
+        folder = self.engine_dir or build / "engines" / f"{self.gpu['name'].replace(' ', '_')}-trt{self.trt.__version__}"
+        meta = folder / "engine.json"
+        if not meta.is_file():
+            have = sorted(p.name for p in (build / "engines").glob("*")) if (build / "engines").is_dir() else []
+            raise BackendError(f"{folder}: no TensorRT engines for {self.gpu['name']} with TensorRT {self.trt.__version__}"
+                               f" (found: {have or 'none'}); run `nxc-build {build}` on this machine")
+        info = json.loads(meta.read_text())
+        if info.get("tensorrt") != self.trt.__version__ or info.get("compute_capability") != self.gpu["compute_capability"]:
+            raise BackendError(f"{meta}: engines were built for TensorRT {info.get('tensorrt')} on compute capability "
+                               f"{info.get('compute_capability')}, this is TensorRT {self.trt.__version__} on "
+                               f"{self.gpu['compute_capability']}; rebuild them with `nxc-build {build}`")
+        return folder
+
+    def load(self, path: Path, spec: GraphSpec) -> TrtRunner:
+        """`path` is the graph's .onnx in the build; its engine is engines/<...>/<graph>.plan."""
+        build = Path(path).parent.parent
+        plan = self.engine_folder(build) / f"{spec.name}.plan"
+        if not plan.is_file():
+            raise BackendError(f"{plan}: missing; run `nxc-build {build}`")
+        engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+        if engine is None:
+            raise BackendError(f"{plan}: TensorRT could not deserialize it; rebuild it with `nxc-build {build}`")
+        return TrtRunner(engine, spec, self.cudart, self.trt)

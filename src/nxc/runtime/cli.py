@@ -1,0 +1,80 @@
+"""nxc-run: ask a build directory a question about an image; prints the reply and its detections."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from nxc.manifest import BuildError
+from nxc.runtime.backends import BACKENDS, BackendError
+from nxc.runtime.images import ImageError, load_image
+from nxc.runtime.prompt import PromptError
+
+
+def _box(text: str) -> list[float]:
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--box expects x1,y1,x2,y2 in pixels, got {text!r}") from None
+    if len(vals) != 4:
+        raise argparse.ArgumentTypeError(f"--box expects 4 numbers x1,y1,x2,y2, got {len(vals)} in {text!r}")
+    return vals
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nxc-run", description=__doc__.split("\n")[0],
+                                 epilog='example: nxc-run build/fp32 --image photo.png --prompt "Where is the red '
+                                        'circle?" --out annotated.png')
+    ap.add_argument("build", help="build directory written by nxc-export")
+    ap.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
+    ap.add_argument("--prompt", required=True, help="question; refer to --box k as [k]")
+    ap.add_argument("--box", type=_box, action="append", metavar="x1,y1,x2,y2",
+                    help="region input in pixels (repeat for [0], [1], ...)")
+    ap.add_argument("--out", help="write the image with boxes, indices and masks drawn")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of text")
+    ap.add_argument("--max-new-tokens", type=int, help="default: the build's (512)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    from nxc.runtime.pipeline import Pipeline
+    try:
+        image = load_image(a.image)
+        pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider)
+        r = pipe.chat(image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                      top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+    except (ImageError, BuildError, BackendError, PromptError, ValueError) as e:
+        print(f"nxc-run: {e}", file=sys.stderr)
+        return 2
+    if a.out:
+        from nxc.runtime.draw import annotate
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        annotate(image, [d.box for d in r.detections], [d.mask for d in r.detections]).save(a.out)
+    if a.json:
+        print(json.dumps({"text": r.text, "raw_text": r.raw_text, "token_ids": r.token_ids,
+                          "finish_reason": r.finish_reason,
+                          "detections": [{"box": [round(float(v), 2) for v in d.box], "phrase": d.phrase,
+                                          "score": d.score, "mask_pixels": int(d.mask.sum()) if d.mask is not None else 0}
+                                         for d in r.detections], "annotated": a.out}, indent=2))
+        return 0
+    print(r.text)
+    if r.detections:
+        print(f"\n{'k':>3}  {'box (x1, y1, x2, y2)':<34} {'score':>6} {'mask px':>8}  phrase")
+        for k, d in enumerate(r.detections):
+            box = ", ".join(f"{v:.1f}" for v in d.box)
+            print(f"{k:>3}  {box:<34} {d.score:>6.2f} {int(d.mask.sum()):>8}  {d.phrase}")
+    if a.out:
+        print(f"\nwrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

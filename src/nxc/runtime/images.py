@@ -1,0 +1,47 @@
+"""Image loading for the runtime: one clear error for anything that is not a usable picture. Pillow only."""
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 80_000_000          # Pillow's own bomb limit is ~89 M; refuse before decoding anything bigger
+
+
+class ImageError(ValueError):
+    """The input is not an image the pipeline can use; the message says why and what to do."""
+
+
+def load_image(source: str | Path | bytes) -> Image.Image:
+    """Path or bytes -> RGB PIL image with EXIF orientation applied."""
+    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    try:
+        fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    except FileNotFoundError:
+        raise ImageError(f"{name}: no such file") from None
+    except OSError as e:
+        raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
+    with fp:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fp)
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"{name}: {img.width}x{img.height} is over {MAX_PIXELS // 1_000_000} M pixels; "
+                                     "resize it first")
+                img.load()
+        except ImageError:
+            raise
+        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            kind = "is not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else "is too large"
+            raise ImageError(f"{name}: {kind}; pass a PNG or JPEG") from None
+        except (OSError, SyntaxError, ValueError) as e:
+            raise ImageError(f"{name}: the image data is damaged or truncated ({e}); pass a complete PNG or JPEG") from None
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"{name}: the image is empty ({img.width}x{img.height})")
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")

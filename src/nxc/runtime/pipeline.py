@@ -1,0 +1,300 @@
+"""The torch-free NExT-Chat pipeline: a build directory in, text + boxes + masks out.
+
+    pipe = Pipeline.load("build/fp32")                      # backend="onnxruntime" | "tensorrt"
+    r = pipe.chat(image, "Where is the red circle?")        # r.text "Answer: [0] .", r.detections[0].box / .mask
+    conv = pipe.conversation(image)                          # keeps the image features and the KV cache
+    conv.ask("Where is the red circle?"); conv.ask("And the blue square?")   # no re-encoding, no re-prefill
+    for ev in pipe.stream(image, "Describe the image with locations."): ...  # Token / Box events, then Done
+
+Threading: a Pipeline (its sessions) may be shared by threads; a Conversation belongs to one thread at a time.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from nxc import names
+from nxc.manifest import Manifest, load_manifest
+from nxc.runtime import preprocess as pp
+from nxc.runtime.kv_cache import KVCache
+from nxc.runtime.prompt import PromptError, Turn, build_prompt, render_reply
+from nxc.runtime.tokenizer import Tokenizer
+from nxc.sampling import SamplingParams, pick_token
+
+
+@dataclass
+class Detection:
+    box: np.ndarray            # [4] xyxy pixels on the original image (not clamped, as the reference)
+    box_norm: np.ndarray       # [4] normalised xyxy in the padded square (what loc_decoder gave)
+    phrase: str                # the reply text this detection follows, e.g. "a blue circle"
+    mask: np.ndarray | None = None    # [H,W] bool (all False when the mask score is under the threshold)
+    score: float | None = None        # SAM's IoU prediction for the mask
+
+
+@dataclass
+class ChatResult:
+    text: str                  # reply with each `<at> <boxes>` rendered as [k]
+    raw_text: str              # reply as decoded, with the literal tokens
+    token_ids: list[int]       # generated ids (`<boxes>` after every `<at>`)
+    prompt_ids: list[int]      # the whole conversation's ids for this turn
+    finish_reason: str         # "stop" (</s>) or "length" (max_new_tokens or the build's context)
+    detections: list[Detection] = field(default_factory=list)
+
+
+@dataclass
+class Token:
+    id: int
+    text: str                  # decoded text this token adds
+
+
+@dataclass
+class Box:
+    index: int
+    detection: Detection       # box known now; mask and score come with Done
+
+
+@dataclass
+class Done:
+    result: ChatResult
+
+
+class Pipeline:
+    """A loaded build. Graph runners are created on first use (SAM only when a trigger fires)."""
+
+    def __init__(self, *, manifest: Manifest, tokenizer: Tokenizer, backend):
+        self.manifest, self.tokenizer, self.backend = manifest, tokenizer, backend
+        m = manifest.data
+        self.config = m["config"]
+        self.tokens = m["tokens"]
+        self.embeddings = np.load(manifest.path(m["embeddings"]["file"]), mmap_mode="r")
+        self.kv_dtype = np.dtype(m.get("kv_cache", {}).get("dtype", "float32"))
+        self._runners: dict = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, build_dir: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
+             *, threads: int | None = None, verify: bool = True) -> "Pipeline":
+        from nxc.runtime.backends import get_backend
+        manifest = load_manifest(build_dir, verify=verify)
+        tokenizer = Tokenizer.from_file(manifest.path(manifest.data["tokenizer"]["file"]))
+        if backend == "onnxruntime":
+            from nxc.runtime.backends.ort import OrtBackend
+            be = OrtBackend(providers=providers, threads=threads)
+        else:
+            be = get_backend(backend, providers=providers)
+        return cls(manifest=manifest, tokenizer=tokenizer, backend=be)
+
+    def runner(self, graph: str):
+        with self._lock:
+            if graph not in self._runners:
+                self._runners[graph] = self.backend.load(self.manifest.graph_path(graph), self.manifest.graph_spec(graph))
+            return self._runners[graph]
+
+    def run(self, graph: str, **feeds) -> dict[str, np.ndarray]:
+        return self.runner(graph).run(feeds)
+
+    # -- the public calls ------------------------------------------------------------------------------
+    def conversation(self, image: Image.Image) -> "Conversation":
+        return Conversation(self, image)
+
+    def chat(self, image: Image.Image, text: str, boxes=None, **kwargs) -> ChatResult:
+        return self.conversation(image).ask(text, boxes=boxes, **kwargs)
+
+    def stream(self, image: Image.Image, text: str, boxes=None, **kwargs) -> Iterator[Token | Box | Done]:
+        return self.conversation(image).stream(text, boxes=boxes, **kwargs)
+
+
+def _phrase(text_before: str) -> str:
+    """The words a detection follows: the reply text since the previous slot, last clause, without 'and'."""
+    text_before = text_before.replace(names.AT, "")
+    for sep in (".", ",", ";", ":", "\n"):
+        text_before = text_before.split(sep)[-1]
+    words = text_before.strip().split()
+    if words and words[0].lower() == "and":
+        words = words[1:]
+    return " ".join(words)
+
+
+class Conversation:
+    """One image, several turns. Keeps the image features, the SAM image embedding (once a trigger fired) and the
+    KV cache of everything said so far; a turn feeds only what the cache does not hold yet."""
+
+    def __init__(self, pipe: Pipeline, image: Image.Image):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}; load it with nxc.runtime.images")
+        self.pipe = pipe
+        self.image = image.convert("RGB")
+        self.width, self.height = self.image.size
+        llm = pipe.config["llm"]
+        self.cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
+                             head_dim=llm["hidden_size"] // llm["num_heads"],
+                             capacity=pipe.manifest.data["max_context"], dtype=pipe.kv_dtype)
+        self.cached_ids: list[int] = []
+        self.history: list[Turn] = []
+        self.history_boxes: list[np.ndarray] = []     # normalised box of every <boxes> slot so far, in order
+        self._features: np.ndarray | None = None
+        self._sam_embedding: np.ndarray | None = None
+
+    # -- graph calls -----------------------------------------------------------------------------------
+    def features(self) -> np.ndarray:
+        if self._features is None:
+            size = self.pipe.manifest.data["preprocess"]["clip"]["size"]
+            pre = self.pipe.manifest.data["preprocess"]["clip"]
+            px = pp.clip_pixels(self.image, size, mean=pre["mean"], std=pre["std"])
+            self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
+        return self._features
+
+    def sam_embedding(self) -> np.ndarray:
+        if self._sam_embedding is None:
+            pre = self.pipe.manifest.data["preprocess"]["sam"]
+            px = pp.sam_pixels(self.image, pre["size"], mean=pre["mean"], std=pre["std"])
+            self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
+        return self._sam_embedding
+
+    def _llm(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed [1,T,H] embeddings after the cache; returns last logits [V] and hidden [1,H]."""
+        p, t = self.cache.length, embeds.shape[1]
+        self.cache.check_room(t)
+        out = self.pipe.run(names.GRAPH_LLM, inputs_embeds=np.ascontiguousarray(embeds, np.float32),
+                            attention_mask=np.ones((1, p + t), np.int64),
+                            position_ids=np.arange(p, p + t, dtype=np.int64)[None], **self.cache.past())
+        self.cache.append(out)
+        return out["logits"][0], out["hidden"]
+
+    def _loc_embeds(self, boxes_norm: np.ndarray) -> np.ndarray:
+        h = self.pipe.config["llm"]["hidden_size"]
+        if not len(boxes_norm):
+            return np.zeros((0, h), np.float32)
+        return self.pipe.run(names.GRAPH_LOC_HEADS, hidden=np.zeros((1, h), np.float32),
+                             boxes=np.asarray(boxes_norm, np.float32).reshape(-1, 4))["loc_embeds"]
+
+    # -- a turn ----------------------------------------------------------------------------------------
+    def _prompt(self, text: str, boxes) -> tuple[list[int], np.ndarray, str]:
+        boxes_px = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+        n_img = self.pipe.manifest.data["prompt"]["num_image_tokens"]
+        prompt, order = build_prompt(text, num_image_tokens=n_img, num_boxes=len(boxes_px), history=self.history)
+        region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
+        ids = self.pipe.tokenizer.encode(prompt)
+        cap = self.cache.capacity
+        if len(ids) >= cap:
+            raise PromptError(f"the prompt is {len(ids)} tokens (image and conversation included) but the build's "
+                              f"context is {cap}; shorten it, start a new conversation, or re-export with a larger "
+                              "--max-context")
+        return ids, region, prompt
+
+    def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               iou_threshold: float | None = ...) -> Iterator[Token | Box | Done]:
+        """Yields Token per generated token, Box when a trigger's box is decoded, then Done with the result.
+        iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all."""
+        m = self.pipe.manifest.data
+        gen = m["generation"]
+        max_new = gen["max_new_tokens"] if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
+        thr = gen["iou_threshold"] if iou_threshold is ... else iou_threshold
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        ids, region, _ = self._prompt(text, boxes)
+        tok, d = self.pipe.tokens, m["dispatch"]
+        trigger, slot, eos = tok[d["trigger"]], tok[d["slot"]], tok[names.EOS]
+        table = self.pipe.embeddings
+
+        # prefill: only what the cache does not hold (a follow-up turn re-uses the earlier ones)
+        keep = 0
+        while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
+            keep += 1
+        self.cache.truncate(keep)
+        emb = np.asarray(table[ids], np.float32)[None]
+        start = ids.index(tok[names.IM_START]) if tok[names.IM_START] in ids else -1
+        n_img = m["prompt"]["num_image_tokens"]
+        if start >= 0 and keep <= start + n_img:          # image rows still to feed: the vision graph runs once
+            emb[0, start + 1:start + 1 + n_img] = self.features()
+        slots = [i for i, x in enumerate(ids) if x == slot]
+        slot_boxes = np.concatenate([np.asarray(self.history_boxes, np.float32).reshape(-1, 4), region])
+        if len(slots) != len(slot_boxes):
+            raise PromptError(f"the conversation has {len(slots)} <boxes> slots but {len(slot_boxes)} boxes; "
+                              "a literal '<boxes>' in the text is not allowed")
+        todo = [i for i, s in enumerate(slots) if s >= keep]
+        if todo:
+            emb[0, [slots[i] for i in todo]] = self._loc_embeds(slot_boxes[todo])
+        logits, hidden = self._llm(emb[:, keep:])
+        self.cached_ids = list(ids)
+
+        rng = sampling.rng()
+        out: list[int] = []
+        dets: list[Detection] = []
+        hiddens, seg_prompts = [], []
+        text_so_far, last_slot_end = "", 0
+        finish = "length"
+        fed = ids[-1]
+        #  decode loop (reference §5.2, dispatch from the manifest):
+        #
+        #   fed token == trigger? ──yes──▶ loc_heads(hidden) ─▶ box, seg_prompt, feedback
+        #          │                        emit slot token; next input = feedback embed
+        #          no
+        #          ▼
+        #   sample from logits ─▶ emit; next input = embeddings[token] ─▶ llm step ─▶ logits, hidden
+        while True:
+            if fed == trigger:
+                heads = self.pipe.run(names.GRAPH_LOC_HEADS, hidden=hidden, boxes=np.zeros((1, 4), np.float32))
+                box = heads["box"][0]
+                det = Detection(box=pp.boxes_to_pixels(box[None], self.width, self.height)[0], box_norm=box,
+                                phrase=_phrase(text_so_far[last_slot_end:]))
+                dets.append(det)
+                hiddens.append(hidden[0])
+                seg_prompts.append(heads["seg_prompt"][0])
+                nxt, x = slot, heads["feedback"][None]
+            else:
+                if len(out) >= max_new or self.cache.room() == 0:
+                    break
+                nxt = pick_token(np.asarray(logits, np.float32), sampling, rng)
+                x = None
+            out.append(nxt)
+            new_text = self.pipe.tokenizer.decode(out)
+            yield Token(nxt, new_text[len(text_so_far):])
+            text_so_far = new_text
+            if nxt == slot:
+                last_slot_end = len(text_so_far)
+                yield Box(len(dets) - 1, dets[-1])
+            if nxt == eos:
+                finish = "stop"
+                break
+            if (len(out) >= max_new and nxt != trigger) or self.cache.room() == 0:
+                break
+            if x is None:
+                x = np.asarray(table[[nxt]], np.float32)[None]
+            logits, hidden = self._llm(x)
+            self.cached_ids.append(nxt)
+            fed = nxt
+
+        if dets:
+            s = m["preprocess"]["sam"]["size"]
+            boxes_norm = np.stack([dd.box_norm for dd in dets]).astype(np.float32)
+            dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=self.sam_embedding(),
+                                boxes=boxes_norm * s, seg_prompt=np.stack(seg_prompts).astype(np.float32))
+            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, self.width, self.height, thr)
+            for k, dd in enumerate(dets):
+                dd.mask, dd.score = masks[k], float(dec["iou"][k, 0])
+        raw = self.pipe.tokenizer.decode(out)
+        self.history.append(Turn(self._expanded(text, boxes), raw))
+        self.history_boxes += list(region) + [dd.box_norm for dd in dets]
+        yield Done(ChatResult(text=render_reply(raw), raw_text=raw, token_ids=out, prompt_ids=ids,
+                              finish_reason=finish, detections=dets))
+
+    @staticmethod
+    def _expanded(text: str, boxes) -> str:
+        from nxc.runtime.prompt import expand_region_refs
+        n = 0 if boxes is None else len(np.asarray(boxes).reshape(-1, 4))
+        return expand_region_refs(text, n)[0]
+
+    def ask(self, text: str, **kwargs) -> ChatResult:
+        result = None
+        for ev in self.stream(text, **kwargs):
+            if isinstance(ev, Done):
+                result = ev.result
+        return result

@@ -1,0 +1,154 @@
+"""The runtime against the PyTorch reference: same ids, boxes within 1e-3, masks IoU >= 0.99, same multi-turn."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from nxc import names
+from nxc.model import processing
+from nxc.runtime.pipeline import Box, Done, Pipeline, Token
+from nxc.runtime.prompt import Turn
+from nxc.shapes.data import make_sample, make_scene
+
+PLAIN = ["What color is the background?", "How many objects are there?", "Describe the image.",
+         "Is there a {circle} in the picture? Answer briefly."]
+
+
+def iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def assert_same(r, q, what):
+    assert r.token_ids == q.token_ids, f"{what}: {r.raw_text!r} vs {q.raw_text!r}"
+    assert r.text == q.text and r.finish_reason == q.finish_reason
+    assert len(r.detections) == len(q.detections)
+    for a, b in zip(r.detections, q.detections):
+        np.testing.assert_allclose(a.box_norm, b.box_norm, atol=1e-3, err_msg=what)
+        np.testing.assert_allclose(a.box, b.box, atol=0.5, err_msg=what)
+        assert iou(a.mask, b.mask) >= 0.99, f"{what}: mask IoU {iou(a.mask, b.mask):.4f}"
+        assert abs(a.score - b.score) < 1e-3
+
+
+def embedded_prompts(n_per_task=5, seed=11):
+    rng = np.random.default_rng(seed)
+    out = []
+    for task in ("rec", "caption", "region", "pope"):
+        for _ in range(n_per_task):
+            scene = make_scene(rng)
+            s = make_sample(rng, task, scene)
+            out.append((task, s.image, s.question, s.boxes_in or None))
+    for q in PLAIN:
+        out.append(("plain", make_scene(rng).image, q, None))
+    return out
+
+
+@pytest.mark.parametrize("k", range(24))
+def test_embedded_model_matches_reference(embedded_pipe, embedded_ref, k):
+    task, image, question, boxes = embedded_prompts()[k]
+    r = embedded_pipe.chat(image, question, boxes=boxes, max_new_tokens=48)
+    q = embedded_ref.chat(image, question, boxes=boxes, max_new_tokens=48)
+    assert_same(r, q, f"{task}: {question}")
+    if task in ("rec", "caption"):
+        assert r.detections, "grounding prompts of the trained model give boxes"
+
+
+def test_tiny_model_matches_reference(tiny_build, tiny_ckpt_export):
+    from nxc.model.reference import ReferenceChat
+    ref = ReferenceChat.load(tiny_ckpt_export)
+    pipe = Pipeline.load(tiny_build)
+    rng = np.random.default_rng(0)
+    for text, boxes in [("hello there", None), ("What is [0]?", [[3, 4, 20, 30]]),
+                        ("Compare [0] and [1].", [[0, 0, 10, 10], [5, 6, 40, 30]]), ("Where is the dog?", None)]:
+        image = Image.fromarray(rng.integers(0, 255, (30 + len(text), 41, 3), dtype=np.uint8))
+        assert_same(pipe.chat(image, text, boxes=boxes, max_new_tokens=12),
+                    ref.chat(image, text, boxes=boxes, max_new_tokens=12), text)
+
+
+def test_multi_turn_equals_rerunning_the_conversation(embedded_pipe, embedded_ref):
+    rng = np.random.default_rng(3)
+    scene = make_scene(rng, max_objects=4)
+    o = scene.objects[0]
+    turns = [("Can you describe the image and include object locations?", None),
+             (f"Where is the {o.colour} {o.shape} in the image?", None),
+             ("What is region [0]?", [list(o.box)]),
+             (f"Is there a {o.colour} {o.shape} in the image?", None)]
+    calls = []
+    pipe = Pipeline(manifest=embedded_pipe.manifest, tokenizer=embedded_pipe.tokenizer, backend=embedded_pipe.backend)
+    run = pipe.run
+    pipe.run = lambda graph, **feeds: (calls.append((graph, feeds.get("inputs_embeds", np.zeros((1, 0))).shape[1])),
+                                       run(graph, **feeds))[1]
+    conv = pipe.conversation(scene.image)
+    history, history_boxes = [], []
+    for i, (text, boxes) in enumerate(turns):
+        fed_before = sum(n for g, n in calls if g == names.GRAPH_LLM)
+        r = conv.ask(text, boxes=boxes, max_new_tokens=48)
+        q = embedded_ref.chat(scene.image, text, boxes=boxes, history=history, history_boxes=history_boxes,
+                              max_new_tokens=48)
+        assert_same(r, q, f"turn {i}: {text}")
+        fed = sum(n for g, n in calls if g == names.GRAPH_LLM) - fed_before
+        if i:   # a follow-up feeds its own new tokens plus the generated ones, never the earlier turns again
+            new_prompt = len(r.prompt_ids) - len(prev.prompt_ids) - len(prev.token_ids) + 1
+            assert fed == new_prompt + len(r.token_ids) - 1 - (r.finish_reason == "length"), (fed, new_prompt)
+        prev = r
+        history.append(Turn(conv.history[-1].user, q.raw_text))
+        if boxes is not None:       # slots in order: this turn's region boxes, then the reply's detections
+            history_boxes += list(processing.normalise_boxes(np.asarray(boxes), *scene.image.size).numpy())
+        history_boxes += [d.box_norm for d in q.detections]
+    assert [g for g, _ in calls].count(names.GRAPH_VISION) == 1
+    assert [g for g, _ in calls].count(names.GRAPH_SAM_ENCODER) == 1
+
+
+def test_sam_encoder_runs_only_when_a_trigger_fires(embedded_build):
+    pipe = Pipeline.load(embedded_build)
+    scene = make_scene(np.random.default_rng(8))
+    graphs = []
+    run = pipe.run
+    pipe.run = lambda graph, **feeds: (graphs.append(graph), run(graph, **feeds))[1]
+    r = pipe.chat(scene.image, f"Is there a {scene.objects[0].colour} {scene.objects[0].shape} in the image?")
+    assert not r.detections and names.GRAPH_SAM_ENCODER not in graphs and names.GRAPH_SAM_DECODER not in graphs
+    r = pipe.chat(scene.image, f"Where is the {scene.objects[0].colour} {scene.objects[0].shape} in the image?")
+    assert r.detections and graphs.count(names.GRAPH_SAM_ENCODER) == 1
+
+
+def test_stream_yields_boxes_as_they_are_decoded(embedded_pipe):
+    scene = make_scene(np.random.default_rng(9), max_objects=3)
+    events = list(embedded_pipe.stream(scene.image, "Can you describe the image and include object locations?"))
+    assert isinstance(events[-1], Done)
+    result = events[-1].result
+    tokens = [e for e in events if isinstance(e, Token)]
+    assert [t.id for t in tokens] == result.token_ids
+    assert "".join(t.text for t in tokens) == result.raw_text
+    slot = embedded_pipe.tokens[names.BOXES]
+    for i, e in enumerate(events):
+        if isinstance(e, Box):
+            assert isinstance(events[i - 1], Token) and events[i - 1].id == slot   # right after its slot token
+    boxes = [e for e in events if isinstance(e, Box)]
+    assert len(boxes) == len(result.detections) >= 1
+    assert all(b.detection is d for b, d in zip(boxes, result.detections))
+    assert all(d.phrase and names.AT not in d.phrase for d in result.detections)
+
+
+def test_length_limit_gives_finish_reason_length(embedded_pipe):
+    scene = make_scene(np.random.default_rng(2))
+    r = embedded_pipe.chat(scene.image, "Can you describe the image and include object locations?", max_new_tokens=3)
+    assert r.finish_reason == "length" and len(r.token_ids) <= 4
+
+
+def test_runtime_runs_without_torch_transformers_onnx(embedded_build, tmp_path):
+    import subprocess
+    import sys
+    code = f"""
+import sys
+for mod in ("torch", "transformers", "onnx", "torchvision", "sentencepiece", "segment_anything"):
+    sys.modules[mod] = None          # importing any of them now raises ImportError
+from nxc.runtime.pipeline import Pipeline
+from nxc.runtime.images import load_image
+from PIL import Image
+import numpy as np
+img = Image.fromarray(np.full((60, 90, 3), 200, np.uint8))
+r = Pipeline.load({str(embedded_build)!r}).chat(img, "Where is the red circle in the image?", max_new_tokens=8)
+assert r.token_ids, r
+print("ok", r.text)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
