@@ -77,7 +77,7 @@ def test_multi_turn_equals_rerunning_the_conversation(embedded_pipe, embedded_re
     pipe.run = lambda graph, **feeds: (calls.append((graph, feeds.get("inputs_embeds", np.zeros((1, 0))).shape[1])),
                                        run(graph, **feeds))[1]
     conv = pipe.conversation(scene.image)
-    history, history_boxes = [], []
+    history, history_boxes, prev = [], [], None
     for i, (text, boxes) in enumerate(turns):
         fed_before = sum(n for g, n in calls if g == names.GRAPH_LLM)
         r = conv.ask(text, boxes=boxes, max_new_tokens=48)
@@ -85,7 +85,7 @@ def test_multi_turn_equals_rerunning_the_conversation(embedded_pipe, embedded_re
                               max_new_tokens=48)
         assert_same(r, q, f"turn {i}: {text}")
         fed = sum(n for g, n in calls if g == names.GRAPH_LLM) - fed_before
-        if i:   # a follow-up feeds its own new tokens plus the generated ones, never the earlier turns again
+        if prev is not None:   # a follow-up feeds its own new tokens plus the generated ones, never the earlier turns again
             new_prompt = len(r.prompt_ids) - len(prev.prompt_ids) - len(prev.token_ids) + 1
             assert fed == new_prompt + len(r.token_ids) - 1 - (r.finish_reason == "length"), (fed, new_prompt)
         prev = r
