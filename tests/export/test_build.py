@@ -159,10 +159,8 @@ def test_greedy_decode_stitched_from_graphs_matches_reference(tiny_build, tiny_c
     np.testing.assert_allclose(np.array(boxes), res.generation.boxes.detach().numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_export_cli_rejects_int8_and_old_opset(capsys):
+def test_export_cli_rejects_old_opset(capsys):
     from nxc.export.cli import main
-    assert main(["--int8", "--out", "unused"]) == 2
-    assert "--int8 is not available in this version" in capsys.readouterr().err
     assert main(["--opset", "13", "--out", "unused"]) == 2
     assert "--opset 13 is too old" in capsys.readouterr().err
 

@@ -20,8 +20,10 @@ def parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp32", dest="precision", action="store_const", const="fp32", help="float32 (default)")
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="float16 weights and activations, float32 inputs/outputs")
-    prec.add_argument("--int8", dest="precision", action="store_const", const="int8", help=argparse.SUPPRESS)
-    prec.add_argument("--int4", dest="precision", action="store_const", const="int4", help=argparse.SUPPRESS)
+    prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
+                      help="int8: QDQ static vision/sam_encoder/loc_heads (calibrated), int8 weight-only llm")
+    prec.add_argument("--int4", dest="precision", action="store_const", const="int4",
+                      help="as --int8 but a block-wise int4 weight-only llm")
     ap.add_argument("--max-context", type=int, metavar="N", help="longest prompt + reply the build serves "
                     "(default: the model's max_position_embeddings, at most 4096)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what TensorRT >= 8.6 parses)")
@@ -29,6 +31,12 @@ def parser() -> argparse.ArgumentParser:
                     help=f"graphs to export (default: all of {', '.join(names.GRAPHS)})")
     ap.add_argument("--kv-mode", choices=("inplace", "concat"), default="inplace",
                     help="KV cache of the llm graph (default inplace; concat exists for benchmarks/kv_cache.py)")
+    ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4 (default for the "
+                    "embedded model: generated shapes scenes; required for a real checkpoint)")
+    ap.add_argument("--calib-prompts", metavar="FILE", help="calibration prompts, one per line")
+    ap.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
+    ap.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration images to use (32)")
+    ap.add_argument("--recalibrate", action="store_true", help="measure ranges again even if <out>/calib has them")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the ONNX Runtime vs torch check")
     ap.set_defaults(precision="fp32")
     return ap
@@ -36,10 +44,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    if a.precision in ("int8", "int4"):
-        print(f"nxc-export: --{a.precision} is not available in this version (quantization comes with the "
-              "precision work); use --fp32 or --fp16.", file=sys.stderr)
-        return 2
     if a.opset < 17:
         print(f"nxc-export: --opset {a.opset} is too old; the graphs need opset 17 or newer.", file=sys.stderr)
         return 2
@@ -49,13 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"nxc-export needs the export extra ({e.name} is missing): pip install 'nxc[export]'", file=sys.stderr)
         return 2
+    from nxc.calib.data import CalibrationError
     from nxc.config import ConfigError
     out = a.out or f"build/{a.precision}"
     opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
-                         parity=not a.skip_parity, kv_mode=a.kv_mode)
+                         parity=not a.skip_parity, kv_mode=a.kv_mode, calib_images=a.calib_images,
+                         calib_prompts=a.calib_prompts, calib_method=a.calib_method, calib_samples=a.calib_samples,
+                         recalibrate=a.recalibrate)
     try:
         export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
-    except (ExportError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:
         print(f"nxc-export: {e}", file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,7 @@ from nxc import __version__, names
 from nxc.config import NextChatConfig
 from nxc.specs import GraphSpec, axis_ranges, graph_specs
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXTERNAL_DATA_BYTES = 1 << 30      # graphs whose weights exceed this are written with ONNX external data (< 2 GB)
 
 
@@ -38,6 +38,17 @@ class ExportOptions:
     graphs: tuple[str, ...] = names.GRAPHS
     parity: bool = True
     kv_mode: str = "inplace"
+    # int8 / int4 (nxc.calib): calibration of vision, sam_encoder and loc_heads
+    calib_images: str | None = None    # folder; None: generated shapes scenes (embedded model only)
+    calib_prompts: str | None = None   # file, one prompt per line
+    calib_method: str = "minmax"
+    calib_samples: int = 32
+    recalibrate: bool = False          # ignore ranges cached in <out>/calib
+
+    @property
+    def graph_precision(self) -> str:
+        """Precision the graphs are exported in before any quantization."""
+        return "fp16" if self.precision == "fp16" else "fp32"
 
 
 def _log(msg: str) -> None:
@@ -169,7 +180,8 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
     _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
     model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file)
     source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
-    return export_model(model, tokenizer, out, tokenizer_dir=checkpoint, options=options, source=source)
+    return export_model(model, tokenizer, out, tokenizer_dir=checkpoint, options=options, source=source,
+                        embedded=embedded)
 
 
 def _check_options(options: ExportOptions) -> None:
@@ -181,7 +193,7 @@ def _check_options(options: ExportOptions) -> None:
 
 
 def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
-                 source: dict | None = None) -> Path:
+                 source: dict | None = None, embedded: bool = False) -> Path:
     """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
     from nxc.export.parity import check_graph
     from nxc.export.tokenizer_json import write_tokenizer_json
@@ -214,12 +226,12 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
             import onnx
             findings = lint(onnx.load(str(path), load_external_data=False))
             graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
-                         "precision": options.precision, "opset": options.opset, **specs[g].to_dict(),
+                         "precision": options.graph_precision, "opset": options.opset, **specs[g].to_dict(),
                          "tensorrt_lint": findings}
             lint_msg = "TensorRT lint ok" if findings["ok"] else f"TensorRT lint: {findings['problem_count']} problem(s)"
             if options.parity:
                 _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: checking against torch in ONNX Runtime")
-                parity[g] = check_graph(wrapper, path, specs[g], precision=options.precision,
+                parity[g] = check_graph(wrapper, path, specs[g], precision=options.graph_precision,
                                         sam_size=cfg.sam.image_size)
                 if not parity[g]["ok"]:
                     (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
@@ -229,6 +241,14 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
             _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: {size / 1e6:.1f} MB, {lint_msg}, "
                  f"{time.perf_counter() - tg:.1f} s")
         (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+        if options.precision == "fp16":
+            from nxc.export.fp16 import float32_nodes
+            for g in graphs:
+                graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
+        if options.precision in ("int8", "int4"):
+            from nxc.calib.build import quantize_build
+            accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
+            (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
         write_tokenizer_json(tokenizer_dir, tmp / "tokenizer.json")
         emb = model.llm.model.embed_tokens.weight.detach().float().numpy()
         np.save(tmp / "embeddings.npy", emb)

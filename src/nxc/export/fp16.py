@@ -52,3 +52,17 @@ class Float32IO(nn.Module):
         out = out if isinstance(out, tuple) else (out,)
         res = tuple(o if h else o.float() for o, h in zip(out, self.half_outputs))
         return res if len(res) > 1 else res[0]
+
+
+def float32_nodes(path) -> dict:
+    """Which nodes of an fp16 graph still compute in float32 (norms, softmax, casts at the boundary), for the
+    manifest: {"count", "ops": {op type: count}, "nodes": first 40 names}."""
+    import onnx
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
+    hits = [n for n in model.graph.node
+            if any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output) and n.op_type not in ("Constant", "Shape")]
+    ops: dict[str, int] = {}
+    for n in hits:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    return {"count": len(hits), "ops": dict(sorted(ops.items())), "nodes": [n.name for n in hits[:40]]}

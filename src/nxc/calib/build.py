@@ -1,0 +1,127 @@
+"""The int8 / int4 step of an export: calibrate (or reuse cached ranges), quantize, measure against fp32.
+
+    tmp/graphs/<g>.onnx (fp32, parity-checked) ─▶ scratch/<g>.fp32.onnx
+        vision, sam_encoder ─ QDQ int8 with ranges in tmp/calib/<g>.json ─▶ tmp/graphs/<g>.onnx
+        loc_heads ─ int8 weights (DequantizeLinear), float activations ─▶ tmp/graphs/loc_heads.onnx
+        llm ─ MatMulNBits (8 or 4 bits) ─▶ tmp/graphs/llm.onnx
+    reports/accuracy.json: per graph, cosine and max error against the fp32 graph on inputs not used to calibrate.
+Ranges are reused from <out>/calib when the fp32 graphs, the calibration data and the method are all unchanged
+(calib/calib.json records their hashes) and --recalibrate is not given.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from nxc import names
+from nxc.calib.data import calibration_images, calibration_prompts, fingerprint
+from nxc.calib.quantize import (STATIC_GRAPHS, WEIGHT_ONLY_GRAPHS, collect_feeds, compare_graphs, quantize_llm_weights,
+                                quantize_static_graph, quantize_weights_int8)
+from nxc.manifest import sha256_file
+
+
+def _reusable(prev: Path, key: dict, graphs: list[str]) -> bool:
+    try:
+        old = json.loads((prev / "calib.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    same = old.get("fingerprint") == key["fingerprint"] and all(
+        old.get("graphs", {}).get(g) == key["graphs"][g] for g in graphs)
+    return same and all((prev / f"{g}.json").is_file() for g in graphs)
+
+
+def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict, *, embedded: bool, log) -> dict:
+    """Quantize the graphs in `tmp` in place for options.precision ("int8" | "int4"); updates `graphs` (the
+    manifest's per-graph records) and returns the accuracy report."""
+    from nxc.export.exporter import EXTERNAL_DATA_BYTES
+    from nxc.export.parity import SHAPES, random_inputs
+    import onnx
+
+    from nxc.export.trt_lint import lint
+
+    static = [g for g in STATIC_GRAPHS if g in graphs]
+    weight_only = [g for g in WEIGHT_ONLY_GRAPHS if g in graphs]
+    calib_dir = tmp / "calib"
+    calib_dir.mkdir()
+    scratch = tmp / ".fp32"
+    scratch.mkdir()
+    report: dict = {"precision": options.precision, "graphs": {}}
+    fresh: dict = {}
+    if static or weight_only:
+        images = calibration_images(options.calib_images, samples=options.calib_samples, embedded=embedded)
+        prompts = calibration_prompts(options.calib_prompts, embedded=embedded)
+        # inputs not used for calibration, for the accuracy report
+        fresh_images = (calibration_images(None, samples=4, embedded=True, seed=1) if options.calib_images is None
+                        else calibration_images(options.calib_images, samples=options.calib_samples + 4,
+                                                embedded=embedded)[-4:])
+        fresh = collect_feeds(model, tokenizer, fresh_images, prompts, log=lambda _m: None,
+                              detections=bool(weight_only))
+    if static:
+        key = {"fingerprint": fingerprint(images, prompts, method=options.calib_method,
+                                          extra=f"{options.calib_samples}"),
+               "graphs": {g: sha256_file(tmp / graphs[g]["file"]) for g in static},
+               "method": options.calib_method, "samples": len(images),
+               "images": options.calib_images or "generated shapes scenes (seed 0)"}
+        reuse = not options.recalibrate and _reusable(out / "calib", key, static)
+        if reuse:
+            log(f"[nxc-export] calibration: reusing the ranges in {out / 'calib'} (same graphs, images, prompts "
+                "and method; --recalibrate to measure again)")
+            for g in static:
+                shutil.copy(out / "calib" / f"{g}.json", calib_dir / f"{g}.json")
+            feeds = {}
+        else:
+            log(f"[nxc-export] calibration: {len(images)} images, {len(prompts)} prompts, method {options.calib_method}")
+            feeds = collect_feeds(model, tokenizer, images, prompts, log=log, detections=False)
+        (calib_dir / "calib.json").write_text(json.dumps({**key, "reused": reuse}, indent=2) + "\n")
+        for g in static:
+            fp32 = scratch / f"{g}.onnx"
+            shutil.move(tmp / graphs[g]["file"], fp32)
+            log(f"[nxc-export] {g}: int8 QDQ ({options.calib_method})")
+            quantize_static_graph(fp32, tmp / graphs[g]["file"], feeds.get(g), method=options.calib_method,
+                                  cache=calib_dir / f"{g}.json")
+            report["graphs"][g] = compare_graphs(fp32, tmp / graphs[g]["file"], fresh[g])
+            graphs[g]["precision"] = "int8"
+            graphs[g]["quantization"] = {"scheme": "QDQ static, symmetric int8, per-channel weights",
+                                         "calibration": options.calib_method, "ranges": f"calib/{g}.json"}
+    for g in weight_only:
+        fp32 = scratch / f"{g}.onnx"
+        shutil.move(tmp / graphs[g]["file"], fp32)
+        log(f"[nxc-export] {g}: int8 weight-only (DequantizeLinear)")
+        quantize_weights_int8(fp32, tmp / graphs[g]["file"])
+        feeds_g = fresh.get(g) or [random_inputs(_spec(graphs, g), {**a, "batch": 1}, np.random.default_rng(i))
+                                   for i, a in enumerate(SHAPES)]
+        report["graphs"][g] = compare_graphs(fp32, tmp / graphs[g]["file"], feeds_g)
+        graphs[g]["precision"] = "int8-weight-only"
+        graphs[g]["quantization"] = {"scheme": "int8 weights per output channel behind DequantizeLinear"}
+    if names.GRAPH_LLM in graphs:
+        bits = 8 if options.precision == "int8" else 4
+        fp32 = scratch / "llm.onnx"
+        src = tmp / graphs["llm"]["file"]
+        onnx.save_model(onnx.load(str(src)), str(fp32), save_as_external_data=True, location="llm.onnx.data")
+        for f in [src, *[tmp / e for e in graphs["llm"]["external_data"]]]:
+            f.unlink()
+        log(f"[nxc-export] llm: int{bits} weight-only (MatMulNBits, blocks of 32)")
+        big = (scratch / "llm.onnx.data").stat().st_size * bits / 32 > EXTERNAL_DATA_BYTES
+        quantize_llm_weights(fp32, src, bits=bits, external_data=big)
+        graphs["llm"]["external_data"] = [f"graphs/{p.name}" for p in src.parent.glob("llm.onnx.*")]
+        spec_feeds = [random_inputs(_spec(graphs, "llm"), {**a, "batch": 1}, np.random.default_rng(i))
+                      for i, a in enumerate(SHAPES)]
+        report["graphs"]["llm"] = compare_graphs(fp32, src, spec_feeds)
+        graphs["llm"]["precision"] = f"int{bits}-weight-only"
+        graphs["llm"]["quantization"] = {"scheme": f"MatMulNBits, {bits}-bit symmetric, block 32, accuracy_level 4"}
+    for g in graphs:
+        if g in static or g in weight_only or g == names.GRAPH_LLM:
+            graphs[g]["tensorrt_lint"] = lint(onnx.load(str(tmp / graphs[g]["file"]), load_external_data=False))
+    shutil.rmtree(scratch)
+    for g, rep in report["graphs"].items():
+        worst = min(v["cosine"] for v in rep.values())
+        log(f"[nxc-export] {g}: cosine vs fp32 >= {worst:.5f}")
+    return report
+
+
+def _spec(graphs: dict, name: str):
+    from nxc.specs import GraphSpec
+    return GraphSpec.from_dict(name, graphs[name])
