@@ -256,6 +256,11 @@ def build_engines(build: str | Path, *, options: EngineOptions = EngineOptions()
     graphs = list(options.graphs or m.graphs)
     for g in graphs:
         m.graph_path(g)                                          # BuildError naming a graph the build lacks
+        lint = m.graphs[g].get("tensorrt_lint", {})
+        if lint and not lint.get("ok", True):                    # e.g. an int4 llm's com.microsoft::MatMulNBits
+            raise BuildError(f"{m.graph_path(g)}: the export's TensorRT lint found {lint.get('problem_count')} "
+                             f"problem(s), first: {lint['problems'][0]}. Build the other graphs (--graphs ...) and "
+                             "run this one in ONNX Runtime, or export it at fp16")
     if not isinstance(m.data.get("axes"), dict):
         raise BuildError(f"{m.root / MANIFEST}: no \"axes\" (the profile ranges); re-export the build")
     try:

@@ -11,6 +11,7 @@ Threading: a Pipeline (its sessions) may be shared by threads; a Conversation be
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from nxc.manifest import Manifest, load_manifest
 from nxc.runtime import preprocess as pp
 from nxc.runtime.kv_cache import KVCache
 from nxc.runtime.prompt import PromptError, Turn, build_prompt, render_reply
+from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer
 from nxc.sampling import SamplingParams, pick_token
 
@@ -139,21 +141,26 @@ class Conversation:
         self.history_boxes: list[np.ndarray] = []     # normalised box of every <boxes> slot so far, in order
         self._features: np.ndarray | None = None
         self._sam_embedding: np.ndarray | None = None
+        self._tl = NO_TIMELINE
 
     # -- graph calls -----------------------------------------------------------------------------------
     def features(self) -> np.ndarray:
         if self._features is None:
             size = self.pipe.manifest.data["preprocess"]["clip"]["size"]
             pre = self.pipe.manifest.data["preprocess"]["clip"]
-            px = pp.clip_pixels(self.image, size, mean=pre["mean"], std=pre["std"])
-            self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
+            with self._tl.stage("preprocess"):
+                px = pp.clip_pixels(self.image, size, mean=pre["mean"], std=pre["std"])
+            with self._tl.stage("vision"):
+                self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
         return self._features
 
     def sam_embedding(self) -> np.ndarray:
         if self._sam_embedding is None:
             pre = self.pipe.manifest.data["preprocess"]["sam"]
-            px = pp.sam_pixels(self.image, pre["size"], mean=pre["mean"], std=pre["std"])
-            self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
+            with self._tl.stage("preprocess"):
+                px = pp.sam_pixels(self.image, pre["size"], mean=pre["mean"], std=pre["std"])
+            with self._tl.stage("sam_encoder"):
+                self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
         return self._sam_embedding
 
     def _llm(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -189,9 +196,12 @@ class Conversation:
 
     def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               iou_threshold: float | None = ...) -> Iterator[Token | Box | Done]:
+               iou_threshold: float | None = ..., timeline: Timeline | None = None) -> Iterator[Token | Box | Done]:
         """Yields Token per generated token, Box when a trigger's box is decoded, then Done with the result.
-        iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all."""
+        iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all.
+        timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
+        counted in any stage."""
+        tl = self._tl = timeline or NO_TIMELINE
         m = self.pipe.manifest.data
         gen = m["generation"]
         max_new = gen["max_new_tokens"] if max_new_tokens is None else int(max_new_tokens)
@@ -199,30 +209,33 @@ class Conversation:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
         thr = gen["iou_threshold"] if iou_threshold is ... else iou_threshold
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        ids, region, _ = self._prompt(text, boxes)
         tok, d = self.pipe.tokens, m["dispatch"]
         trigger, slot, eos = tok[d["trigger"]], tok[d["slot"]], tok[names.EOS]
         table = self.pipe.embeddings
 
         # prefill: only what the cache does not hold (a follow-up turn re-uses the earlier ones)
-        keep = 0
-        while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
-            keep += 1
-        self.cache.truncate(keep)
-        emb = np.asarray(table[ids], np.float32)[None]
-        start = ids.index(tok[names.IM_START]) if tok[names.IM_START] in ids else -1
-        n_img = m["prompt"]["num_image_tokens"]
+        with tl.stage("preprocess"):
+            ids, region, _ = self._prompt(text, boxes)
+            keep = 0
+            while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
+                keep += 1
+            self.cache.truncate(keep)
+            emb = np.asarray(table[ids], np.float32)[None]
+            start = ids.index(tok[names.IM_START]) if tok[names.IM_START] in ids else -1
+            n_img = m["prompt"]["num_image_tokens"]
+            slots = [i for i, x in enumerate(ids) if x == slot]
+            slot_boxes = np.concatenate([np.asarray(self.history_boxes, np.float32).reshape(-1, 4), region])
+            if len(slots) != len(slot_boxes):
+                raise PromptError(f"the conversation has {len(slots)} <boxes> slots but {len(slot_boxes)} boxes; "
+                                  "a literal '<boxes>' in the text is not allowed")
+            todo = [i for i, s in enumerate(slots) if s >= keep]
         if start >= 0 and keep <= start + n_img:          # image rows still to feed: the vision graph runs once
             emb[0, start + 1:start + 1 + n_img] = self.features()
-        slots = [i for i, x in enumerate(ids) if x == slot]
-        slot_boxes = np.concatenate([np.asarray(self.history_boxes, np.float32).reshape(-1, 4), region])
-        if len(slots) != len(slot_boxes):
-            raise PromptError(f"the conversation has {len(slots)} <boxes> slots but {len(slot_boxes)} boxes; "
-                              "a literal '<boxes>' in the text is not allowed")
-        todo = [i for i, s in enumerate(slots) if s >= keep]
         if todo:
-            emb[0, [slots[i] for i in todo]] = self._loc_embeds(slot_boxes[todo])
-        logits, hidden = self._llm(emb[:, keep:])
+            with tl.stage("loc_heads"):
+                emb[0, [slots[i] for i in todo]] = self._loc_embeds(slot_boxes[todo])
+        with tl.stage("prefill"):
+            logits, hidden = self._llm(emb[:, keep:])
         self.cached_ids = list(ids)
 
         rng = sampling.rng()
@@ -240,15 +253,18 @@ class Conversation:
         #          ▼
         #   sample from logits ─▶ emit; next input = embeddings[token] ─▶ llm step ─▶ logits, hidden
         while True:
+            t0 = time.perf_counter()
             if fed == trigger:
-                heads = self.pipe.run(names.GRAPH_LOC_HEADS, hidden=hidden, boxes=np.zeros((1, 4), np.float32))
-                box = heads["box"][0]
-                det = Detection(box=pp.boxes_to_pixels(box[None], self.width, self.height)[0], box_norm=box,
-                                phrase=_phrase(text_so_far[last_slot_end:]))
+                with tl.stage("loc_heads"):
+                    heads = self.pipe.run(names.GRAPH_LOC_HEADS, hidden=hidden, boxes=np.zeros((1, 4), np.float32))
+                    box = heads["box"][0]
+                    det = Detection(box=pp.boxes_to_pixels(box[None], self.width, self.height)[0], box_norm=box,
+                                    phrase=_phrase(text_so_far[last_slot_end:]))
                 dets.append(det)
                 hiddens.append(hidden[0])
                 seg_prompts.append(heads["seg_prompt"][0])
                 nxt, x = slot, heads["feedback"][None]
+                t0 = time.perf_counter()
             else:
                 if len(out) >= max_new or self.cache.room() == 0:
                     break
@@ -256,6 +272,8 @@ class Conversation:
                 x = None
             out.append(nxt)
             new_text = self.pipe.tokenizer.decode(out)
+            tl.add("decode", t0, time.perf_counter())
+            tl.mark_first_token()
             yield Token(nxt, new_text[len(text_so_far):])
             text_so_far = new_text
             if nxt == slot:
@@ -266,25 +284,33 @@ class Conversation:
                 break
             if (len(out) >= max_new and nxt != trigger) or self.cache.room() == 0:
                 break
-            if x is None:
-                x = np.asarray(table[[nxt]], np.float32)[None]
-            logits, hidden = self._llm(x)
+            with tl.stage("decode"):
+                if x is None:
+                    x = np.asarray(table[[nxt]], np.float32)[None]
+                logits, hidden = self._llm(x)
             self.cached_ids.append(nxt)
             fed = nxt
 
         if dets:
             s = m["preprocess"]["sam"]["size"]
-            boxes_norm = np.stack([dd.box_norm for dd in dets]).astype(np.float32)
-            dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=self.sam_embedding(),
-                                boxes=boxes_norm * s, seg_prompt=np.stack(seg_prompts).astype(np.float32))
-            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, self.width, self.height, thr)
-            for k, dd in enumerate(dets):
-                dd.mask, dd.score = masks[k], float(dec["iou"][k, 0])
-        raw = self.pipe.tokenizer.decode(out)
-        self.history.append(Turn(self._expanded(text, boxes), raw))
-        self.history_boxes += list(region) + [dd.box_norm for dd in dets]
-        yield Done(ChatResult(text=render_reply(raw), raw_text=raw, token_ids=out, prompt_ids=ids,
-                              finish_reason=finish, detections=dets))
+            image_embedding = self.sam_embedding()
+            with tl.stage("sam_decoder"):
+                boxes_norm = np.stack([dd.box_norm for dd in dets]).astype(np.float32)
+                dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=image_embedding,
+                                    boxes=boxes_norm * s, seg_prompt=np.stack(seg_prompts).astype(np.float32))
+            with tl.stage("postprocess"):
+                masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, self.width, self.height, thr)
+                for k, dd in enumerate(dets):
+                    dd.mask, dd.score = masks[k], float(dec["iou"][k, 0])
+        with tl.stage("postprocess"):
+            raw = self.pipe.tokenizer.decode(out)
+            self.history.append(Turn(self._expanded(text, boxes), raw))
+            self.history_boxes += list(region) + [dd.box_norm for dd in dets]
+            result = ChatResult(text=render_reply(raw), raw_text=raw, token_ids=out, prompt_ids=ids,
+                                finish_reason=finish, detections=dets)
+        tl.finish()
+        self._tl = NO_TIMELINE
+        yield Done(result)
 
     @staticmethod
     def _expanded(text: str, boxes) -> str:

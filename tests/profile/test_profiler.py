@@ -1,0 +1,76 @@
+"""nxc-profile's accounting and output schemas on the embedded model (no timing thresholds)."""
+import json
+
+import numpy as np
+import pytest
+
+from nxc.profile.cli import main
+from nxc.profile.profiler import chrome_trace, run_once
+from nxc.runtime.timing import STAGES
+from nxc.shapes.data import make_scene
+
+PROMPT = "Can you describe the image and include object locations?"
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return make_scene(np.random.default_rng(7), max_objects=3)
+
+
+def test_stage_times_sum_to_end_to_end(embedded_pipe, scene):
+    for prompt in (PROMPT, "Is there a red circle in the image?"):
+        rec, tl, result = run_once(embedded_pipe, scene.image, prompt, 48)
+        total = sum(rec["stages"].values())
+        assert abs(total - rec["e2e"]) <= 0.10 * rec["e2e"], (rec["stages"], rec["e2e"])
+        assert rec["tokens"] == len(result.token_ids) and rec["triggers"] == len(result.detections)
+        assert 0 < rec["ttft"] <= rec["e2e"]
+
+
+def test_counts_match_the_reply(embedded_pipe, scene):
+    rec, tl, result = run_once(embedded_pipe, scene.image, PROMPT, 48)
+    assert result.detections, "the grounded caption of the trained model has boxes"
+    # one loc_heads event per trigger (no region boxes in this prompt), one sam_decoder call for all of them
+    assert tl.count("loc_heads") == len(result.detections)
+    assert tl.count("sam_decoder") == 1 and tl.count("sam_encoder") == 1 and tl.count("vision") == 1
+    assert tl.count("prefill") == 1
+    # every generated token has its host-side decode event; all but the last are followed by an llm step
+    steps = [e for e in tl.events if e.stage == "decode"]
+    assert len(steps) == 2 * len(result.token_ids) - 1
+
+
+def test_report_and_trace_schemas(embedded_build, scene, tmp_path, capsys):
+    js, tr = tmp_path / "p.json", tmp_path / "t.json"
+    assert main([str(embedded_build), str(embedded_build), "--runs", "2", "--warmup", "0", "--max-new-tokens", "24",
+                 "--json", str(js), "--trace", str(tr)]) == 0
+    table = capsys.readouterr().out
+    for s in STAGES:
+        assert s in table
+    assert "decode vs roofline" in table and "CPU figures" in table
+    rep = json.loads(js.read_text())
+    assert len(rep["builds"]) == 2 and rep["machine"]["bandwidth_gbs"] > 0
+    b = rep["builds"][0]
+    assert set(b["stages"]) == set(STAGES) | {"decode_per_token"}
+    for key in ("end_to_end_ms", "ttft_ms", "decode_tokens_per_s", "roofline", "tokens", "triggers", "runs"):
+        assert key in b
+    assert 0 < b["roofline"]["decode_pct_of_roofline"] and b["runs"] == 2
+    trace = json.loads(tr.read_text())
+    xs = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert xs and all({"name", "ts", "dur", "pid", "tid"} <= set(e) for e in xs)
+    assert {e["name"] for e in xs} <= set(STAGES)
+
+
+def test_vs_torch_reports_the_ratio(embedded_build, scene, capsys):
+    assert main([str(embedded_build), "--runs", "1", "--warmup", "0", "--max-new-tokens", "16", "--vs-torch"]) == 0
+    assert "PyTorch ref e2e" in capsys.readouterr().out
+
+
+def test_bad_build_is_one_line(tmp_path, capsys):
+    assert main([str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "no such build directory" in err and "Traceback" not in err
+
+
+def test_chrome_trace_of_empty_timeline():
+    from nxc.runtime.timing import Timeline
+    assert chrome_trace({"b": Timeline()})["traceEvents"] == [
+        {"name": "process_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "b"}}]
