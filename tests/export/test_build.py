@@ -197,3 +197,34 @@ def test_export_cli_embedded_fp16_with_progress(tmp_path, capsys):
     assert m.data["precision"] == "fp16" and m.data["source"]["checkpoint"] == "embedded:shapes-nextchat"
     assert m.graph_spec("llm").inputs[3].dtype == "float16"
     assert all(g["precision"] == "fp16" for g in m.graphs.values())
+
+
+def test_graph_with_external_data_outside_the_build_is_refused(build_copy, tmp_path):
+    """Even with consistent hashes (a crafted build), a graph may not make the runtime read other files."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from nxc.manifest import write_manifest
+    from nxc.runtime.backends import BackendError
+    from nxc.runtime.pipeline import Pipeline
+
+    secret = tmp_path / "secret.data"
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["hidden", "w"], ["box"])], "g",
+                          [helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("box", TensorProto.FLOAT, [1, 4])], [w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    path = build_copy / "graphs" / "loc_heads.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="w.data", size_threshold=0)
+    (build_copy / "graphs" / "w.data").rename(secret)
+    crafted = onnx.load(str(path), load_external_data=False)
+    for e in crafted.graph.initializer[0].external_data:
+        if e.key == "location":
+            e.value = "../../" + secret.name
+    path.write_bytes(crafted.SerializeToString())
+    data = json.loads((build_copy / "manifest.json").read_text())
+    data.pop("files"), data.pop("schema")
+    write_manifest(build_copy, data)                     # hashes now match the crafted file
+    pipe = Pipeline.load(build_copy)
+    with pytest.raises(BackendError, match="external data points outside the build directory"):
+        pipe.runner("loc_heads")

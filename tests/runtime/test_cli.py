@@ -110,3 +110,17 @@ def test_demo_runs_through_the_runtime(embedded_build, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "nxc.runtime on ONNX Runtime CPU" in text and "ASSISTANT : Answer: [0]" in text
     assert "IoU with the drawn" in text and out.is_file()
+
+
+@pytest.mark.parametrize("info,ok", [
+    ({"tensorrt": "10.3.0", "compute_capability": "8.7", "gpu": "Orin"}, True),
+    ({"tensorrt": "8.6.2", "compute_capability": "8.7", "gpu": "Orin"}, False),
+    ({"tensorrt": "10.3.0", "compute_capability": "9.0", "gpu": "H100"}, False),
+])
+def test_engines_for_another_tensorrt_or_gpu_are_refused(info, ok, tmp_path):
+    from nxc.runtime.backends.trt import engine_mismatch
+    why = engine_mismatch(info, tensorrt="10.3.0", gpu={"name": "Orin", "compute_capability": "8.7"},
+                          meta=tmp_path / "engine.json", build=tmp_path)
+    assert (why is None) == ok
+    if not ok:
+        assert "engine.json: engines were built for TensorRT" in why and "nxc-build" in why

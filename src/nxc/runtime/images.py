@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     except OSError as e:
         raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
     with fp:
+        size = len(source) if isinstance(source, (bytes, bytearray)) else os.fstat(fp.fileno()).st_size
+        if size == 0:
+            raise ImageError(f"{name}: the file is empty (0 bytes); pass a PNG or JPEG")
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -34,9 +38,11 @@ def load_image(source: str | Path | bytes) -> Image.Image:
                 img.load()
         except ImageError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            kind = "is not an image Pillow can read" if isinstance(e, UnidentifiedImageError) else "is too large"
-            raise ImageError(f"{name}: {kind}; pass a PNG or JPEG") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{name}: is not an image Pillow can read; pass a PNG or JPEG") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageError(f"{name}: is over {MAX_PIXELS // 1_000_000} M pixels (decompression-bomb guard); "
+                             "resize it first") from None
         except (OSError, SyntaxError, ValueError) as e:
             raise ImageError(f"{name}: the image data is damaged or truncated ({e}); pass a complete PNG or JPEG") from None
     if img.width < 1 or img.height < 1:

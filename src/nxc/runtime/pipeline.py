@@ -181,8 +181,30 @@ class Conversation:
                              boxes=np.asarray(boxes_norm, np.float32).reshape(-1, 4))["loc_embeds"]
 
     # -- a turn ----------------------------------------------------------------------------------------
+    def _check_boxes(self, boxes) -> np.ndarray:
+        """Region-input boxes -> [M,4] float32 pixels; refuses what cannot be a box on this image. A box that
+        reaches past the image edge is kept (its normalised corners are clamped to the image, as the reference)."""
+        if boxes is None:
+            return np.zeros((0, 4), np.float32)
+        try:
+            b = np.asarray(boxes, np.float64)
+        except (TypeError, ValueError):
+            raise PromptError(f"boxes must be numbers [[x1, y1, x2, y2], ...] in pixels, got {boxes!r}") from None
+        if b.size % 4 or b.ndim > 2 or (b.ndim == 2 and b.shape[1] != 4):
+            raise PromptError(f"boxes must be [[x1, y1, x2, y2], ...] (4 numbers each), got shape {b.shape}")
+        b = b.reshape(-1, 4)
+        for k, (x1, y1, x2, y2) in enumerate(b):
+            if not np.all(np.isfinite([x1, y1, x2, y2])):
+                raise PromptError(f"box [{k}] {b[k].tolist()} has a non-finite coordinate")
+            if x2 <= x1 or y2 <= y1:
+                raise PromptError(f"box [{k}] {b[k].tolist()} is empty or reversed: x1 < x2 and y1 < y2 are "
+                                  "needed (xyxy pixels)")
+            if x2 <= 0 or y2 <= 0 or x1 >= self.width or y1 >= self.height:
+                raise PromptError(f"box [{k}] {b[k].tolist()} lies outside the {self.width}x{self.height} image")
+        return b.astype(np.float32)
+
     def _prompt(self, text: str, boxes) -> tuple[list[int], np.ndarray, str]:
-        boxes_px = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
+        boxes_px = self._check_boxes(boxes)
         n_img = self.pipe.manifest.data["prompt"]["num_image_tokens"]
         prompt, order = build_prompt(text, num_image_tokens=n_img, num_boxes=len(boxes_px), history=self.history)
         region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)

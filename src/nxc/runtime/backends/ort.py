@@ -71,6 +71,9 @@ class OrtBackend:
         try:
             sess = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
+            if "escapes model directory" in str(e):
+                raise BackendError(f"{path}: the graph's external data points outside the build directory; a build "
+                                   "may only read its own files. Re-export the build") from None
             raise BackendError(f"{path}: ONNX Runtime cannot load this graph ({str(e).splitlines()[0][:300]}); "
                                "re-export the build") from None
         got = [i.name for i in sess.get_inputs()]

@@ -45,6 +45,15 @@ def gpu_identity() -> dict:
     return {"name": name.strip("\x00 "), "compute_capability": f"{props.major}.{props.minor}"}
 
 
+def engine_mismatch(info: dict, *, tensorrt: str, gpu: dict, meta: Path, build: Path) -> str | None:
+    """Why engines described by `info` (engine.json) cannot run here, or None. Pure logic (no TensorRT needed)."""
+    if info.get("tensorrt") != tensorrt or info.get("compute_capability") != gpu["compute_capability"]:
+        return (f"{meta}: engines were built for TensorRT {info.get('tensorrt')} on {info.get('gpu', 'a GPU')} "
+                f"(compute capability {info.get('compute_capability')}); this is TensorRT {tensorrt} on {gpu['name']} "
+                f"({gpu['compute_capability']}). Rebuild them here with `nxc-build {build}`")
+    return None
+
+
 class _DeviceBuffer:
     def __init__(self, cudart):
         self.cudart, self.ptr, self.nbytes = cudart, 0, 0
@@ -112,11 +121,13 @@ class TrtBackend:
             have = sorted(p.name for p in (build / "engines").glob("*")) if (build / "engines").is_dir() else []
             raise BackendError(f"{folder}: no TensorRT engines for {self.gpu['name']} with TensorRT {self.trt.__version__}"
                                f" (found: {have or 'none'}); run `nxc-build {build}` on this machine")
-        info = json.loads(meta.read_text())
-        if info.get("tensorrt") != self.trt.__version__ or info.get("compute_capability") != self.gpu["compute_capability"]:
-            raise BackendError(f"{meta}: engines were built for TensorRT {info.get('tensorrt')} on compute capability "
-                               f"{info.get('compute_capability')}, this is TensorRT {self.trt.__version__} on "
-                               f"{self.gpu['compute_capability']}; rebuild them with `nxc-build {build}`")
+        try:
+            info = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise BackendError(f"{meta}: unreadable ({e}); rebuild the engines with `nxc-build {build}`") from None
+        why = engine_mismatch(info, tensorrt=self.trt.__version__, gpu=self.gpu, meta=meta, build=build)
+        if why:
+            raise BackendError(why)
         return folder
 
     def load(self, path: Path, spec: GraphSpec) -> TrtRunner:

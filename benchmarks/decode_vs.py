@@ -1,0 +1,205 @@
+"""Decode speed of the nxc runtime against the PyTorch reference and onnxruntime-genai, on the same weights, in
+the same run: the embedded model and a NExT-Chat with a TinyLlama-1.1B-sized LLaMA (random weights built here).
+
+    pip install onnxruntime-genai    # benchmark-only dependency (its model builder makes the genai builds)
+    python benchmarks/decode_vs.py [--models embedded 1b] [--steps 32] [--prompt-tokens 64]
+
+Prints JSON per model: decode tokens/s of
+  - torch      the reference LLaMA (eager, fp32, DynamicCache), one token per step
+  - nxc fp32 / nxc int4     the exported llm graph through the runtime's KV cache (nxc.runtime)
+  - genai fp32 / genai int4 onnxruntime-genai's builder output of the same LLaMA weights (CPU), greedy
+with the % of this machine's copy-bandwidth roofline (bytes a step must read: weights + KV cache) and ratios.
+For the embedded model also end to end through the whole pipeline, text-only and grounded prompts, vs the
+reference. The 1.1B model has random weights, so it never emits a trigger: only text-only decode is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def log(msg):
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def torch_decode(model, prompt_tokens: int, steps: int) -> float:
+    import torch
+    from transformers import DynamicCache
+    torch.set_num_threads(os.cpu_count())
+    ids = torch.randint(3, model.config.llm.vocab_size, (1, prompt_tokens))
+    with torch.no_grad():
+        cache = DynamicCache()
+        logits, _ = model.llm_step(model.embed_tokens(ids), cache)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            nxt = logits.argmax(-1, keepdim=True)
+            logits, _ = model.llm_step(model.embed_tokens(nxt), cache)
+        return steps / (time.perf_counter() - t0)
+
+
+def nxc_decode(build: Path, prompt_tokens: int, steps: int) -> float:
+    from nxc import names
+    from nxc.runtime.kv_cache import KVCache
+    from nxc.runtime.pipeline import Pipeline
+    pipe = Pipeline.load(build)
+    llm = pipe.config["llm"]
+    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
+                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=prompt_tokens + steps + 1)
+    table = pipe.embeddings
+
+    def step(x):
+        p, t = cache.length, x.shape[1]
+        res = pipe.run(names.GRAPH_LLM, inputs_embeds=x, attention_mask=np.ones((1, p + t), np.int64),
+                       position_ids=np.arange(p, p + t, dtype=np.int64)[None], **cache.past())
+        cache.append(res)
+        return res["logits"][0]
+
+    ids = np.random.default_rng(0).integers(3, table.shape[0], prompt_tokens)
+    logits = step(np.asarray(table[ids], np.float32)[None])
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = step(np.asarray(table[[int(np.argmax(logits))]], np.float32)[None])
+    return steps / (time.perf_counter() - t0)
+
+
+def genai_build(model, out: Path, precision: str) -> Path:
+    """onnxruntime-genai's builder on the same LLaMA weights (saved as a Hugging Face folder first)."""
+    hf = out / "hf"
+    if not hf.is_dir():
+        model.llm.save_pretrained(hf, safe_serialization=True)
+    dst = out / f"genai-{precision}"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dst), "-p", precision,
+           "-e", "cpu", "-c", str(out / "cache")]
+    import subprocess
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"onnxruntime-genai builder failed: {res.stderr[-800:]}")
+    return dst
+
+
+def genai_decode(path: Path, vocab: int, prompt_tokens: int, steps: int) -> float:
+    import onnxruntime_genai as og
+    model = og.Model(str(path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=prompt_tokens + steps + 1, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.random.default_rng(0).integers(3, vocab, prompt_tokens).astype(np.int32).reshape(1, -1))
+    gen.generate_next_token()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        gen.generate_next_token()
+    return steps / (time.perf_counter() - t0)
+
+
+def step_bytes(build: Path, prompt_tokens: int, steps: int) -> int:
+    from nxc.manifest import load_manifest
+    from nxc.profile.profiler import llm_weight_bytes
+    m = load_manifest(build, verify=False).data
+    llm = m["config"]["llm"]
+    kv = 2 * llm["num_layers"] * llm["num_kv_heads"] * (llm["hidden_size"] // llm["num_heads"]) * 4
+    return llm_weight_bytes(build, m) + kv * (prompt_tokens + steps // 2)
+
+
+def end_to_end(build: Path, runs: int) -> dict:
+    from nxc.assets import embedded_checkpoint
+    from nxc.model.reference import ReferenceChat
+    from nxc.profile.profiler import run_once
+    from nxc.runtime.pipeline import Pipeline
+    from nxc.shapes.data import make_scene
+    pipe, ref = Pipeline.load(build), ReferenceChat.load(embedded_checkpoint())
+    scene = make_scene(np.random.default_rng(7), max_objects=3)
+    o = scene.objects[0]
+    out = {}
+    for kind, prompt in (("text_only", f"Is there a {o.colour} {o.shape} in the image?"),
+                         ("grounded", "Can you describe the image and include object locations?")):
+        ours, theirs = [], []
+        for _ in range(runs + 1):
+            ours.append(run_once(pipe, scene.image, prompt, 64)[0]["e2e"])
+            t0 = time.perf_counter()
+            ref.chat(scene.image, prompt, max_new_tokens=64)
+            theirs.append(time.perf_counter() - t0)
+        a, b = float(np.median(ours[1:])), float(np.median(theirs[1:]))
+        out[kind] = {"nxc_ms": 1000 * a, "torch_ms": 1000 * b, "speedup_vs_torch": b / a}
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["embedded", "1b"], choices=["embedded", "1b"])
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prompt-tokens", type=int, default=64)
+    ap.add_argument("--e2e-runs", type=int, default=5)
+    a = ap.parse_args(argv)
+    from nxc.export.exporter import ExportOptions, export_model
+    from nxc.model.sp_tokenizer import SentencePieceOracle
+    from nxc.profile.profiler import measure_bandwidth
+    sys.path.insert(0, str(Path(__file__).parent))
+    from precision import tinyllama_model
+
+    from nxc.assets import embedded_checkpoint
+    bw = measure_bandwidth()
+    result = {"machine": {"cpu_count": os.cpu_count(), "bandwidth_gbs": bw}, "steps": a.steps,
+              "prompt_tokens": a.prompt_tokens, "models": {}}
+    tok_dir = embedded_checkpoint()
+    for name in a.models:
+        work = Path(tempfile.mkdtemp(prefix=f"nxc-vs-{name}-"))
+        r = result["models"][name] = {"tokens_per_s": {}, "pct_of_roofline": {}}
+        if name == "embedded":
+            from nxc.model.checkpoint import load_nextchat
+            model, tokenizer = load_nextchat(tok_dir)
+        else:
+            model, tokenizer = tinyllama_model(), SentencePieceOracle.from_dir(tok_dir)
+        log(f"{name}: torch decode")
+        r["tokens_per_s"]["torch"] = torch_decode(model, a.prompt_tokens, a.steps)
+        for prec in ("fp32", "int4"):
+            log(f"{name}: nxc export {prec}")
+            graphs = ("llm",) if name == "1b" else ("vision", "llm", "loc_heads", "sam_encoder", "sam_decoder")
+            build = export_model(model, tokenizer, work / f"nxc-{prec}", tokenizer_dir=tok_dir, embedded=True,
+                                 options=ExportOptions(precision=prec, graphs=graphs, parity=False,
+                                                       calib_samples=4, max_context=512),
+                                 source={"checkpoint": "embedded:shapes-nextchat" if name == "embedded" else "random"})
+            r["tokens_per_s"][f"nxc_{prec}"] = nxc_decode(build, a.prompt_tokens, a.steps)
+            r["pct_of_roofline"][f"nxc_{prec}"] = 100 * step_bytes(build, a.prompt_tokens, a.steps) * \
+                r["tokens_per_s"][f"nxc_{prec}"] / 1e9 / bw
+            if prec == "fp32":
+                r["pct_of_roofline"]["torch"] = r["pct_of_roofline"]["nxc_fp32"] * \
+                    r["tokens_per_s"]["torch"] / r["tokens_per_s"]["nxc_fp32"]
+                if name == "embedded":
+                    log("embedded: end to end vs the reference")
+                    r["end_to_end_fp32"] = end_to_end(build, a.e2e_runs)
+        try:
+            import onnxruntime_genai  # noqa: F401
+            for prec in ("fp32", "int4"):
+                log(f"{name}: onnxruntime-genai {prec}")
+                path = genai_build(model, work, prec)
+                r["tokens_per_s"][f"genai_{prec}"] = genai_decode(path, model.config.llm.vocab_size,
+                                                                  a.prompt_tokens, a.steps)
+        except ImportError:
+            r["genai"] = "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+        except RuntimeError as e:
+            r["genai"] = str(e)
+        t = r["tokens_per_s"]
+        r["ratios"] = {k: v for k, v in {
+            "nxc_fp32_vs_torch": t["nxc_fp32"] / t["torch"],
+            "nxc_int4_vs_nxc_fp32": t["nxc_int4"] / t["nxc_fp32"],
+            "nxc_fp32_vs_genai_fp32": t["nxc_fp32"] / t["genai_fp32"] if "genai_fp32" in t else None,
+            "nxc_int4_vs_genai_int4": t["nxc_int4"] / t["genai_int4"] if "genai_int4" in t else None}.items()
+            if v is not None}
+        del model
+        gc.collect()
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
