@@ -76,6 +76,11 @@ def genai_build(model, out: Path, precision: str) -> Path:
     hf = out / "hf"
     if not hf.is_dir():
         model.llm.save_pretrained(hf, safe_serialization=True)
+        from nxc.assets import embedded_checkpoint       # the builder also packs a tokenizer: any LLaMA one will do
+        src = embedded_checkpoint()
+        for f in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+            if (src / f).is_file():
+                shutil.copy(src / f, hf / f)
     dst = out / f"genai-{precision}"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(dst), "-p", precision,
            "-e", "cpu", "-c", str(out / "cache")]

@@ -84,3 +84,7 @@ def test_fp16_manifest_records_float32_nodes(tmp_path):
         assert rec["count"] > 0 and rec["nodes"]
     assert "LayerNormalization" in m.graphs["vision"]["fp32_nodes"]["ops"]
     assert "Softmax" in m.graphs["llm"]["fp32_nodes"]["ops"]
+    acc = json.loads((out / "reports" / "accuracy.json").read_text())["graphs"]
+    assert set(acc) == {"vision", "llm"}
+    assert all(v["cosine"] > 0.99 for g in acc.values() for v in g.values()), acc
+    assert not list(tmp_path.glob(".fp32ref-*"))

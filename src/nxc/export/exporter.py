@@ -184,6 +184,34 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
                         embedded=embedded)
 
 
+def _fp32_reference_graphs(model, out: Path, options: ExportOptions) -> Path:
+    """The requested graphs exported in fp32 to a scratch folder: what an fp16 build is measured against."""
+    import tempfile
+    scratch = Path(tempfile.mkdtemp(prefix=".fp32ref-", dir=Path(out).parent))
+    fp32 = ExportOptions(precision="fp32", opset=options.opset, kv_mode=options.kv_mode)
+    specs = graph_specs(model.config)
+    for g in options.graphs:
+        _log(f"[nxc-export] {g}: fp32 reference for the accuracy report")
+        export_graph(wrapper_for(model, g, fp32), specs[g], model.config, scratch / f"{g}.onnx", fp32)
+    return scratch
+
+
+def _accuracy_vs_fp32(reference: Path, tmp: Path, graphs: dict, specs: dict, cfg) -> dict:
+    """Per graph: cosine similarity and max abs error of the build's graph against fp32, on fresh random inputs
+    at the parity shapes."""
+    from nxc.calib.quantize import compare_graphs
+    from nxc.export.parity import SHAPES, random_inputs
+    report = {"reference": "fp32 graphs of the same model, fresh random inputs", "graphs": {}}
+    for g in graphs:
+        spec = graph_specs(cfg)[g]                                   # float32 feeds; compare_graphs casts per graph
+        feeds = [random_inputs(spec, {**a, "batch": 1}, np.random.default_rng(100 + i), sam_size=cfg.sam.image_size)
+                 for i, a in enumerate(SHAPES)]
+        report["graphs"][g] = compare_graphs(reference / f"{g}.onnx", tmp / graphs[g]["file"], feeds)
+        worst = min(v["cosine"] for v in report["graphs"][g].values())
+        _log(f"[nxc-export] {g}: cosine vs fp32 >= {worst:.5f}")
+    return report
+
+
 def _check_options(options: ExportOptions) -> None:
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
@@ -208,12 +236,14 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
     if not 2 <= max_context <= cfg.llm.max_position_embeddings:
         raise ExportError(f"--max-context {max_context} must be between 2 and the model's "
                           f"max_position_embeddings ({cfg.llm.max_position_embeddings})")
-    if options.precision == "fp16":
-        from nxc.export.fp16 import to_fp16
-        model = to_fp16(model)
+    fp32_reference = None
     specs = graph_specs(cfg, kv_dtype="float16" if options.precision == "fp16" else "float32")
     tmp = _prepare_out(out)
     try:
+        if options.precision == "fp16":
+            from nxc.export.fp16 import to_fp16
+            fp32_reference = _fp32_reference_graphs(model, tmp, options)    # for reports/accuracy.json
+            model = to_fp16(model)
         (tmp / "graphs").mkdir()
         (tmp / "reports").mkdir()
         graphs, parity = {}, {}
@@ -245,6 +275,8 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
             from nxc.export.fp16 import float32_nodes
             for g in graphs:
                 graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
+            report = _accuracy_vs_fp32(fp32_reference, tmp, graphs, specs, cfg)
+            (tmp / "reports" / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
         if options.precision in ("int8", "int4"):
             from nxc.calib.build import quantize_build
             accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
@@ -259,5 +291,8 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if fp32_reference is not None:
+            shutil.rmtree(fp32_reference, ignore_errors=True)
     _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s")
     return out
