@@ -152,3 +152,14 @@ print("ok", r.text)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.startswith("ok")
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_seeded_sampling_matches_reference(embedded_pipe, embedded_ref, seed):
+    from nxc.sampling import SamplingParams
+    scene = make_scene(np.random.default_rng(40 + seed), max_objects=3)
+    q = "Can you describe the image and include object locations?"
+    r = embedded_pipe.chat(scene.image, q, max_new_tokens=40, temperature=1.5, top_p=0.95, top_k=20, seed=seed)
+    ref = embedded_ref.chat(scene.image, q, max_new_tokens=40,
+                            sampling=SamplingParams(temperature=1.5, top_p=0.95, top_k=20, seed=seed))
+    assert_same(r, ref, f"sampling seed {seed}")
