@@ -73,14 +73,19 @@ def measure(build: Path, decode_steps: int, encoder_runs: int) -> dict:
     return out
 
 
-def tinyllama_model():
+def tinyllama_model(vocab_size: int | None = None):
+    """NExT-Chat with TinyLlama-1.1B's LLaMA sizes (vocab 32005 unless given), random weights, seed 0."""
+    from dataclasses import replace
+
     import torch
 
     from nxc.config import LLAMA_SIZES, SAM_SIZES, VISION_SIZES, NextChatConfig
     from nxc.model.nextchat import NextChat
     torch.manual_seed(0)
     v = VISION_SIZES["shapes"]
-    cfg = NextChatConfig(llm=LLAMA_SIZES["tinyllama-1.1b"], vision=v, sam=SAM_SIZES["shapes"], mm_hidden_size=v.hidden_size)
+    llm = LLAMA_SIZES["tinyllama-1.1b"]
+    llm = replace(llm, vocab_size=vocab_size) if vocab_size else llm
+    cfg = NextChatConfig(llm=llm, vision=v, sam=SAM_SIZES["shapes"], mm_hidden_size=v.hidden_size)
     with torch.no_grad():
         return NextChat(config=cfg).eval()
 
