@@ -21,7 +21,7 @@ def parser() -> argparse.ArgumentParser:
     prec.add_argument("--fp16", dest="precision", action="store_const", const="fp16",
                       help="float16 weights and activations, float32 inputs/outputs")
     prec.add_argument("--int8", dest="precision", action="store_const", const="int8",
-                      help="int8: QDQ static vision/sam_encoder/loc_heads (calibrated), int8 weight-only llm")
+                      help="int8: QDQ static vision/sam_encoder (calibrated), int8 weight-only loc_heads and llm")
     prec.add_argument("--int4", dest="precision", action="store_const", const="int4",
                       help="as --int8 but a block-wise int4 weight-only llm")
     ap.add_argument("--max-context", type=int, metavar="N", help="longest prompt + reply the build serves "
