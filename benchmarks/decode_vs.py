@@ -47,28 +47,10 @@ def torch_decode(model, prompt_tokens: int, steps: int) -> float:
 
 
 def nxc_decode(build: Path, prompt_tokens: int, steps: int) -> float:
-    from nxc import names
-    from nxc.runtime.kv_cache import KVCache
+    from precision import llm_decode
+
     from nxc.runtime.pipeline import Pipeline
-    pipe = Pipeline.load(build)
-    llm = pipe.config["llm"]
-    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
-                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=prompt_tokens + steps + 1)
-    table = pipe.embeddings
-
-    def step(x):
-        p, t = cache.length, x.shape[1]
-        res = pipe.run(names.GRAPH_LLM, inputs_embeds=x, attention_mask=np.ones((1, p + t), np.int64),
-                       position_ids=np.arange(p, p + t, dtype=np.int64)[None], **cache.past())
-        cache.append(res)
-        return res["logits"][0]
-
-    ids = np.random.default_rng(0).integers(3, table.shape[0], prompt_tokens)
-    logits = step(np.asarray(table[ids], np.float32)[None])
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        logits = step(np.asarray(table[[int(np.argmax(logits))]], np.float32)[None])
-    return steps / (time.perf_counter() - t0)
+    return llm_decode(Pipeline.load(build), prompt_tokens, steps, np.random.default_rng(0))[1]
 
 
 def genai_build(model, out: Path, precision: str) -> Path:
@@ -105,13 +87,10 @@ def genai_decode(path: Path, vocab: int, prompt_tokens: int, steps: int) -> floa
     return steps / (time.perf_counter() - t0)
 
 
-def step_bytes(build: Path, prompt_tokens: int, steps: int) -> int:
+def step_bytes(build: Path, prompt_tokens: int, steps: int) -> float:
     from nxc.manifest import load_manifest
-    from nxc.profile.profiler import llm_weight_bytes
-    m = load_manifest(build, verify=False).data
-    llm = m["config"]["llm"]
-    kv = 2 * llm["num_layers"] * llm["num_kv_heads"] * (llm["hidden_size"] // llm["num_heads"]) * 4
-    return llm_weight_bytes(build, m) + kv * (prompt_tokens + steps // 2)
+    from nxc.profile.profiler import decode_step_bytes
+    return decode_step_bytes(build, load_manifest(build, verify=False).data, prompt_tokens + steps // 2)
 
 
 def end_to_end(build: Path, runs: int) -> dict:

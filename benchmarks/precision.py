@@ -31,9 +31,33 @@ def median_ms(fn, runs: int) -> float:
     return 1000 * float(np.median(ts))
 
 
-def measure(build: Path, decode_steps: int, encoder_runs: int) -> dict:
+def llm_decode(pipe, prompt_tokens: int, steps: int, rng: np.random.Generator) -> tuple[float, float]:
+    """Prefill `prompt_tokens` random token rows, then `steps` greedy single-token steps through the runtime's
+    KV cache. Returns (prefill ms, decode tokens/s)."""
     from nxc import names
     from nxc.runtime.kv_cache import KVCache
+    llm = pipe.config["llm"]
+    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
+                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=prompt_tokens + steps + 1,
+                    dtype=pipe.kv_dtype)
+    table = pipe.embeddings
+
+    def step(ids):
+        res = pipe.run(names.GRAPH_LLM, **cache.feeds(np.asarray(table[ids], np.float32)[None]))
+        cache.append(res)
+        return res["logits"][0]
+
+    t0 = time.perf_counter()
+    logits = step(rng.integers(3, table.shape[0], prompt_tokens))
+    prefill_ms = 1000 * (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = step([int(np.argmax(logits))])
+    return prefill_ms, steps / (time.perf_counter() - t0)
+
+
+def measure(build: Path, decode_steps: int, encoder_runs: int) -> dict:
+    from nxc import names
     from nxc.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(build)
@@ -50,26 +74,7 @@ def measure(build: Path, decode_steps: int, encoder_runs: int) -> dict:
     out["vision_ms"] = median_ms(lambda: pipe.run(names.GRAPH_VISION, pixel_values=px), encoder_runs)
     sp = rng.standard_normal((1, 3, s, s)).astype(np.float32)
     out["sam_encoder_ms"] = median_ms(lambda: pipe.run(names.GRAPH_SAM_ENCODER, image=sp), max(3, encoder_runs // 3))
-    llm = m["config"]["llm"]
-    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
-                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=64 + decode_steps + 1)
-    table = pipe.embeddings
-
-    def step(x):
-        p, t = cache.length, x.shape[1]
-        res = pipe.run(names.GRAPH_LLM, inputs_embeds=x, attention_mask=np.ones((1, p + t), np.int64),
-                       position_ids=np.arange(p, p + t, dtype=np.int64)[None], **cache.past())
-        cache.append(res)
-        return res["logits"][0]
-
-    ids = rng.integers(3, table.shape[0], 64)
-    t0 = time.perf_counter()
-    logits = step(np.asarray(table[ids], np.float32)[None])
-    out["prefill_64_ms"] = 1000 * (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    for _ in range(decode_steps):
-        logits = step(np.asarray(table[[int(np.argmax(logits))]], np.float32)[None])
-    out["decode_tokens_per_s"] = decode_steps / (time.perf_counter() - t0)
+    out["prefill_64_ms"], out["decode_tokens_per_s"] = llm_decode(pipe, 64, decode_steps, rng)
     return out
 
 

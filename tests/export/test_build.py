@@ -131,10 +131,7 @@ def test_greedy_decode_stitched_from_graphs_matches_reference(tiny_build, tiny_c
     spec = m.graph_spec(names.GRAPH_LLM)
 
     def step(x):
-        p, n = cache.length, x.shape[1]
-        out = dict(zip(spec.output_names, sess["llm"].run(spec.output_names, {
-            "inputs_embeds": x, "attention_mask": np.ones((1, p + n), np.int64),
-            "position_ids": np.arange(p, p + n, dtype=np.int64)[None], **cache.past()})))
+        out = dict(zip(spec.output_names, sess["llm"].run(spec.output_names, cache.feeds(x))))
         cache.append(out)
         return out["logits"][0], out["hidden"]
 

@@ -230,6 +230,8 @@ def _check_options(options: ExportOptions) -> None:
 def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
                  source: dict | None = None, embedded: bool = False) -> Path:
     """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
+    import onnx
+
     from nxc.export.parity import check_graph
     from nxc.export.tokenizer_json import write_tokenizer_json
     from nxc.export.trt_lint import lint
@@ -260,7 +262,6 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
             wrapper = wrapper_for(model, g, options)
             path = tmp / "graphs" / f"{g}.onnx"
             external = export_graph(wrapper, specs[g], cfg, path, options)
-            import onnx
             findings = lint(onnx.load(str(path), load_external_data=False))
             graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
                          "precision": options.graph_precision, "opset": options.opset, **specs[g].to_dict(),

@@ -64,6 +64,14 @@ def llm_weight_bytes(build: Path, manifest: dict) -> int:
     return sum((build / f).stat().st_size for f in [g["file"], *g.get("external_data", [])])
 
 
+def decode_step_bytes(build: Path, manifest: dict, cache_length: float) -> float:
+    """Bytes one decode step must read: the llm graph's weights plus the KV cache at `cache_length` positions."""
+    llm = manifest["config"]["llm"]
+    kv_row = 2 * llm["num_layers"] * llm["num_kv_heads"] * (llm["hidden_size"] // llm["num_heads"]) * \
+        np.dtype(manifest.get("kv_cache", {}).get("dtype", "float32")).itemsize
+    return llm_weight_bytes(build, manifest) + kv_row * cache_length
+
+
 @dataclass
 class BuildProfile:
     build: Path
@@ -83,13 +91,10 @@ class BuildProfile:
         decode_s = np.median([r["stages"].get("decode", 0.0) for r in self.runs])
         per_token = decode_s / max(1, tokens)
         stages["decode_per_token"] = {"median_ms": 1000 * float(per_token)}
-        llm = m["config"]["llm"]
-        kv_row = 2 * llm["num_layers"] * llm["num_kv_heads"] * (llm["hidden_size"] // llm["num_heads"]) * \
-            np.dtype(m.get("kv_cache", {}).get("dtype", "float32")).itemsize
-        mean_len = self.runs[-1]["prompt_tokens"] + tokens / 2
-        step_bytes = llm_weight_bytes(pipe.manifest.root, m) + kv_row * mean_len
+        step_bytes = decode_step_bytes(pipe.manifest.root, m, self.runs[-1]["prompt_tokens"] + tokens / 2)
         achieved = step_bytes / per_token / 1e9 if per_token else 0.0
         vis_s = np.median([r["stages"].get("vision", 0.0) for r in self.runs])
+        vis_gflops = vision_flops(m["config"]) / vis_s / 1e9 if vis_s else 0.0
         return {
             "build": str(self.build), "precision": m["precision"], "runs": len(self.runs),
             "stages": stages,
@@ -102,8 +107,7 @@ class BuildProfile:
                 "bandwidth_gbs": bandwidth_gbs, "decode_step_bytes": int(step_bytes),
                 "decode_achieved_gbs": achieved, "decode_pct_of_roofline": 100 * achieved / bandwidth_gbs,
                 "matmul_gflops": gflops, "vision_gflop": vision_flops(m["config"]) / 1e9,
-                "vision_achieved_gflops": vision_flops(m["config"]) / vis_s / 1e9 if vis_s else 0.0,
-                "vision_pct_of_matmul": 100 * vision_flops(m["config"]) / vis_s / 1e9 / gflops if vis_s else 0.0},
+                "vision_achieved_gflops": vis_gflops, "vision_pct_of_matmul": 100 * vis_gflops / gflops},
         }
 
 

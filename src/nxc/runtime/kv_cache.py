@@ -36,6 +36,14 @@ class KVCache:
         """Feeds for the next llm call: views [1, length, kv, D] of the buffers (no copy)."""
         return {n: b[:, :self.length] for n, b in self._buf.items()}
 
+    def feeds(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
+        """All `llm` inputs for feeding [1,T,H] `embeds` after the cached positions (batch 1, no padding)."""
+        p, t = self.length, embeds.shape[1]
+        self.check_room(t)
+        return {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
+                "attention_mask": np.ones((1, p + t), np.int64),
+                "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **self.past()}
+
     def room(self) -> int:
         return self.capacity - self.length
 

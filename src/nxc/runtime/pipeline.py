@@ -23,7 +23,7 @@ from nxc import names
 from nxc.manifest import Manifest, load_manifest
 from nxc.runtime import preprocess as pp
 from nxc.runtime.kv_cache import KVCache
-from nxc.runtime.prompt import PromptError, Turn, build_prompt, render_reply
+from nxc.runtime.prompt import PromptError, Turn, build_prompt, expand_region_refs, render_reply
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer
 from nxc.sampling import SamplingParams, pick_token
@@ -84,12 +84,8 @@ class Pipeline:
         from nxc.runtime.backends import get_backend
         manifest = load_manifest(build_dir, verify=verify)
         tokenizer = Tokenizer.from_file(manifest.path(manifest.data["tokenizer"]["file"]))
-        if backend == "onnxruntime":
-            from nxc.runtime.backends.ort import OrtBackend
-            be = OrtBackend(providers=providers, threads=threads)
-        else:
-            be = get_backend(backend, providers=providers)
-        return cls(manifest=manifest, tokenizer=tokenizer, backend=be)
+        return cls(manifest=manifest, tokenizer=tokenizer,
+                   backend=get_backend(backend, providers=providers, threads=threads))
 
     def runner(self, graph: str):
         with self._lock:
@@ -165,11 +161,7 @@ class Conversation:
 
     def _llm(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feed [1,T,H] embeddings after the cache; returns last logits [V] and hidden [1,H]."""
-        p, t = self.cache.length, embeds.shape[1]
-        self.cache.check_room(t)
-        out = self.pipe.run(names.GRAPH_LLM, inputs_embeds=np.ascontiguousarray(embeds, np.float32),
-                            attention_mask=np.ones((1, p + t), np.int64),
-                            position_ids=np.arange(p, p + t, dtype=np.int64)[None], **self.cache.past())
+        out = self.pipe.run(names.GRAPH_LLM, **self.cache.feeds(embeds))
         self.cache.append(out)
         return out["logits"][0], out["hidden"]
 
@@ -204,6 +196,7 @@ class Conversation:
         return b.astype(np.float32)
 
     def _prompt(self, text: str, boxes) -> tuple[list[int], np.ndarray, str]:
+        """(conversation ids, this turn's normalised region boxes in slot order, the turn's expanded user text)."""
         boxes_px = self._check_boxes(boxes)
         n_img = self.pipe.manifest.data["prompt"]["num_image_tokens"]
         prompt, order = build_prompt(text, num_image_tokens=n_img, num_boxes=len(boxes_px), history=self.history)
@@ -214,7 +207,7 @@ class Conversation:
             raise PromptError(f"the prompt is {len(ids)} tokens (image and conversation included) but the build's "
                               f"context is {cap}; shorten it, start a new conversation, or re-export with a larger "
                               "--max-context")
-        return ids, region, prompt
+        return ids, region, expand_region_refs(text, len(boxes_px))[0]
 
     def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
@@ -237,7 +230,7 @@ class Conversation:
 
         # prefill: only what the cache does not hold (a follow-up turn re-uses the earlier ones)
         with tl.stage("preprocess"):
-            ids, region, _ = self._prompt(text, boxes)
+            ids, region, user_text = self._prompt(text, boxes)
             keep = 0
             while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
                 keep += 1
@@ -326,19 +319,13 @@ class Conversation:
                     dd.mask, dd.score = masks[k], float(dec["iou"][k, 0])
         with tl.stage("postprocess"):
             raw = self.pipe.tokenizer.decode(out)
-            self.history.append(Turn(self._expanded(text, boxes), raw))
+            self.history.append(Turn(user_text, raw))
             self.history_boxes += list(region) + [dd.box_norm for dd in dets]
             result = ChatResult(text=render_reply(raw), raw_text=raw, token_ids=out, prompt_ids=ids,
                                 finish_reason=finish, detections=dets)
         tl.finish()
         self._tl = NO_TIMELINE
         yield Done(result)
-
-    @staticmethod
-    def _expanded(text: str, boxes) -> str:
-        from nxc.runtime.prompt import expand_region_refs
-        n = 0 if boxes is None else len(np.asarray(boxes).reshape(-1, 4))
-        return expand_region_refs(text, n)[0]
 
     def ask(self, text: str, **kwargs) -> ChatResult:
         result = None

@@ -16,10 +16,10 @@ class BackendError(RuntimeError):
     """A backend cannot run here: the message says what is missing and what to do."""
 
 
-def get_backend(name: str, *, providers: list[str] | None = None, engine_dir=None):
+def get_backend(name: str, *, providers: list[str] | None = None, threads: int | None = None, engine_dir=None):
     if name == "onnxruntime":
         from nxc.runtime.backends.ort import OrtBackend
-        return OrtBackend(providers=providers)
+        return OrtBackend(providers=providers, threads=threads)
     if name == "tensorrt":
         from nxc.runtime.backends.trt import TrtBackend
         return TrtBackend(engine_dir=engine_dir)
