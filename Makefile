@@ -4,24 +4,43 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nxc-installed
+TRITON := $(VENV)/pytriton/pytriton/tritonserver/bin/tritonserver
 
-.PHONY: demo test install clean
+.PHONY: demo test install browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q -e ".[export,serve,triton,dev]"
+	$(PY) -m pip install -q -e ".[export,serve,dev]"
+	$(MAKE) --no-print-directory $(TRITON)
 	touch $(STAMP)
+
+# The Triton test's server: nvidia-pytriton's wheel ships a real tritonserver binary (Python backend only). Its
+# Python dependencies (numpy<2, protobuf<7) would break the export stack, so only the wheel's files are taken, into
+# their own folder, never into the environment.
+$(TRITON):
+	$(PY) -m pip install -q --no-deps --target $(VENV)/pytriton "nvidia-pytriton==0.7.0"
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m nxc.demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The headless Chromium that tests/serve/test_browser.py drives (Playwright's own download is not needed). Installed
+# with apt when missing and apt-get is there; never fails: without it that test skips and says why.
+CHROMIUM_SHELL := /usr/bin/chromium-headless-shell
+browser:
+	@if [ -x $(CHROMIUM_SHELL) ] || command -v chromium-headless-shell >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium-headless-shell (apt) for tests/serve/test_browser.py"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium-headless-shell \
+	    >/dev/null; } || echo "apt-get could not install chromium-headless-shell: tests/serve/test_browser.py will skip"; \
+	else echo "no chromium-headless-shell, and no apt-get as root: tests/serve/test_browser.py will skip"; fi
 
 clean:
 	rm -rf $(VENV) build

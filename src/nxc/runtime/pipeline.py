@@ -23,7 +23,8 @@ from nxc import names
 from nxc.manifest import Manifest, load_manifest
 from nxc.runtime import preprocess as pp
 from nxc.runtime.kv_cache import KVCache
-from nxc.runtime.prompt import PromptError, Turn, build_prompt, expand_region_refs, render_reply
+from nxc.runtime.prompt import (SLOT, PromptError, Turn, build_prompt, check_all_boxes_used, expand_region_refs,
+                               render_reply)
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer
 from nxc.sampling import SamplingParams, pick_token
@@ -326,6 +327,21 @@ class Conversation:
         tl.finish()
         self._tl = NO_TIMELINE
         yield Done(result)
+
+    def add_turn(self, user_text: str, reply_raw: str, *, boxes=None, reply_boxes=()) -> None:
+        """Record an earlier turn without running the model (a stateless server rebuilding a conversation from the
+        messages it is sent). `reply_raw` is the reply as decoded (`<at> <boxes>` literal); `reply_boxes` holds the
+        normalised box of each of its slots, in order. The next `ask` prefills the whole conversation."""
+        boxes_px = self._check_boxes(boxes)
+        expanded, order = expand_region_refs(user_text, len(boxes_px))
+        check_all_boxes_used(order, len(boxes_px))
+        reply_boxes = np.asarray(reply_boxes, np.float32).reshape(-1, 4)
+        if reply_raw.count(SLOT) != len(reply_boxes):
+            raise PromptError(f"an earlier reply has {reply_raw.count(SLOT)} grounded phrase(s) but "
+                              f"{len(reply_boxes)} box(es) came with it; send earlier replies back with their boxes")
+        region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
+        self.history.append(Turn(expanded, reply_raw))
+        self.history_boxes += list(region) + list(reply_boxes)
 
     def ask(self, text: str, **kwargs) -> ChatResult:
         result = None
