@@ -39,9 +39,11 @@ def expand_region_refs(text: str, num_boxes: int) -> tuple[str, list[int]]:
         idx = json.loads(re.sub(r",\s*\]$", "]", m.group(0)))
         bad = [i for i in idx if i >= num_boxes]
         if bad:
+            given = (f"only {num_boxes} box(es) were given (valid indices 0..{num_boxes - 1})" if num_boxes
+                     else "no boxes were given")
             raise PromptError(
-                f"the prompt refers to region {bad[0]} in {m.group(0)!r}, but only {num_boxes} box(es) were given "
-                f"(valid indices 0..{num_boxes - 1}). Pass one box per referenced index, e.g. --box x1,y1,x2,y2.")
+                f"the prompt refers to region {bad[0]} in {m.group(0)!r}, but {given}. Pass one box per referenced "
+                "index (nxc-run --box x1,y1,x2,y2; \"boxes\": [[x1, y1, x2, y2]] in an API request).")
         pieces += [text[last:m.start()], " ".join([SLOT] * len(idx))]
         order += idx
         last = m.end()
