@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml | $(PY)
 
 # The Triton test's server: nvidia-pytriton's wheel ships a real tritonserver binary (Python backend only). Its
 # Python dependencies (numpy<2, protobuf<7) would break the export stack, so only the wheel's files are taken, into
-# their own folder, never into the environment.
+# their own folder, never into the environment; its Python-backend stub is built against numpy 1.x, so that folder
+# also holds the numpy<2 the test's stub environment puts first (tests/triton/triton_local.py).
 $(TRITON):
-	$(PY) -m pip install -q --no-deps --target $(VENV)/pytriton "nvidia-pytriton==0.7.0"
+	$(PY) -m pip install -q --no-deps --target $(VENV)/pytriton "nvidia-pytriton==0.7.0" "numpy<2"
 
 install: $(STAMP)
 

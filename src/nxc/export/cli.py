@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from nxc import names
 
@@ -38,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration images to use (32)")
     ap.add_argument("--recalibrate", action="store_true", help="measure ranges again even if <out>/calib has them")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the ONNX Runtime vs torch check")
+    ap.add_argument("--triton", metavar="REPO", help="then write a Triton model repository of the build to REPO "
+                    "(nxc-triton's ngc variant: onnxruntime graph models and the nxc_chat streaming model)")
     ap.set_defaults(precision="fp32")
     return ap
 
@@ -55,16 +58,29 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nxc.calib.data import CalibrationError
     from nxc.config import ConfigError
+    if a.triton and Path(a.triton).is_dir() and any(Path(a.triton).iterdir()):
+        print(f"nxc-export: --triton {a.triton} is not empty; choose another folder (nxc-triton --force replaces "
+              "one)", file=sys.stderr)
+        return 2
     out = a.out or f"build/{a.precision}"
     opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
                          parity=not a.skip_parity, kv_mode=a.kv_mode, calib_images=a.calib_images,
                          calib_prompts=a.calib_prompts, calib_method=a.calib_method, calib_samples=a.calib_samples,
                          recalibrate=a.recalibrate)
     try:
-        export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
+        build = export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
     except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:
         print(f"nxc-export: {e}", file=sys.stderr)
         return 1
+    if a.triton:
+        from nxc.triton.repo import RepoError, write_repository
+        try:
+            repo = write_repository(build, a.triton)
+        except (RepoError, OSError) as e:
+            print(f"nxc-export: the build is written, the Triton repository is not: {e}", file=sys.stderr)
+            return 1
+        print(f"[nxc-export] wrote Triton model repository {repo} (nxc-triton prints how to serve it)",
+              file=sys.stderr)
     return 0
 
 
