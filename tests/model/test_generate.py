@@ -3,7 +3,7 @@ import torch
 
 from nxc.model import processing
 from nxc.model.generate import generate, prefill_embeds
-from nxc.runtime.prompt import build_prompt
+from nxc.prompt import build_prompt
 from nxc.sampling import SamplingParams
 
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from nxc.runtime.images import ImageError, load_image
-from nxc.runtime.prompt import PromptError
+from nxc.prompt import PromptError
 
 
 def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:

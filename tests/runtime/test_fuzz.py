@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nxc.runtime.images import ImageError, load_image
-from nxc.runtime.prompt import SLOT, PromptError, build_prompt, expand_region_refs
+from nxc.prompt import SLOT, PromptError, build_prompt, expand_region_refs
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80) | \
     st.lists(st.sampled_from(["[0]", "[1]", "[0,1]", "[ 2 , 0 ]", "[", "]", "{}", "{0}", " ", "x", "<at>", "ü",

@@ -6,7 +6,7 @@ from PIL import Image
 from nxc import names
 from nxc.model import processing
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
-from nxc.runtime.prompt import Turn
+from nxc.prompt import Turn
 from nxc.shapes.data import make_sample, make_scene
 
 PLAIN = ["What color is the background?", "How many objects are there?", "Describe the image.",

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from nxc.runtime.prompt import SLOT
+from nxc.prompt import SLOT
 from nxc.shapes import data as D
 
 

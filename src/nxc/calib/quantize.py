@@ -48,7 +48,7 @@ def collect_feeds(model, tokenizer, images, prompts, *, log=print, detections: b
 
     from nxc.model.reference import ReferenceChat
     from nxc.runtime import preprocess as pp
-    from nxc.runtime.prompt import PromptError
+    from nxc.prompt import PromptError
 
     cfg = model.config
     ref = ReferenceChat(model=model, tokenizer=tokenizer)

@@ -16,7 +16,7 @@ from nxc.model import processing
 from nxc.model.checkpoint import load_nextchat
 from nxc.model.generate import Generation, TokenIds, generate
 from nxc.model.nextchat import NextChat
-from nxc.runtime.prompt import Turn, build_prompt, render_reply
+from nxc.prompt import Turn, build_prompt, render_reply
 from nxc.sampling import SamplingParams
 
 

@@ -25,7 +25,7 @@ import sentencepiece as spm
 from nxc import names
 # Only the error class and a constant come from the runtime: the oracle's algorithm is written separately, after
 # 4.31's code, so that the parity tests compare two implementations.
-from nxc.runtime.tokenizer import SPIECE_UNDERLINE, TokenizerError
+from nxc.tokens import SPIECE_UNDERLINE, TokenizerError
 
 __all__ = ["SentencePieceOracle", "TokenizerError", "train_tiny_sentencepiece", "write_tokenizer_files"]
 

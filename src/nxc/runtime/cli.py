@@ -9,7 +9,7 @@ from pathlib import Path
 from nxc.manifest import BuildError
 from nxc.runtime.backends import BACKENDS, BackendError
 from nxc.runtime.images import ImageError, load_image
-from nxc.runtime.prompt import PromptError
+from nxc.prompt import PromptError
 
 
 def _box(text: str) -> list[float]:

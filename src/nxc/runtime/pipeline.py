@@ -23,7 +23,7 @@ from nxc import names
 from nxc.manifest import Manifest, load_manifest
 from nxc.runtime import preprocess as pp
 from nxc.runtime.kv_cache import KVCache
-from nxc.runtime.prompt import (SLOT, PromptError, Turn, build_prompt, check_all_boxes_used, expand_region_refs,
+from nxc.prompt import (SLOT, PromptError, Turn, build_prompt, check_all_boxes_used, expand_region_refs,
                                render_reply)
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer

@@ -23,12 +23,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from nxc import names
-
-SPIECE_UNDERLINE = "\u2581"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, unreadable or inconsistent; the message says what was expected and found."""
+from nxc.tokens import SPIECE_UNDERLINE, TokenizerError
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from sse_starlette.sse import EventSourceResponse
 from nxc.manifest import BuildError
 from nxc.runtime.images import ImageError
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
-from nxc.runtime.prompt import SLOT, PromptError, render_reply
+from nxc.prompt import SLOT, PromptError, render_reply
 from nxc.runtime.timing import Timeline
 from nxc.serve import protocol as proto
 from nxc.serve.metrics import Metrics

@@ -19,7 +19,7 @@ from PIL import Image
 
 from nxc.runtime.images import ImageError, load_image
 from nxc.runtime.pipeline import Detection
-from nxc.runtime.prompt import SLOT
+from nxc.prompt import SLOT
 from nxc.serve import rle
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from nxc.model import processing
-from nxc.runtime.prompt import Turn, expand_region_refs, render
+from nxc.prompt import Turn, expand_region_refs, render
 from nxc.shapes.data import COLOURS, SHAPES, Obj, Sample, make_sample, make_scene
 
 IGNORE = -100

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nxc.runtime.prompt import SLOT
+from nxc.prompt import SLOT
 
 COLOURS = {"red": (215, 35, 35), "green": (30, 150, 50), "blue": (35, 70, 215), "yellow": (235, 195, 20)}
 SHAPES = ("circle", "square", "triangle", "star")

@@ -26,7 +26,7 @@ from nxc import names
 from nxc.config import SAM_SIZES, VISION_SIZES, LlamaSizes, NextChatConfig
 from nxc.model.nextchat import NextChat
 from nxc.model.sam import nextchat_sam_decode
-from nxc.runtime.prompt import SLOT
+from nxc.prompt import SLOT
 from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation, vision_targets
 
 SHAPES_VISION = VISION_SIZES["shapes"]

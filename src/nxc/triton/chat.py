@@ -31,7 +31,7 @@ import numpy as np
 
 from nxc.runtime.images import ImageError, load_image
 from nxc.runtime.pipeline import Box, ChatResult, Detection, Done, Pipeline, Token
-from nxc.runtime.prompt import PromptError
+from nxc.prompt import PromptError
 from nxc.serve import rle
 
 CHAT_MODEL = "nxc_chat"

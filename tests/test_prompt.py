@@ -1,7 +1,7 @@
 import pytest
 
 from nxc import names
-from nxc.runtime.prompt import PromptError, Turn, build_prompt, expand_region_refs, render
+from nxc.prompt import PromptError, Turn, build_prompt, expand_region_refs, render
 
 SPAN3 = names.IM_START + names.IM_PATCH * 3 + names.IM_END
 
