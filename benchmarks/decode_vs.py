@@ -90,7 +90,7 @@ def genai_decode(path: Path, vocab: int, prompt_tokens: int, steps: int) -> floa
 def step_bytes(build: Path, prompt_tokens: int, steps: int) -> float:
     from nxc.manifest import load_manifest
     from nxc.profile.profiler import decode_step_bytes
-    return decode_step_bytes(build, load_manifest(build, verify=False).data, prompt_tokens + steps // 2)
+    return decode_step_bytes(load_manifest(build, verify=False), prompt_tokens + steps // 2)
 
 
 def end_to_end(build: Path, runs: int) -> dict:

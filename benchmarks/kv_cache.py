@@ -4,7 +4,9 @@
 
 Prints JSON: per mode, the median step time (ms) at each past length and the ratio to the shortest one.
 "inplace" (what nxc ships): the graph returns only the new K/V row and the runtime writes it into its
-preallocated buffer; "concat": the graph returns past+new, copying the cache every step.
+preallocated buffer; "concat": the graph returns past+new, copying the cache every step. No build has a concat
+graph (the runtime reads only the inplace cache): this script exports that variant by itself, beside an llm-only
+build whose manifest gives the sizes.
 """
 from __future__ import annotations
 
@@ -20,7 +22,29 @@ from pathlib import Path
 import numpy as np
 
 
-def step_times(build: Path, pasts: list[int], runs: int, mode: str) -> dict:
+def export_concat_llm(path: Path) -> Path:
+    """The embedded model's llm graph with present = concat(past, new) at `path`, checked against its torch
+    wrapper in ONNX Runtime as every export is."""
+    from nxc import names
+    from nxc.assets import embedded_checkpoint
+    from nxc.export.exporter import ExportOptions, export_graph
+    from nxc.export.llm import LlmGraph
+    from nxc.export.parity import check_graph
+    from nxc.model.checkpoint import load_nextchat
+    from nxc.specs import graph_specs
+
+    model, _ = load_nextchat(embedded_checkpoint())
+    wrapper = LlmGraph(model, kv_mode="concat").eval()
+    spec = graph_specs(model.config)[names.GRAPH_LLM]
+    export_graph(wrapper, spec, model.config, path, ExportOptions(graphs=(names.GRAPH_LLM,)))
+    parity = check_graph(wrapper, path, spec)
+    if not parity["ok"]:
+        raise RuntimeError(f"the concat llm graph does not match torch in ONNX Runtime: {parity['checks']}")
+    return path
+
+
+def step_times(build: Path, pasts: list[int], runs: int, mode: str, *, graph: Path | None = None) -> dict:
+    """`graph`: an llm graph to time instead of the build's own (the concat one); the build gives the sizes."""
     import onnxruntime as ort
 
     from nxc import names
@@ -28,17 +52,17 @@ def step_times(build: Path, pasts: list[int], runs: int, mode: str) -> dict:
     from nxc.runtime.kv_cache import KVCache
 
     m = load_manifest(build)
-    llm = m.data["config"]["llm"]
-    kv, d = llm["num_kv_heads"], llm["hidden_size"] // llm["num_heads"]
+    llm = m.config.llm
+    kv, d = llm.num_kv_heads, llm.head_dim
     spec = m.graph_spec(names.GRAPH_LLM)
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
-    sess = ort.InferenceSession(str(m.graph_path(names.GRAPH_LLM)), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(graph or m.graph_path(names.GRAPH_LLM)), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 1, llm["hidden_size"])).astype(np.float32)
+    x = rng.standard_normal((1, 1, llm.hidden_size)).astype(np.float32)
     out = {}
     for p in pasts:
-        cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=kv, head_dim=d, capacity=max(pasts) + 1)
+        cache = KVCache(num_layers=llm.num_layers, num_kv_heads=kv, head_dim=d, capacity=max(pasts) + 1)
         fill = {n: rng.standard_normal((1, p, kv, d)).astype(np.float32) for n in spec.input_names[3:]}
         cache.append({n.replace("past_key_values", "present"): v for n, v in fill.items()})
         feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, p + 1), np.int64),
@@ -79,10 +103,11 @@ def main(argv=None) -> int:
     from nxc.export.exporter import ExportOptions, export_build
     result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}, "runs": a.runs}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode in ("inplace", "concat"):
-            build = export_build(None, Path(tmp) / mode, options=ExportOptions(graphs=("llm",), kv_mode=mode))
+        build = export_build(None, Path(tmp) / "inplace", options=ExportOptions(graphs=("llm",)))
+        concat = export_concat_llm(Path(tmp) / "concat" / "llm.onnx")
+        for mode, graph in (("inplace", None), ("concat", concat)):
             print(f"timing {mode} ...", file=sys.stderr, flush=True)
-            result[mode] = step_times(build, a.pasts, a.runs, mode)
+            result[mode] = step_times(build, a.pasts, a.runs, mode, graph=graph)
     import onnxruntime
     result["onnxruntime"] = onnxruntime.__version__
     print(json.dumps(result, indent=2))

@@ -36,9 +36,9 @@ def llm_decode(pipe, prompt_tokens: int, steps: int, rng: np.random.Generator) -
     KV cache. Returns (prefill ms, decode tokens/s)."""
     from nxc import names
     from nxc.runtime.kv_cache import KVCache
-    llm = pipe.config["llm"]
-    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
-                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=prompt_tokens + steps + 1,
+    llm = pipe.config.llm
+    cache = KVCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads, head_dim=llm.head_dim,
+                    capacity=prompt_tokens + steps + 1,
                     dtype=pipe.kv_dtype)
     table = pipe.embeddings
 
@@ -61,15 +61,15 @@ def measure(build: Path, decode_steps: int, encoder_runs: int) -> dict:
     from nxc.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(build)
-    m = pipe.manifest.data
+    m = pipe.manifest
     rng = np.random.default_rng(0)
     out: dict = {"files_mb": {}}
     for g in names.GRAPHS:
-        if g in pipe.manifest.graphs:
-            files = [pipe.manifest.graphs[g]["file"], *pipe.manifest.graphs[g].get("external_data", [])]
+        if g in m.graphs:
+            files = [m.graphs[g].file, *m.graphs[g].external_data]
             out["files_mb"][g] = round(sum((build / f).stat().st_size for f in files) / 1e6, 2)
     out["files_mb"]["total"] = round(sum(p.stat().st_size for p in build.rglob("*") if p.is_file()) / 1e6, 2)
-    r, s = m["preprocess"]["clip"]["size"], m["preprocess"]["sam"]["size"]
+    r, s = m.clip.size, m.sam.size
     px = rng.standard_normal((1, 3, r, r)).astype(np.float32)
     out["vision_ms"] = median_ms(lambda: pipe.run(names.GRAPH_VISION, pixel_values=px), encoder_runs)
     sp = rng.standard_normal((1, 3, s, s)).astype(np.float32)

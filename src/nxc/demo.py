@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     build = ensure_build(Path(a.build))
     t = time.perf_counter()
     pipe = Pipeline.load(build)
-    print(f"build   : {build} ({pipe.manifest.data['precision']}, nxc.runtime on ONNX Runtime CPU, no torch)")
+    print(f"build   : {build} ({pipe.manifest.precision}, nxc.runtime on ONNX Runtime CPU, no torch)")
     print(f"image   : generated {scene.image.size[0]}x{scene.image.size[1]}, objects: "
           + ", ".join(o.phrase for o in scene.objects))
     target = scene.objects[0]

@@ -1,26 +1,44 @@
-"""The build directory's manifest: what a build holds and how to check it. Torch-free (the runtime reads it).
+"""The build directory's manifest: what a build holds, parsed once into frozen dataclasses. Torch-free (the runtime
+reads it).
 
     build/
-      manifest.json          this file's content (schema SCHEMA)
+      manifest.json          this file's content (schema SCHEMA), read by load_manifest into a Manifest
       tokenizer.json         runtime tokenizer
       embeddings.npy         token-embedding table [V,H] (the runtime gathers rows itself)
       graphs/<graph>.onnx    the five graphs (+ <graph>.onnx.data when a graph is over 2 GB)
       reports/parity.json    ONNX Runtime vs torch on fresh inputs, written by the exporter
 
-Every file but the manifest is listed under "files" with its sha256 and size; `verify` checks them all, so a
-damaged or tampered build is refused with the file's name before anything runs.
+Every file but the manifest is listed under "files" with its sha256 and size, and every file the manifest names
+(graphs, their external data, embeddings, tokenizer) must be listed there, as a plain relative path inside the
+build; `verify` checks them all, so a damaged or tampered build is refused with the file's name before anything
+runs. Every other field is read through nxc.jsonfield, which knows its key path: a malformed manifest is refused in
+one line that names the field ("manifest.json: heads[0].graph: missing; ..."), never with a KeyError.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path, PurePosixPath
+from types import MappingProxyType
 
-from nxc.specs import GraphSpec
+from nxc import names
+from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
+from nxc.jsonfield import Field, plain, shown, too_deep
+from nxc.specs import AXES, DTYPES, GraphSpec, TensorSpec
 
-SCHEMA = "nxc-build/1"
+SCHEMA = "nxc-build/2"
 MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")       # of a whole build (nxc-export --fp32 ...)
+KV_DTYPES = ("float32", "float16")
+EMBEDDING_DTYPES = ("float32", "float16")
+HEAD_SOURCES = ("hidden", "zeros")                  # what a head's graph inputs are fed from (see Head)
+MAX_CONTEXT = 1 << 20
+MAX_DEPTH = 32                                      # JSON nesting; the exporter writes 6
+MAX_BYTES = 64 << 20                                # manifest.json itself (a 7B build's is under 1 MB)
+REQUIRED_TOKENS = (*names.ADDED_TOKENS, names.BOS, names.EOS, names.UNK)
 
 
 class BuildError(ValueError):
@@ -46,25 +64,157 @@ def file_records(build: Path, exclude: tuple[str, ...] = (MANIFEST,)) -> dict[st
 
 
 @dataclass(frozen=True)
+class PromptSpec:
+    """The chat template (nxc.prompt): `num_image_tokens` image rows, between <im_start> and <im_end> when
+    `use_im_start_end`, where the user text has `image_placeholder`."""
+    template: str
+    system: str
+    roles: tuple[str, str]
+    sep: str
+    sep2: str
+    image_placeholder: str
+    num_image_tokens: int
+    use_im_start_end: bool
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """One image input: resized (`resample`) and padded (`pad`) to [3,size,size], then (x - mean) / std per channel
+    (CLIP: x in [0,1]; SAM: x in [0,255])."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str
+    pad: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A chat call's defaults (top_k 0: no top-k; temperature 0: greedy)."""
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    iou_threshold: float
+    eos: str
+
+
+@dataclass(frozen=True)
+class Head:
+    """One entry of the decode loop's dispatch table (nxc.runtime.dispatch gives `kind` its meaning):
+
+        fed token == trigger ─▶ graph(inputs) ─▶ `collect` outputs, kept per trigger (for `finish`, once a reply)
+                                              ─▶ token `emit`, its input row the `feedback` output [1,H]
+        region box (prompt) ─▶ graph(encode_input = box) ─▶ encode_output [1,H]: the input row of an `emit` slot
+
+    `inputs` maps every graph input to its source: "hidden" (the llm's hidden [1,H] of the trigger step) or
+    "zeros" (zeros of the input's shape, dynamic axes 1)."""
+    kind: str
+    trigger: str
+    emit: str
+    graph: str
+    inputs: Mapping[str, str]
+    collect: tuple[str, ...]
+    feedback: str
+    finish: str | None
+    encode_input: str | None
+    encode_output: str | None
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The in-place cache the llm graph is fed: past rows in, only the new rows out (present.{i}.*)."""
+    dtype: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class EmbeddingsSpec:
+    file: str
+    shape: tuple[int, int]     # [vocab_size, hidden_size]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    external_data: tuple[str, ...]
+    precision: str             # "fp32", "fp16", "int8", "int8-weight-only", "int4-weight-only"
+    opset: int
+    spec: GraphSpec
+    extra: Mapping             # all else the exporter recorded (tensorrt_lint, fp32_nodes, quantization), read-only
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "external_data": list(self.external_data), "precision": self.precision,
+                "opset": self.opset, **self.spec.to_dict(), **self.extra}
+
+
+@dataclass(frozen=True)
 class Manifest:
-    data: dict
     root: Path
+    schema: str
+    nxc_version: str
+    created: str
+    source: Mapping
+    precision: str
+    config: NextChatConfig
+    tokens: Mapping[str, int]
+    prompt: PromptSpec
+    clip: ImagePreprocess
+    sam: ImagePreprocess
+    generation: Generation
+    heads: tuple[Head, ...]
+    max_context: int
+    kv_cache: KVCacheSpec
+    axes: Mapping[str, tuple[int, int, int]]
+    embeddings: EmbeddingsSpec
+    tokenizer_file: str
+    graphs: Mapping[str, GraphEntry]
+    files: Mapping[str, FileEntry]
 
-    @property
-    def graphs(self) -> dict[str, dict]:
-        return self.data["graphs"]
+    @classmethod
+    def from_dict(cls, data, root: str | Path) -> "Manifest":
+        """Parse and check manifest.json's content (BuildError naming the field); no file is read."""
+        return _parse(data, Path(root))
 
-    def graph_spec(self, name: str) -> GraphSpec:
-        return GraphSpec.from_dict(name, self.graphs[name])
+    def to_dict(self) -> dict:
+        """The JSON form, as manifest.json holds it."""
+        return plain({
+            "schema": self.schema, "nxc_version": self.nxc_version, "created": self.created, "source": self.source,
+            "precision": self.precision, "config": self.config.to_dict(), "tokens": self.tokens,
+            "prompt": vars(self.prompt), "preprocess": {"clip": vars(self.clip), "sam": vars(self.sam)},
+            "generation": vars(self.generation), "heads": [vars(h) for h in self.heads],
+            "max_context": self.max_context, "kv_cache": vars(self.kv_cache), "axes": self.axes,
+            "embeddings": vars(self.embeddings), "tokenizer": {"file": self.tokenizer_file},
+            "graphs": {g: e.to_dict() for g, e in self.graphs.items()},
+            "files": {rel: vars(e) for rel, e in self.files.items()}})
 
-    def graph_path(self, name: str) -> Path:
+    def _graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:
             raise BuildError(f"{self.root}: the build has no graph {name!r} (it has {sorted(self.graphs)}); "
                              "re-export it with nxc-export")
-        return self.root / self.graphs[name]["file"]
+        return self.graphs[name]
+
+    def graph_spec(self, name: str) -> GraphSpec:
+        return self._graph(name).spec
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self._graph(name).file
 
     def path(self, rel: str) -> Path:
         return self.root / rel
+
+    def token_id(self, token: str) -> int:
+        if token not in self.tokens:
+            raise BuildError(f"{self.root / MANIFEST}: tokens: no {token!r} (it has {', '.join(self.tokens)}); "
+                             "re-export the build with this nxc-export")
+        return self.tokens[token]
 
 
 def write_manifest(build: Path, data: dict) -> Path:
@@ -84,43 +234,260 @@ def _inside(root: Path, rel: str) -> Path:
 
 
 def load_manifest(build: str | Path, *, verify: bool = True) -> Manifest:
-    """Read (and by default verify) a build directory's manifest."""
+    """Read and check a build directory's manifest; with `verify`, also every file's size and sha256."""
     root = Path(build)
     path = root / MANIFEST
     if not root.is_dir():
         raise BuildError(f"{root}: no such build directory; create one with `nxc-export --out {root}`")
     if not path.is_file():
         raise BuildError(f"{root}: not a build directory (no {MANIFEST}); create one with `nxc-export --out {root}`")
+    if path.stat().st_size > MAX_BYTES:
+        raise BuildError(f"{path}: {path.stat().st_size} bytes, more than a manifest's {MAX_BYTES}; the build is "
+                         "damaged, re-export it")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BuildError(f"{path}: not valid JSON ({e}); the build is damaged, re-export it") from None
-    schema = data.get("schema") if isinstance(data, dict) else None
-    if schema != SCHEMA:
-        raise BuildError(f"{path}: manifest schema {schema!r}, this nxc reads {SCHEMA!r}; re-export the build with "
-                         "this version of nxc-export")
-    m = Manifest(data=data, root=root)
+    except RecursionError:
+        raise BuildError(f"{path}: JSON nested deeper than a manifest's {MAX_DEPTH} levels; the build is damaged, "
+                         "re-export it") from None
+    m = _parse(data, root)
+    for rel in m.files:                      # no symlink out of the build, even unverified
+        _inside(root, rel)
     if verify:
         verify_files(m)
     return m
 
 
 def verify_files(m: Manifest) -> None:
-    """Every listed file exists, has its recorded size and sha256; every graph file is listed."""
-    files = m.data.get("files", {})
-    for rel in [g["file"] for g in m.graphs.values()] + [ext for g in m.graphs.values() for ext in g.get("external_data", [])]:
-        if rel not in files:
-            raise BuildError(f"{m.root / MANIFEST}: graph file {rel!r} is not in the manifest's file list; "
-                             "the build is damaged, re-export it")
-    for rel, rec in files.items():
+    """Every listed file exists and has its recorded size and sha256 (parsing checked that the manifest's file
+    entries are all listed)."""
+    for rel, rec in m.files.items():
         p = _inside(m.root, rel)
         if not p.is_file():
             raise BuildError(f"{m.root / rel}: missing (the manifest lists it); the build is incomplete, re-export it")
         size = p.stat().st_size
-        if size != rec["bytes"]:
-            raise BuildError(f"{m.root / rel}: {size} bytes, the manifest says {rec['bytes']}; the file is truncated "
+        if size != rec.bytes:
+            raise BuildError(f"{m.root / rel}: {size} bytes, the manifest says {rec.bytes}; the file is truncated "
                              "or replaced, re-export the build")
         digest = sha256_file(p)
-        if digest != rec["sha256"]:
+        if digest != rec.sha256:
             raise BuildError(f"{m.root / rel}: sha256 {digest[:16]}... does not match the manifest's "
-                             f"{rec['sha256'][:16]}...; the file was modified, re-export the build")
+                             f"{rec.sha256[:16]}...; the file was modified, re-export the build")
+
+
+# -- parsing ---------------------------------------------------------------------------------------------------------
+
+def _relpath(f: Field, rel: str) -> str:
+    """`rel` if it is a plain relative path inside the build ("graphs/llm.onnx"), else BuildError at `f`."""
+    p = PurePosixPath(rel)
+    if ".." in p.parts:
+        raise f.error(f"{rel!r} points outside the build directory; a build may only reference its own files")
+    if p.is_absolute() or not p.parts or p.as_posix() != rel:
+        raise f.error(f"{rel!r} is not a plain path relative to the build directory (like 'graphs/llm.onnx')")
+    return rel
+
+
+_TOP = ("schema", "nxc_version", "created", "source", "precision", "config", "tokens", "prompt", "preprocess",
+        "generation", "heads", "max_context", "kv_cache", "axes", "embeddings", "tokenizer", "graphs", "files")
+_GRAPH = ("file", "external_data", "precision", "opset", "inputs", "outputs")
+
+
+def _parse(data, root: Path) -> Manifest:
+    top = Field(data, file=root / MANIFEST, error=BuildError, fix="re-export the build with this nxc-export")
+    if not isinstance(data, dict):
+        raise top.expected("a JSON object")
+    deep = too_deep(data, MAX_DEPTH)
+    if deep is not None:
+        raise top.at(None, deep).error(f"nested deeper than {MAX_DEPTH} levels")
+    _schema(top["schema"])
+    top.object(known=_TOP)
+    config = _config(top["config"])
+    max_context = top["max_context"].integer(1, MAX_CONTEXT)
+    if max_context > config.llm.max_position_embeddings:
+        raise top["max_context"].error(f"{max_context} is more than config.llm.max_position_embeddings "
+                                       f"({config.llm.max_position_embeddings})")
+    tokens = {t: f.integer(0, config.llm.vocab_size - 1) for t, f in top["tokens"].items()}
+    for t in REQUIRED_TOKENS:
+        top["tokens"][t]                                     # "missing" if absent
+    files = {rel: _file_entry(top["files"], rel, f) for rel, f in top["files"].items()}
+    axes = _axes(top["axes"])
+    for g in top["graphs"].object():
+        if g not in names.GRAPHS:
+            raise top["graphs"].error(f"{g!r} is not a graph nxc exports ({', '.join(names.GRAPHS)})")
+    graphs = {g: _graph(f, g, axes, files) for g, f in top["graphs"].items()}
+    heads = tuple(_head(f, tokens, graphs) for f in top["heads"].elements())
+    triggers = [h.trigger for h in heads]
+    twice = next((t for t in triggers if triggers.count(t) > 1), None)
+    if twice is not None:
+        raise top["heads"].error(f"two heads have the trigger {twice!r}")
+    pre, tokenizer = top["preprocess"], top["tokenizer"]
+    pre.object(known=("clip", "sam"))
+    tokenizer.object(known=("file",))
+    return Manifest(
+        root=root, schema=SCHEMA, nxc_version=top["nxc_version"].text(), created=top["created"].text(),
+        source=MappingProxyType(top["source"].object()), precision=top["precision"].choice(PRECISIONS, "a precision"),
+        config=config, tokens=MappingProxyType(tokens), prompt=_prompt(top["prompt"], config, max_context),
+        clip=_image(pre["clip"], config.vision.image_size), sam=_image(pre["sam"], config.sam.image_size),
+        generation=_generation(top["generation"], tokens), heads=heads, max_context=max_context,
+        kv_cache=_kv_cache(top["kv_cache"], graphs.get(names.GRAPH_LLM)), axes=MappingProxyType(axes),
+        embeddings=_embeddings(top["embeddings"], config, files), tokenizer_file=_listed(tokenizer["file"], files),
+        graphs=MappingProxyType(graphs), files=MappingProxyType(files))
+
+
+def _schema(f: Field) -> None:
+    schema = f.value
+    old = re.fullmatch(r"nxc-build/(\d+)", schema) if isinstance(schema, str) else None
+    if old and int(old.group(1)) < int(SCHEMA.split("/")[1]):
+        raise BuildError(f"{f.file}: built by an older nxc (schema {schema}); re-export it with this nxc-export")
+    if schema != SCHEMA:
+        raise f.error(f"{shown(schema)} is not a schema this nxc reads ({SCHEMA})")
+
+
+def _sizes(f: Field, cls, *, signed: tuple[str, ...] = ()) -> dict:
+    """The fields of one of nxc.config's sizes dataclasses, each of its annotated type; numbers are positive
+    unless `signed`, and tuples of ints (layer indexes) are >= 0."""
+    read = {"int": lambda g: g.integer(1), "float": lambda g: g.number(positive=True), "str": Field.text,
+            "bool": Field.flag, "tuple[int, ...]": lambda g: [e.integer(0) for e in g.elements()]}
+    own = [x for x in fields(cls) if x.name != "extra"]
+    f.object(known=tuple(x.name for x in own))
+    return {x.name: f[x.name].integer(None) if x.name in signed else read.get(x.type, Field.object)(f[x.name])
+            for x in own}
+
+
+def _config(f: Field) -> NextChatConfig:
+    d = _sizes(f, NextChatConfig, signed=("mm_vision_select_layer",))
+    d.update(llm=_sizes(f["llm"], LlamaSizes), vision=_sizes(f["vision"], VisionSizes), sam=_sizes(f["sam"], SamSizes))
+    llm = d["llm"]
+    if llm["hidden_size"] % llm["num_heads"] or llm["num_heads"] % llm["num_kv_heads"]:
+        raise f["llm"].error(f"hidden_size {llm['hidden_size']}, num_heads {llm['num_heads']} and num_kv_heads "
+                             f"{llm['num_kv_heads']} do not divide (heads of equal size, KV heads shared evenly)")
+    return NextChatConfig.from_dict(d)
+
+
+def _file_entry(files: Field, rel: str, f: Field) -> FileEntry:
+    _relpath(files, rel)
+    f.object(known=("sha256", "bytes"))
+    digest = f["sha256"].text()
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise f["sha256"].error(f"{shown(digest)} is not a sha256 (64 lowercase hex digits)")
+    return FileEntry(sha256=digest, bytes=f["bytes"].integer(0))
+
+
+def _listed(f: Field, files: Mapping[str, FileEntry]) -> str:
+    """A file the manifest names: a plain relative path, listed under files (so that verify checks its hash)."""
+    rel = _relpath(f, f.text())
+    if rel not in files:
+        raise f.error(f"{rel!r} is not listed under files, so its sha256 cannot be checked")
+    return rel
+
+
+def _axes(f: Field) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for name, v in f.items():
+        if name not in AXES:
+            raise v.error(f"not an axis nxc knows ({', '.join(AXES)})")
+        lo, opt, hi = (e.integer(0) for e in v.elements(3))
+        if not lo <= opt <= hi:
+            raise v.error(f"[min, opt, max] {[lo, opt, hi]} is not ordered min <= opt <= max")
+        out[name] = (lo, opt, hi)
+    return out
+
+
+def _tensor(f: Field, axes: Mapping) -> TensorSpec:
+    f.object(known=("name", "dtype", "shape"))
+    shape = tuple(d.choice(tuple(axes), "an axis of axes") if isinstance(d.value, str) else d.integer(1)
+                  for d in f["shape"].elements())
+    return TensorSpec(name=f["name"].text(), dtype=f["dtype"].choice(DTYPES, "a tensor dtype"), shape=shape)
+
+
+def _graph(f: Field, name: str, axes: Mapping, files: Mapping[str, FileEntry]) -> GraphEntry:
+    inputs = tuple(_tensor(t, axes) for t in f["inputs"].elements())
+    outputs = tuple(_tensor(t, axes) for t in f["outputs"].elements())
+    lint = f.optional("tensorrt_lint")                      # kept in extra; nxc-build reads these three
+    if lint is not None:
+        lint["ok"].flag()
+        lint["problems"].elements()
+        lint["problem_count"].integer(0)
+    seen = [t.name for t in inputs + outputs]
+    twice = next((n for n in seen if seen.count(n) > 1), None)
+    if twice is not None:
+        raise f.error(f"tensor name {twice!r} appears twice among the inputs and outputs")
+    return GraphEntry(file=_listed(f["file"], files),
+                      external_data=tuple(_listed(e, files) for e in f["external_data"].elements()),
+                      precision=f["precision"].text(), opset=f["opset"].integer(1),
+                      spec=GraphSpec(name, inputs=inputs, outputs=outputs),
+                      extra=MappingProxyType({k: v for k, v in f.object().items() if k not in _GRAPH}))
+
+
+def _kv_cache(f: Field, llm: GraphEntry | None) -> KVCacheSpec:
+    f.object(known=("dtype", "layout"))
+    dtype = f["dtype"].choice(KV_DTYPES, "a KV cache dtype")
+    past = [t for t in llm.spec.inputs if t.name.startswith("past_key_values.")] if llm else []
+    if any(t.dtype != dtype for t in past):
+        raise f["dtype"].error(f"{dtype!r}, but the llm graph's {past[0].name} is {past[0].dtype}")
+    return KVCacheSpec(dtype=dtype, layout=f["layout"].text())
+
+
+def _prompt(f: Field, config: NextChatConfig, max_context: int) -> PromptSpec:
+    f.object(known=tuple(x.name for x in fields(PromptSpec)))
+    n = f["num_image_tokens"].integer(1, max_context - 1)
+    if n != config.num_image_tokens:
+        raise f["num_image_tokens"].error(f"{n}, but the vision graph gives {config.num_image_tokens} (config)")
+    user, assistant = (r.text() for r in f["roles"].elements(2))
+    return PromptSpec(template=f["template"].choice(("vicuna_v1.1",), "a template nxc knows"),
+                      system=f["system"].text(), roles=(user, assistant), sep=f["sep"].text(), sep2=f["sep2"].text(),
+                      image_placeholder=f["image_placeholder"].text(), num_image_tokens=n,
+                      use_im_start_end=f["use_im_start_end"].flag())
+
+
+def _image(f: Field, size: int) -> ImagePreprocess:
+    f.object(known=tuple(x.name for x in fields(ImagePreprocess)))
+    if f["size"].integer(1) != size:
+        raise f["size"].error(f"{f['size'].value}, but the config's image_size is {size}")
+    mean = tuple(v.number() for v in f["mean"].elements(3))
+    std = tuple(v.number(positive=True) for v in f["std"].elements(3))
+    return ImagePreprocess(size=size, mean=mean, std=std, resample=f["resample"].text(), pad=f["pad"].text())
+
+
+def _generation(f: Field, tokens: Mapping[str, int]) -> Generation:
+    f.object(known=tuple(x.name for x in fields(Generation)))
+    return Generation(max_new_tokens=f["max_new_tokens"].integer(1), temperature=f["temperature"].number(0),
+                      top_p=f["top_p"].number(0, 1, positive=True), top_k=f["top_k"].integer(0),
+                      iou_threshold=f["iou_threshold"].number(0, 1), eos=f["eos"].choice(tokens, "a token of tokens"))
+
+
+def _head(f: Field, tokens: Mapping[str, int], graphs: Mapping[str, GraphEntry]) -> Head:
+    f.object(known=tuple(x.name for x in fields(Head)))
+    graph = f["graph"].choice(tuple(graphs), "a graph of this build")
+    spec = graphs[graph].spec
+    ins, outs = tuple(spec.input_names), tuple(spec.output_names)
+    inputs = {}
+    for name, source in f["inputs"].items():
+        if name not in ins:
+            raise source.error(f"not an input of graph {graph} ({', '.join(ins)})")
+        inputs[name] = source.choice(HEAD_SOURCES, "a head input source")
+    for name in ins:
+        f["inputs"][name]                                    # every input is fed: "missing" if absent
+    finish, enc_in, enc_out = (f.optional(k) for k in ("finish", "encode_input", "encode_output"))
+    if (enc_in is None) != (enc_out is None):
+        raise f.error("encode_input and encode_output come together (a region box in, its input row out)")
+    if f["emit"].value == f["trigger"].value:
+        raise f["emit"].error(f"{f['emit'].value!r} is the trigger too (the head would fire on its own output)")
+    return Head(kind=f["kind"].text(), trigger=f["trigger"].choice(tokens, "a token of tokens"),
+                emit=f["emit"].choice(tokens, "a token of tokens"), graph=graph, inputs=MappingProxyType(inputs),
+                collect=tuple(c.choice(outs, f"an output of graph {graph}") for c in f["collect"].elements()),
+                feedback=f["feedback"].choice(outs, f"an output of graph {graph}"),
+                finish=None if finish is None else finish.text(),
+                encode_input=None if enc_in is None else enc_in.choice(ins, f"an input of graph {graph}"),
+                encode_output=None if enc_out is None else enc_out.choice(outs, f"an output of graph {graph}"))
+
+
+def _embeddings(f: Field, config: NextChatConfig, files: Mapping[str, FileEntry]) -> EmbeddingsSpec:
+    f.object(known=("file", "shape", "dtype"))
+    shape = tuple(d.integer(1) for d in f["shape"].elements(2))
+    want = (config.llm.vocab_size, config.llm.hidden_size)
+    if shape != want:
+        raise f["shape"].error(f"{list(shape)}, but config.llm gives [vocab_size, hidden_size] {list(want)}")
+    return EmbeddingsSpec(file=_listed(f["file"], files), shape=shape,
+                          dtype=f["dtype"].choice(EMBEDDING_DTYPES, "an embeddings dtype"))

@@ -19,14 +19,14 @@ def int8_build(tmp_path_factory):
 
 def test_int8_manifest_records_each_graphs_precision(int8_build):
     m = load_manifest(int8_build)
-    assert m.data["precision"] == "int8"
-    prec = {g: v["precision"] for g, v in m.graphs.items()}
+    assert m.precision == "int8"
+    prec = {g: v.precision for g, v in m.graphs.items()}
     assert prec == {"vision": "int8", "llm": "int8-weight-only", "loc_heads": "int8-weight-only", "sam_decoder": "fp32"}
-    assert m.graphs["vision"]["quantization"]["ranges"] == "calib/vision.json"
+    assert m.graphs["vision"].extra["quantization"]["ranges"] == "calib/vision.json"
     assert (int8_build / "calib" / "vision.json").is_file()
-    ops = m.graphs["vision"]["tensorrt_lint"]["ops"]
+    ops = m.graphs["vision"].extra["tensorrt_lint"]["ops"]
     assert ops.get("QuantizeLinear") and ops.get("DequantizeLinear")     # explicit QDQ: what TensorRT takes
-    assert "com.microsoft::MatMulNBits" in m.graphs["llm"]["tensorrt_lint"]["ops"]
+    assert "com.microsoft::MatMulNBits" in m.graphs["llm"].extra["tensorrt_lint"]["ops"]
     acc = json.loads((int8_build / "reports" / "accuracy.json").read_text())
     for g in ("vision", "llm", "loc_heads"):
         assert min(v["cosine"] for v in acc["graphs"][g].values()) > 0.98, (g, acc["graphs"][g])
@@ -50,7 +50,7 @@ def test_int4_llm_is_block_wise_4_bit(tmp_path):
     out = export_build(None, tmp_path / "int4", options=ExportOptions(precision="int4", calib_samples=2,
                                                                       graphs=("llm", "loc_heads")))
     m = load_manifest(out)
-    assert m.graphs["llm"]["precision"] == "int4-weight-only"
+    assert m.graphs["llm"].precision == "int4-weight-only"
     import onnx
     nodes = [n for n in onnx.load(str(m.graph_path("llm"))).graph.node if n.op_type == "MatMulNBits"]
     assert nodes and all({a.name: a.i for a in n.attribute}["bits"] == 4 for n in nodes)
@@ -80,10 +80,10 @@ def test_fp16_manifest_records_float32_nodes(tmp_path):
     out = export_build(None, tmp_path / "fp16", options=ExportOptions(precision="fp16", graphs=("vision", "llm")))
     m = load_manifest(out)
     for g in ("vision", "llm"):
-        rec = m.graphs[g]["fp32_nodes"]
+        rec = m.graphs[g].extra["fp32_nodes"]
         assert rec["count"] > 0 and rec["nodes"]
-    assert "LayerNormalization" in m.graphs["vision"]["fp32_nodes"]["ops"]
-    assert "Softmax" in m.graphs["llm"]["fp32_nodes"]["ops"]
+    assert "LayerNormalization" in m.graphs["vision"].extra["fp32_nodes"]["ops"]
+    assert "Softmax" in m.graphs["llm"].extra["fp32_nodes"]["ops"]
     acc = json.loads((out / "reports" / "accuracy.json").read_text())["graphs"]
     assert set(acc) == {"vision", "llm"}
     assert all(v["cosine"] > 0.99 for g in acc.values() for v in g.values()), acc

@@ -3,14 +3,14 @@ import json
 import shutil
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
 
 from nxc import names
-from nxc.config import NextChatConfig
+from nxc.decode import assemble_prefill, decode_loop
 from nxc.manifest import SCHEMA, BuildError, load_manifest
+from nxc.runtime.backends.ort import OrtBackend
 from nxc.runtime.kv_cache import CacheFullError, KVCache
 from nxc.specs import graph_specs
 
@@ -18,21 +18,25 @@ from nxc.specs import graph_specs
 def test_build_layout_and_manifest_round_trip(tiny_build, tiny_model):
     model, tok = tiny_model
     m = load_manifest(tiny_build)
-    assert m.data["schema"] == SCHEMA
+    assert m.schema == SCHEMA
+    assert m.to_dict() == json.loads((tiny_build / "manifest.json").read_text())     # typed, nothing lost
     assert set(m.graphs) == set(names.GRAPHS)
     for g, spec in graph_specs(model.config).items():
         assert m.graph_spec(g) == spec, g                      # the spec survives JSON
         assert m.graph_path(g).is_file()
-    assert m.data["tokens"][names.AT] == tok.added_token_ids[names.AT]
-    assert m.data["dispatch"]["trigger"] == names.AT
-    assert NextChatConfig.from_dict(m.data["config"]) == model.config
-    assert np.load(m.path("embeddings.npy")).shape == (model.config.llm.vocab_size, model.config.llm.hidden_size)
-    listed = set(m.data["files"])
+    assert m.token_id(names.AT) == tok.added_token_ids[names.AT]
+    assert [(h.trigger, h.emit, h.graph, h.finish) for h in m.heads] == [
+        (names.AT, names.BOXES, names.GRAPH_LOC_HEADS, "sam_masks")]
+    assert m.config == model.config
+    assert np.load(m.path(m.embeddings.file)).shape == m.embeddings.shape == (model.config.llm.vocab_size,
+                                                                              model.config.llm.hidden_size)
+    listed = set(m.files)
     on_disk = {p.relative_to(tiny_build).as_posix() for p in tiny_build.rglob("*") if p.is_file()} - {"manifest.json"}
     assert listed == on_disk
     parity = json.loads((tiny_build / "reports" / "parity.json").read_text())
     assert set(parity) == set(names.GRAPHS) and all(p["ok"] and len(p["checks"]) == 2 for p in parity.values())
-    assert all(g["tensorrt_lint"]["ok"] for g in m.graphs.values()), {g: v["tensorrt_lint"]["problems"] for g, v in m.graphs.items()}
+    assert all(g.extra["tensorrt_lint"]["ok"] for g in m.graphs.values()), \
+        {g: v.extra["tensorrt_lint"]["problems"] for g, v in m.graphs.items()}
     assert not list(tiny_build.parent.glob(".fp32.partial-*"))
 
 
@@ -57,8 +61,8 @@ def test_tampered_file_fails_sha256_check(build_copy):
     (lambda b: (b / "graphs" / "llm.onnx").write_bytes((b / "graphs" / "llm.onnx").read_bytes()[:100]),
      r"llm\.onnx: 100 bytes, the manifest says \d+; the file is truncated"),
     (lambda b: (b / "manifest.json").write_text(json.dumps({**json.loads((b / "manifest.json").read_text()),
-                                                             "schema": "nxc-build/0"})),
-     r"manifest schema 'nxc-build/0', this nxc reads 'nxc-build/1'"),
+                                                             "schema": "nxc-build/9"})),
+     r"schema: \"nxc-build/9\" is not a schema this nxc reads \(nxc-build/2\)"),
     (lambda b: (b / "manifest.json").write_text("{not json"), r"not valid JSON"),
 ])
 def test_damaged_build_is_refused_with_the_file_named(build_copy, damage, message):
@@ -77,21 +81,23 @@ def test_manifest_entry_outside_the_build_is_refused(build_copy, tmp_path):
         load_manifest(build_copy)
 
 
-def test_kv_cache_writes_in_place_and_refuses_overflow():
+def test_kv_cache_grows_in_place_and_refuses_overflow():
     c = KVCache(num_layers=1, num_kv_heads=2, head_dim=3, capacity=4)
-    rows = np.arange(2 * 2 * 3, dtype=np.float32).reshape(1, 2, 2, 3)
-    c.append({names.present_key(0): rows, names.present_value(0): -rows})
-    past = c.past()
-    assert past[names.past_key(0)].shape == (1, 2, 2, 3) and past[names.past_key(0)].flags["C_CONTIGUOUS"]
-    assert np.shares_memory(past[names.past_key(0)], c._buf[names.past_key(0)])      # a view, not a copy
-    np.testing.assert_array_equal(past[names.past_value(0)], -rows)
+    base = c.address(names.past_key(0), 0)
+    assert c.address(names.past_key(0), 2) == base + 2 * 2 * 3 * 4      # row 2 of [1, 4, 2, 3] float32
+    feeds = c.step_inputs(np.zeros((1, 2, 8), np.float32))
+    assert feeds["attention_mask"].shape == (1, 2) and feeds["position_ids"].tolist() == [[0, 1]]
+    c.advance(2)
+    assert c.arrays()[names.past_key(0)].shape == (1, 2, 2, 3)
+    assert np.shares_memory(c.arrays()[names.past_key(0)], c.arrays()[names.past_key(0)].base)
+    assert c.step_inputs(np.zeros((1, 1, 8), np.float32))["position_ids"].tolist() == [[2]]
     with pytest.raises(CacheFullError, match="2 positions are cached and 3 more do not fit in the build's context of 4"):
-        c.append({names.present_key(0): np.zeros((1, 3, 2, 3), np.float32),
-                  names.present_value(0): np.zeros((1, 3, 2, 3), np.float32)})
+        c.advance(3)
 
 
 def test_greedy_decode_stitched_from_graphs_matches_reference(tiny_build, tiny_ckpt_export):
-    """20 tokens, with two forced <at> triggers (the loop's feedback path) and a region input box."""
+    """20 tokens, with two forced <at> triggers (the loop's feedback path) and a region input box: the exported
+    graphs in ONNX Runtime, stitched by the shared prefill assembly and decode loop, give the reference's ids."""
     from nxc.model import processing
     from nxc.model.reference import ReferenceChat
 
@@ -111,47 +117,36 @@ def test_greedy_decode_stitched_from_graphs_matches_reference(tiny_build, tiny_c
     assert len(res.token_ids) == 20 and res.token_ids.count(t.at) == 2
 
     m = load_manifest(tiny_build)
-    sess = {g: ort.InferenceSession(str(m.graph_path(g)), providers=["CPUExecutionProvider"]) for g in names.GRAPHS}
-    cfg = m.data["config"]
+    backend = OrtBackend()
+    run = {g: backend.load(m.graph_path(g), m.graph_spec(g)) for g in names.GRAPHS}
     table = np.load(m.path("embeddings.npy"))
     ids = res.prompt_ids
-    emb = table[ids][None].copy()
-    pixels = processing.clip_pixels(image, m.data["preprocess"]["clip"]["size"]).numpy()
-    feats = sess["vision"].run(None, {"pixel_values": pixels})[0]
-    start = ids.index(m.data["tokens"][names.IM_START])
-    emb[0, start + 1:start + 1 + feats.shape[1]] = feats[0]
+    pixels = processing.clip_pixels(image, m.clip.size).numpy()
     norm_box = processing.normalise_boxes(np.asarray(box, np.float32), *image.size).numpy()
-    loc = sess["loc_heads"].run(["loc_embeds"], {"hidden": np.zeros((1, cfg["llm"]["hidden_size"]), np.float32),
-                                                 "boxes": norm_box})[0]
-    emb[0, [i for i, x in enumerate(ids) if x == t.boxes]] = loc
+    zero_hidden = np.zeros((1, m.config.llm.hidden_size), np.float32)
+    emb = assemble_prefill(
+        ids, table[ids], image_span=(m.token_id(names.IM_START), m.token_id(names.IM_END), m.prompt.num_image_tokens),
+        image_features=lambda: run["vision"].run({"pixel_values": pixels})["image_embeds"][0], slot=t.boxes,
+        num_slot_values=1, slot_rows=lambda ks: run["loc_heads"].run({"hidden": zero_hidden, "boxes": norm_box[ks]})["loc_embeds"])
 
-    llm = cfg["llm"]
-    cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
-                    head_dim=llm["hidden_size"] // llm["num_heads"], capacity=m.data["max_context"])
-    spec = m.graph_spec(names.GRAPH_LLM)
+    llm = m.config.llm
+    cache = KVCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads, head_dim=llm.head_dim,
+                    capacity=m.max_context)
 
-    def step(x):
-        out = dict(zip(spec.output_names, sess["llm"].run(spec.output_names, cache.feeds(x))))
-        cache.append(out)
+    def step(token, x):
+        out = run["llm"].run_cached(table[[token]][None] if x is None else x, cache)
         return out["logits"][0], out["hidden"]
 
-    logits, hidden = step(emb)
-    fed, out, boxes = ids[-1], [], []
-    while True:
-        if fed == t.at:
-            box_k, feedback = sess["loc_heads"].run(["box", "feedback"], {"hidden": hidden, "boxes": norm_box})
-            boxes.append(box_k[0])
-            nxt, x = t.boxes, feedback[None]
-        else:
-            if len(out) >= 20:
-                break
-            nxt = int(np.argmax(processor(len(out), logits)))
-            x = table[[nxt]][None]
-        out.append(nxt)
-        if len(out) >= 20 and nxt != t.at:
-            break
-        logits, hidden = step(x)
-        fed = nxt
+    boxes = []
+
+    def loc_head(hidden):
+        heads = run["loc_heads"].run({"hidden": hidden, "boxes": norm_box})
+        boxes.append(heads["box"][0])
+        return t.boxes, heads["feedback"][None], None
+
+    logits, hidden = step(None, emb[None])
+    out = [tok for tok, _ in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, heads={t.at: loc_head},
+                                         pick=lambda lg, n: int(np.argmax(processor(n, lg))), max_new=20, eos=t.eos)]
     assert out == res.token_ids
     np.testing.assert_allclose(np.array(boxes), res.generation.boxes.detach().numpy(), rtol=1e-4, atol=1e-4)
 
@@ -191,9 +186,9 @@ def test_export_cli_embedded_fp16_with_progress(tmp_path, capsys):
     for i, g in enumerate(names.GRAPHS, 1):
         assert f"[{i}/5] {g}: exporting" in err
     m = load_manifest(out)
-    assert m.data["precision"] == "fp16" and m.data["source"]["checkpoint"] == "embedded:shapes-nextchat"
-    assert m.graph_spec("llm").inputs[3].dtype == "float16"
-    assert all(g["precision"] == "fp16" for g in m.graphs.values())
+    assert m.precision == "fp16" and m.source["checkpoint"] == "embedded:shapes-nextchat"
+    assert m.graph_spec("llm").inputs[3].dtype == m.kv_cache.dtype == "float16"
+    assert all(g.precision == "fp16" for g in m.graphs.values())
 
 
 def test_graph_with_external_data_outside_the_build_is_refused(build_copy, tmp_path):

@@ -73,9 +73,9 @@ def test_multi_turn_equals_rerunning_the_conversation(embedded_pipe, embedded_re
              (f"Is there a {o.colour} {o.shape} in the image?", None)]
     calls = []
     pipe = Pipeline(manifest=embedded_pipe.manifest, tokenizer=embedded_pipe.tokenizer, backend=embedded_pipe.backend)
-    run = pipe.run
-    pipe.run = lambda graph, **feeds: (calls.append((graph, feeds.get("inputs_embeds", np.zeros((1, 0))).shape[1])),
-                                       run(graph, **feeds))[1]
+    run, llm_step = pipe.run, pipe.llm_step
+    pipe.run = lambda graph, **feeds: (calls.append((graph, 0)), run(graph, **feeds))[1]
+    pipe.llm_step = lambda embeds, cache: (calls.append((names.GRAPH_LLM, embeds.shape[1])), llm_step(embeds, cache))[1]
     conv = pipe.conversation(scene.image)
     history, history_boxes, prev = [], [], None
     for i, (text, boxes) in enumerate(turns):

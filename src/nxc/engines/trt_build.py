@@ -201,8 +201,8 @@ def _build_one(trt, builder, logger, *, onnx: Path, profile: Profile, precision:
 
 def _onnx_fingerprint(m: Manifest, graph: str) -> str:
     """sha256 over the manifest's hashes of a graph's .onnx and its external data (no file is re-read)."""
-    files, g = m.data.get("files", {}), m.graphs[graph]
-    parts = [files.get(rel, {}).get("sha256", "") for rel in [g["file"], *g.get("external_data", [])]]
+    g = m.graphs[graph]
+    parts = [m.files[rel].sha256 for rel in [g.file, *g.external_data]]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
@@ -251,20 +251,18 @@ def build_engines(build: str | Path, *, options: EngineOptions = EngineOptions()
         from nxc.runtime.backends.trt import gpu_identity
         gpu = gpu_identity()
     m = load_manifest(build)
-    build_precision = m.data.get("precision", "fp32")
+    build_precision = m.precision
     precision = engine_precision(build_precision, options.precision)
     graphs = list(options.graphs or m.graphs)
     for g in graphs:
         m.graph_path(g)                                          # BuildError naming a graph the build lacks
-        lint = m.graphs[g].get("tensorrt_lint", {})
+        lint = m.graphs[g].extra.get("tensorrt_lint", {})
         if lint and not lint.get("ok", True):                    # e.g. an int4 llm's com.microsoft::MatMulNBits
             raise BuildError(f"{m.graph_path(g)}: the export's TensorRT lint found {lint.get('problem_count')} "
                              f"problem(s), first: {lint['problems'][0]}. Build the other graphs (--graphs ...) and "
                              "run this one in ONNX Runtime, or export it at fp16")
-    if not isinstance(m.data.get("axes"), dict):
-        raise BuildError(f"{m.root / MANIFEST}: no \"axes\" (the profile ranges); re-export the build")
     try:
-        profiles = {g: profile_shapes(m.graph_spec(g), m.data["axes"]) for g in graphs}
+        profiles = {g: profile_shapes(m.graph_spec(g), m.axes) for g in graphs}
     except ValueError as e:
         raise BuildError(f"{m.root / MANIFEST}: {e}; re-export the build") from None
 
@@ -293,7 +291,7 @@ def build_engines(build: str | Path, *, options: EngineOptions = EngineOptions()
             seconds, size = time.perf_counter() - t0, plan.stat().st_size
             print(f"{seconds:.1f} s, {size / 1e6:.1f} MB", file=stream, flush=True)
             shapes = {n: dict(zip(("min", "opt", "max"), map(list, s))) for n, s in profiles[g].items()}
-            records[g] = {"file": plan.name, "sha256": sha256_file(plan), "bytes": size, "onnx": m.graphs[g]["file"],
+            records[g] = {"file": plan.name, "sha256": sha256_file(plan), "bytes": size, "onnx": m.graphs[g].file,
                           "onnx_sha256": _onnx_fingerprint(m, g), "profile": shapes, "build_seconds": round(seconds, 1)}
         info = {"schema": ENGINE_SCHEMA, "tensorrt": trt.__version__, "gpu": gpu["name"],
                 "compute_capability": gpu["compute_capability"], "precision": precision,

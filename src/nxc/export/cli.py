@@ -30,8 +30,6 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what TensorRT >= 8.6 parses)")
     ap.add_argument("--graphs", nargs="+", choices=names.GRAPHS, default=list(names.GRAPHS), metavar="GRAPH",
                     help=f"graphs to export (default: all of {', '.join(names.GRAPHS)})")
-    ap.add_argument("--kv-mode", choices=("inplace", "concat"), default="inplace",
-                    help="KV cache of the llm graph (default inplace; concat exists for benchmarks/kv_cache.py)")
     ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4 (default for the "
                     "embedded model: generated shapes scenes; required for a real checkpoint)")
     ap.add_argument("--calib-prompts", metavar="FILE", help="calibration prompts, one per line")
@@ -64,9 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = a.out or f"build/{a.precision}"
     opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
-                         parity=not a.skip_parity, kv_mode=a.kv_mode, calib_images=a.calib_images,
-                         calib_prompts=a.calib_prompts, calib_method=a.calib_method, calib_samples=a.calib_samples,
-                         recalibrate=a.recalibrate)
+                         parity=not a.skip_parity, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
+                         calib_method=a.calib_method, calib_samples=a.calib_samples, recalibrate=a.recalibrate)
     try:
         build = export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
     except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:

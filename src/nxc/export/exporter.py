@@ -37,7 +37,6 @@ class ExportOptions:
     opset: int = 17
     graphs: tuple[str, ...] = names.GRAPHS
     parity: bool = True
-    kv_mode: str = "inplace"
     # int8 / int4 (nxc.calib): calibration of vision, sam_encoder and loc_heads
     calib_images: str | None = None    # folder; None: generated shapes scenes (embedded model only)
     calib_prompts: str | None = None   # file, one prompt per line
@@ -60,7 +59,7 @@ def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
     from nxc.export.wrappers import LocHeadsGraph, SamDecoderGraph, SamEncoderGraph, VisionGraph
     make = {names.GRAPH_VISION: VisionGraph, names.GRAPH_LOC_HEADS: LocHeadsGraph,
             names.GRAPH_SAM_ENCODER: SamEncoderGraph, names.GRAPH_SAM_DECODER: SamDecoderGraph,
-            names.GRAPH_LLM: lambda m: LlmGraph(m, kv_mode=opts.kv_mode)}
+            names.GRAPH_LLM: LlmGraph}
     wrapper = make[graph](model).eval()
     if opts.precision == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
         from nxc.export.fp16 import Float32IO
@@ -137,6 +136,13 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
     added = tokenizer.added_token_ids
     tokens = {**{t: added[t] for t in names.ADDED_TOKENS},
               names.BOS: tokenizer.bos_id, names.EOS: tokenizer.eos_id, names.UNK: tokenizer.token_to_id(names.UNK)}
+    heads = []                                  # the decode loop's dispatch table (nxc.manifest.Head)
+    if names.GRAPH_LOC_HEADS in opts.graphs:
+        sam = {names.GRAPH_SAM_ENCODER, names.GRAPH_SAM_DECODER} <= set(opts.graphs)
+        heads.append({"kind": "box", "trigger": names.AT, "emit": names.BOXES, "graph": names.GRAPH_LOC_HEADS,
+                      "inputs": {"hidden": "hidden", "boxes": "zeros"}, "collect": ["box", "seg_prompt"],
+                      "feedback": "feedback", "finish": "sam_masks" if sam else None,
+                      "encode_input": "boxes", "encode_output": "loc_embeds"})
     return {
         "nxc_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -149,16 +155,15 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
                    "num_image_tokens": cfg.num_image_tokens, "use_im_start_end": cfg.mm_use_im_start_end},
         "preprocess": {
             "clip": {"size": cfg.vision.image_size, "mean": list(processing.CLIP_MEAN), "std": list(processing.CLIP_STD),
-                     "pad": "white square, centred", "resample": "bicubic"},
+                     "resample": "bicubic", "pad": "white square, centred"},
             "sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
-                    "resize": "longest side, bilinear", "pad": "zeros, centred"}},
+                    "resample": "bilinear", "pad": "longest side to size, zeros, centred"}},
         "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
                        "eos": names.EOS},
-        "dispatch": {"trigger": names.AT, "slot": names.BOXES, "on_trigger": ["box", "seg_prompt"],
-                     "feedback": "feedback", "graph": names.GRAPH_LOC_HEADS},
+        "heads": heads,
         "max_context": max_context,
-        "kv_cache": {"mode": opts.kv_mode, "dtype": "float16" if opts.precision == "fp16" else "float32", "layout": "[batch, position, kv_heads, head_dim]",
-                     "present": "new rows only" if opts.kv_mode == "inplace" else "past + new rows"},
+        "kv_cache": {"dtype": "float16" if opts.precision == "fp16" else "float32",
+                     "layout": "[batch, position, kv_heads, head_dim]"},
         "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64)),
         "embeddings": {"file": "embeddings.npy", "shape": [cfg.llm.vocab_size, cfg.llm.hidden_size],
                        "dtype": "float32"},
@@ -189,7 +194,7 @@ def _fp32_reference_graphs(model, out: Path, options: ExportOptions) -> Path:
     over EXTERNAL_DATA_BYTES is left out (a second full-size copy of a 7B LLaMA is not worth a report line)."""
     import tempfile
     scratch = Path(tempfile.mkdtemp(prefix=".fp32ref-", dir=Path(out).parent))
-    fp32 = ExportOptions(precision="fp32", opset=options.opset, kv_mode=options.kv_mode)
+    fp32 = ExportOptions(precision="fp32", opset=options.opset)
     specs = graph_specs(model.config)
     llm_bytes = sum(p.numel() * 4 for p in model.llm.parameters())
     for g in options.graphs:
@@ -235,7 +240,7 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
     from nxc.export.parity import check_graph
     from nxc.export.tokenizer_json import write_tokenizer_json
     from nxc.export.trt_lint import lint
-    from nxc.manifest import write_manifest
+    from nxc.manifest import BuildError, load_manifest, write_manifest
 
     _check_options(options)
     out = Path(out)
@@ -286,7 +291,7 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
             report = _accuracy_vs_fp32(fp32_reference, tmp, graphs, specs, cfg)
             (tmp / "reports" / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
         if options.precision in ("int8", "int4"):
-            from nxc.calib.build import quantize_build
+            from nxc.export.quantized import quantize_build
             accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
             (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
         write_tokenizer_json(tokenizer_dir, tmp / "tokenizer.json")
@@ -295,6 +300,10 @@ def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, opti
         body = manifest_body(model, tokenizer, options, max_context, source or {})
         body["graphs"] = graphs
         write_manifest(tmp, body)
+        try:
+            load_manifest(tmp, verify=False)            # a build whose manifest would not load is never published
+        except BuildError as e:
+            raise ExportError(f"the manifest written does not load (a bug in nxc-export): {e}") from None
         _publish(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -5,7 +5,7 @@
                                           │
                                           ▼
       ┌──────────────▶ llm_step(embeds, cache) ──▶ logits, hidden h
-      │                                                │
+      │                                                │       (the loop: nxc.decode.decode_loop)
       │        fed token was <at>? ──yes──▶ box = loc_decoder(h); emit <boxes>; next = loc_encoder(box)
       │                 │ no
       │                 ▼
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
+from nxc.decode import assemble_prefill, decode_loop
 from nxc.model.nextchat import NextChat
 from nxc.sampling import SamplingParams, pick_token
 
@@ -55,24 +56,21 @@ class Generation:
 def prefill_embeds(model: NextChat, ids: list[int], tok: TokenIds, image_features: torch.Tensor | None,
                    region_boxes: torch.Tensor | None) -> torch.Tensor:
     """[1,T,H]: token embeddings, image rows after each `<im_start>`, loc_encoder rows at `<boxes>` (§5.1)."""
-    ids_t = torch.tensor([ids], dtype=torch.long)
-    emb = model.embed_tokens(ids_t).clone()
-    starts = [i for i, t in enumerate(ids) if t == tok.im_start]
-    if starts:
+    def features() -> np.ndarray:
         if image_features is None:
             raise ValueError("the prompt has an image span but no image features were given")
-        n = image_features.shape[1]
-        for p in starts:
-            if p + n + 1 >= len(ids) or ids[p + n + 1] != tok.im_end:
-                raise ValueError(f"image span at {p} is not {n} <im_patch> tokens followed by <im_end>")
-            emb[0, p + 1:p + 1 + n] = image_features[0]
-    slots = [i for i, t in enumerate(ids) if t == tok.boxes]
-    if slots:
-        if region_boxes is None or region_boxes.shape[0] < len(slots):
-            have = 0 if region_boxes is None else region_boxes.shape[0]
-            raise ValueError(f"the prompt has {len(slots)} <boxes> slots but {have} boxes were given")
-        emb[0, slots] = model.loc_encoder(region_boxes[:len(slots)].float())
-    return emb
+        return image_features[0].numpy()
+
+    n_slots = ids.count(tok.boxes)
+    have = 0 if region_boxes is None else region_boxes.shape[0]
+    if have < n_slots:
+        raise ValueError(f"the prompt has {n_slots} <boxes> slots but {have} boxes were given")
+    rows = model.embed_tokens(torch.tensor([ids], dtype=torch.long))[0].numpy()
+    n_img = model.config.num_image_tokens if image_features is None else image_features.shape[1]
+    emb = assemble_prefill(ids, rows, image_span=(tok.im_start, tok.im_end, n_img), image_features=features,
+                           slot=tok.boxes, num_slot_values=n_slots,
+                           slot_rows=lambda ks: model.loc_encoder(region_boxes[ks].float()).numpy())
+    return torch.from_numpy(emb)[None]
 
 
 @torch.no_grad()
@@ -81,7 +79,8 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
              max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              keep_logits: bool = False,
              logits_processor: Callable[[int, np.ndarray], np.ndarray] | None = None) -> Generation:
-    """Greedy or seeded sampling with trigger feedback. `sam_pixels` is called only if a trigger fired.
+    """Greedy or seeded sampling with trigger feedback (the loop is nxc.decode's, shared with the runtime).
+    `sam_pixels` is called only if a trigger fired.
 
     `logits_processor(step, logits[V]) -> logits[V]` may reshape the scores before the choice (as HF's
     logits processors do); `step` counts generated tokens.
@@ -89,34 +88,27 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
     rng = sampling.rng()
     cache = DynamicCache()
     logits, hidden = model.llm_step(prefill_embeds(model, ids, tok, image_features, region_boxes), cache)
-    fed = ids[-1]
-    out: list[int] = []
     hiddens, feedbacks, step_logits = [], [], []
-    finish = "length"
-    while True:
-        if fed == tok.at:
-            _, feedback = model.loc_feedback(hidden)
-            hiddens.append(hidden[0])
-            feedbacks.append(feedback[0])
-            nxt, emb = tok.boxes, feedback[:, None]
-        else:
-            if len(out) >= max_new_tokens:
-                break
-            lg = logits[0].float().numpy()
-            if keep_logits:
-                step_logits.append(lg)
-            if logits_processor is not None:
-                lg = logits_processor(len(out), lg)
-            nxt = pick_token(lg, sampling, rng)
-            emb = model.embed_tokens(torch.tensor([[nxt]]))
-        out.append(nxt)
-        if nxt == tok.eos:
-            finish = "stop"
-            break
-        if len(out) >= max_new_tokens and nxt != tok.at:
-            break   # at the limit: no step for a token nobody reads (an <at> still needs its hidden)
-        logits, hidden = model.llm_step(emb, cache)
-        fed = nxt
+
+    def pick(logits, n):
+        lg = logits[0].float().numpy()
+        if keep_logits:
+            step_logits.append(lg)
+        if logits_processor is not None:
+            lg = logits_processor(n, lg)
+        return pick_token(lg, sampling, rng)
+
+    def step(token, x):
+        return model.llm_step(model.embed_tokens(torch.tensor([[token]])) if x is None else x, cache)
+
+    def loc_head(hidden):
+        _, feedback = model.loc_feedback(hidden)
+        hiddens.append(hidden[0])
+        feedbacks.append(feedback[0])
+        return tok.boxes, feedback[:, None], None
+
+    out = [t for t, _ in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, pick=pick,
+                                     heads={tok.at: loc_head}, max_new=max_new_tokens, eos=tok.eos)]
     h = model.config.llm.hidden_size
     trig = torch.stack(hiddens) if hiddens else torch.zeros(0, h)
     boxes = model.loc_decoder(trig) if hiddens else torch.zeros(0, 4)
@@ -124,7 +116,7 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
     if hiddens and sam_pixels is not None:
         image_embedding = model.sam_image_embedding(sam_pixels())
         low_res, iou, masks = model.sam_masks(image_embedding, boxes, trig)
-    return Generation(token_ids=out, finish_reason=finish, trigger_hidden=trig, boxes=boxes,
-                      low_res_logits=low_res, mask_logits=masks, iou=iou,
+    return Generation(token_ids=out, finish_reason="stop" if out and out[-1] == tok.eos else "length",
+                      trigger_hidden=trig, boxes=boxes, low_res_logits=low_res, mask_logits=masks, iou=iou,
                       feedback_embeds=torch.stack(feedbacks) if feedbacks else torch.zeros(0, h),
                       step_logits=step_logits if keep_logits else None)

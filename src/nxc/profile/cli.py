@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(file=sys.stderr)
         if a.vs_torch:
             from nxc.manifest import load_manifest
-            report["torch"] = torch_reference_ms(load_manifest(a.builds[0]).data, image, a.prompt, runs=a.runs,
+            report["torch"] = torch_reference_ms(load_manifest(a.builds[0]), image, a.prompt, runs=a.runs,
                                                  max_new_tokens=a.max_new_tokens)
     except (BuildError, BackendError, ImageError, FileNotFoundError, ValueError) as e:
         print(f"nxc-profile: {e}", file=sys.stderr)

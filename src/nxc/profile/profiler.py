@@ -16,6 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nxc import names
+from nxc.config import NextChatConfig
+from nxc.manifest import Manifest
 from nxc.runtime.timing import STAGES, Timeline
 
 
@@ -46,30 +49,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def vision_flops(config: dict) -> float:
+def vision_flops(config: NextChatConfig) -> float:
     """Multiply-adds x 2 of the vision graph for one image: CLIP layers up to the selected one, plus projector."""
-    v, h_llm = config["vision"], config["llm"]["hidden_size"]
-    n = (v["image_size"] // v["patch_size"]) ** 2 + 1
-    d, f = v["hidden_size"], v["intermediate_size"]
-    sel = config.get("mm_vision_select_layer", -2)
-    layers = sel if sel >= 0 else v["num_layers"] + 1 + sel
+    v, h_llm = config.vision, config.llm.hidden_size
+    n = v.num_patches + 1
+    d, f = v.hidden_size, v.intermediate_size
+    sel = config.mm_vision_select_layer
+    layers = sel if sel >= 0 else v.num_layers + 1 + sel
     per_layer = 2 * n * (4 * d * d + 2 * d * f) + 4 * n * n * d
-    patch = 2 * (n - 1) * 3 * v["patch_size"] ** 2 * d
-    proj = 2 * (n - 1) * (d * h_llm + h_llm * h_llm * (config.get("mm_depth", 2) - 1))
+    patch = 2 * (n - 1) * 3 * v.patch_size ** 2 * d
+    proj = 2 * (n - 1) * (d * h_llm + h_llm * h_llm * (config.mm_depth - 1))
     return layers * per_layer + patch + proj
 
 
-def llm_weight_bytes(build: Path, manifest: dict) -> int:
-    g = manifest["graphs"]["llm"]
-    return sum((build / f).stat().st_size for f in [g["file"], *g.get("external_data", [])])
+def llm_weight_bytes(manifest: Manifest) -> int:
+    g = manifest.graphs[names.GRAPH_LLM]
+    return sum(manifest.files[f].bytes for f in [g.file, *g.external_data])
 
 
-def decode_step_bytes(build: Path, manifest: dict, cache_length: float) -> float:
+def decode_step_bytes(manifest: Manifest, cache_length: float) -> float:
     """Bytes one decode step must read: the llm graph's weights plus the KV cache at `cache_length` positions."""
-    llm = manifest["config"]["llm"]
-    kv_row = 2 * llm["num_layers"] * llm["num_kv_heads"] * (llm["hidden_size"] // llm["num_heads"]) * \
-        np.dtype(manifest.get("kv_cache", {}).get("dtype", "float32")).itemsize
-    return llm_weight_bytes(build, manifest) + kv_row * cache_length
+    llm = manifest.config.llm
+    kv_row = 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * np.dtype(manifest.kv_cache.dtype).itemsize
+    return llm_weight_bytes(manifest) + kv_row * cache_length
 
 
 @dataclass
@@ -80,7 +82,7 @@ class BuildProfile:
     reply: str = ""
 
     def summary(self, pipe, bandwidth_gbs: float, gflops: float) -> dict:
-        m = pipe.manifest.data
+        m = pipe.manifest
         e2e = np.array([r["e2e"] for r in self.runs])
         stages = {}
         for s in STAGES:
@@ -91,12 +93,12 @@ class BuildProfile:
         decode_s = np.median([r["stages"].get("decode", 0.0) for r in self.runs])
         per_token = decode_s / max(1, tokens)
         stages["decode_per_token"] = {"median_ms": 1000 * float(per_token)}
-        step_bytes = decode_step_bytes(pipe.manifest.root, m, self.runs[-1]["prompt_tokens"] + tokens / 2)
+        step_bytes = decode_step_bytes(m, self.runs[-1]["prompt_tokens"] + tokens / 2)
         achieved = step_bytes / per_token / 1e9 if per_token else 0.0
         vis_s = np.median([r["stages"].get("vision", 0.0) for r in self.runs])
-        vis_gflops = vision_flops(m["config"]) / vis_s / 1e9 if vis_s else 0.0
+        vis_gflops = vision_flops(m.config) / vis_s / 1e9 if vis_s else 0.0
         return {
-            "build": str(self.build), "precision": m["precision"], "runs": len(self.runs),
+            "build": str(self.build), "precision": m.precision, "runs": len(self.runs),
             "stages": stages,
             "end_to_end_ms": {"median": 1000 * float(np.median(e2e)), "p90": 1000 * float(np.percentile(e2e, 90))},
             "stage_sum_ms": 1000 * float(np.median([sum(r["stages"].values()) for r in self.runs])),
@@ -106,7 +108,7 @@ class BuildProfile:
             "roofline": {
                 "bandwidth_gbs": bandwidth_gbs, "decode_step_bytes": int(step_bytes),
                 "decode_achieved_gbs": achieved, "decode_pct_of_roofline": 100 * achieved / bandwidth_gbs,
-                "matmul_gflops": gflops, "vision_gflop": vision_flops(m["config"]) / 1e9,
+                "matmul_gflops": gflops, "vision_gflop": vision_flops(m.config) / 1e9,
                 "vision_achieved_gflops": vis_gflops, "vision_pct_of_matmul": 100 * vis_gflops / gflops},
         }
 
@@ -160,11 +162,11 @@ def chrome_trace(timelines: dict[str, Timeline]) -> dict:
     return {"traceEvents": events, "displayTimeUnit": "ms"}
 
 
-def torch_reference_ms(manifest: dict, image, prompt: str, *, runs: int, max_new_tokens: int) -> dict:
+def torch_reference_ms(manifest: Manifest, image, prompt: str, *, runs: int, max_new_tokens: int) -> dict:
     """Median end-to-end of the PyTorch reference on the build's source checkpoint (export environment only)."""
     from nxc.assets import embedded_checkpoint
     from nxc.model.reference import ReferenceChat
-    src = manifest.get("source", {}).get("checkpoint", "")
+    src = str(manifest.source.get("checkpoint", ""))
     ckpt = embedded_checkpoint() if src.startswith("embedded:") else Path(src)
     if not (Path(ckpt) / "config.json").is_file():
         raise FileNotFoundError(f"--vs-torch needs the build's source checkpoint, {src!r}, which is not here")

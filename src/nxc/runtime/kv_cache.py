@@ -1,16 +1,19 @@
-"""The runtime's KV cache for the `llm` graph: preallocated, written in place, never copied. numpy only.
+"""The runtime's KV cache for the `llm` graph: preallocated in the backend's memory and bound by pointer.
 
-    capacity C, length P                     one buffer per past_key_values.{i}.key / .value
+    capacity C, length P                    one buffer per past_key_values.{i}.key / .value, [1, C, kv, D]
     ┌──────────────── [1, C, kv, D] ────────────────┐
-    │ rows 0..P-1: fed as past (a contiguous view)   │ rows P..P+T-1: written from present.{i}.* (T new rows)
+    │ rows 0..P-1: bound as the past input          │ rows P..P+T-1: bound as the present output (T new rows)
     └────────────────────────────────────────────────┘
 
-The graph returns only the new rows (nxc.export.llm explains the choice), so a decode step costs O(1) cache
-writes here and no copy of the past.
+The graph returns only the new rows (nxc.export.llm), and the backend binds both the past input and the present
+output to addresses inside these buffers, so the graph writes the new rows in place and a decode step copies
+nothing: not the past, not the new rows, and for a GPU backend nothing of the cache crosses the bus. The buffers
+are the backend's (`Memory`): numpy arrays on CPU, device allocations for CUDA / TensorRT.
+
+Per decode step the host sends the one new embedding row [1,1,H], the attention mask row count and the position,
+and receives logits [1,V] and the hidden [1,H]; the cache stays where it is.
 """
 from __future__ import annotations
-
-from collections.abc import Mapping
 
 import numpy as np
 
@@ -21,28 +24,61 @@ class CacheFullError(RuntimeError):
     """The conversation is longer than the build's context."""
 
 
-class KVCache:
-    """Preallocated cache for batch 1. State: `length` rows are valid; `capacity` is fixed at creation."""
+class HostMemory:
+    """Cache buffers in host memory (numpy): the CPU backends'."""
+    device = "cpu"
 
-    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
+    def allocate(self, shape: tuple[int, ...], dtype) -> tuple[object, int]:
+        """-> (the owner object to keep alive, its base address)."""
+        buf = np.zeros(shape, dtype)
+        return buf, buf.ctypes.data
+
+
+class KVCache:
+    """Batch 1. `length` rows are valid in every buffer; `capacity` is fixed at creation."""
+
+    def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
+                 memory=None):
         if capacity < 1:
             raise ValueError(f"capacity must be positive, got {capacity}")
+        self.memory = memory or HostMemory()
         self.capacity, self.length, self.num_layers = capacity, 0, num_layers
-        shape = (1, capacity, num_kv_heads, head_dim)
-        self._buf = {n: np.zeros(shape, dtype) for i in range(num_layers)
-                     for n in (names.past_key(i), names.past_value(i))}
+        self.dtype = np.dtype(dtype)
+        self.row_shape = (num_kv_heads, head_dim)
+        self.row_bytes = num_kv_heads * head_dim * self.dtype.itemsize
+        self.pairs = [(p, r) for i in range(num_layers)
+                      for p, r in ((names.past_key(i), names.present_key(i)),
+                                   (names.past_value(i), names.present_value(i)))]
+        self._owners, self._base = {}, {}
+        for past, _ in self.pairs:
+            self._owners[past], self._base[past] = self.memory.allocate((1, capacity, *self.row_shape), self.dtype)
+        # attention mask and positions of every row, host side: a step feeds views of them
+        self._ones = np.ones((1, capacity), np.int64)
+        self._positions = np.arange(capacity, dtype=np.int64)[None]
 
-    def past(self) -> dict[str, np.ndarray]:
-        """Feeds for the next llm call: views [1, length, kv, D] of the buffers (no copy)."""
-        return {n: b[:, :self.length] for n, b in self._buf.items()}
+    @property
+    def device(self) -> str:
+        return self.memory.device
 
-    def feeds(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
-        """All `llm` inputs for feeding [1,T,H] `embeds` after the cached positions (batch 1, no padding)."""
+    def address(self, past_name: str, row: int) -> int:
+        """Address of `row` in the buffer of `past_name` (the present output of T rows is bound at row P)."""
+        return self._base[past_name] + row * self.row_bytes
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (1, rows, *self.row_shape)
+
+    def step_inputs(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
+        """The llm's non-cache inputs for feeding [1,T,H] `embeds` after the cached rows (views, no copies)."""
         p, t = self.length, embeds.shape[1]
         self.check_room(t)
-        return {"inputs_embeds": np.ascontiguousarray(embeds, np.float32),
-                "attention_mask": np.ones((1, p + t), np.int64),
-                "position_ids": np.arange(p, p + t, dtype=np.int64)[None], **self.past()}
+        return {"inputs_embeds": embeds, "attention_mask": self._ones[:, :p + t],
+                "position_ids": self._positions[:, p:p + t]}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Host caches only: the valid rows of each buffer, [1, length, kv, D] views (tests, inspection)."""
+        if self.device != "cpu":
+            raise TypeError(f"the cache lives in {self.device} memory; it has no numpy view")
+        return {n: b[:, :self.length] for n, b in self._owners.items()}
 
     def room(self) -> int:
         return self.capacity - self.length
@@ -53,14 +89,10 @@ class KVCache:
                                  f"context of {self.capacity}; shorten the conversation or re-export with a larger "
                                  "--max-context")
 
-    def append(self, outputs: Mapping[str, np.ndarray]) -> None:
-        """Write the present.{i}.* rows an llm call returned at [length, length+T) and advance."""
-        t = outputs[names.present_key(0)].shape[1]
-        self.check_room(t)
-        for i in range(self.num_layers):
-            for src, dst in ((names.present_key(i), names.past_key(i)), (names.present_value(i), names.past_value(i))):
-                self._buf[dst][:, self.length:self.length + t] = outputs[src]
-        self.length += t
+    def advance(self, rows: int) -> None:
+        """The graph has written `rows` new rows at [length, length + rows)."""
+        self.check_room(rows)
+        self.length += rows
 
     def truncate(self, length: int) -> None:
         """Forget everything after `length` positions (e.g. to re-run a turn)."""

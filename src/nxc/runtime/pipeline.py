@@ -6,6 +6,9 @@
     conv.ask("Where is the red circle?"); conv.ask("And the blue square?")   # no re-encoding, no re-prefill
     for ev in pipe.stream(image, "Describe the image with locations."): ...  # Token / Box events, then Done
 
+A turn is prefill (what the cache does not hold yet) -> the decode loop (nxc.decode, heads from the manifest via
+nxc.runtime.dispatch) -> finish (each head's once-per-reply stage, e.g. SAM masks).
+
 Threading: a Pipeline (its sessions) may be shared by threads; a Conversation belongs to one thread at a time.
 """
 from __future__ import annotations
@@ -20,23 +23,18 @@ import numpy as np
 from PIL import Image
 
 from nxc import names
+from nxc.decode import assemble_prefill, decode_loop
 from nxc.manifest import Manifest, load_manifest
-from nxc.runtime import preprocess as pp
-from nxc.runtime.kv_cache import KVCache
 from nxc.prompt import (SLOT, PromptError, Turn, build_prompt, check_all_boxes_used, expand_region_refs,
-                               render_reply)
+                        render_reply)
+from nxc.runtime import preprocess as pp
+from nxc.runtime.dispatch import Box, Detection, Dispatch
+from nxc.runtime.kv_cache import KVCache
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer
 from nxc.sampling import SamplingParams, pick_token
 
-
-@dataclass
-class Detection:
-    box: np.ndarray            # [4] xyxy pixels on the original image (not clamped, as the reference)
-    box_norm: np.ndarray       # [4] normalised xyxy in the padded square (what loc_decoder gave)
-    phrase: str                # the reply text this detection follows, e.g. "a blue circle"
-    mask: np.ndarray | None = None    # [H,W] bool (all False when the mask score is under the threshold)
-    score: float | None = None        # SAM's IoU prediction for the mask
+__all__ = ["Box", "ChatResult", "Conversation", "Detection", "Done", "Pipeline", "Token"]
 
 
 @dataclass
@@ -46,19 +44,13 @@ class ChatResult:
     token_ids: list[int]       # generated ids (`<boxes>` after every `<at>`)
     prompt_ids: list[int]      # the whole conversation's ids for this turn
     finish_reason: str         # "stop" (</s>) or "length" (max_new_tokens or the build's context)
-    detections: list[Detection] = field(default_factory=list)
+    detections: list = field(default_factory=list)     # what the heads found, in order (Detection for boxes)
 
 
 @dataclass
 class Token:
     id: int
     text: str                  # decoded text this token adds
-
-
-@dataclass
-class Box:
-    index: int
-    detection: Detection       # box known now; mask and score come with Done
 
 
 @dataclass
@@ -71,20 +63,20 @@ class Pipeline:
 
     def __init__(self, *, manifest: Manifest, tokenizer: Tokenizer, backend):
         self.manifest, self.tokenizer, self.backend = manifest, tokenizer, backend
-        m = manifest.data
-        self.config = m["config"]
-        self.tokens = m["tokens"]
-        self.embeddings = np.load(manifest.path(m["embeddings"]["file"]), mmap_mode="r")
-        self.kv_dtype = np.dtype(m.get("kv_cache", {}).get("dtype", "float32"))
+        self.config = manifest.config
+        self.tokens = manifest.tokens
+        self.embeddings = np.load(manifest.path(manifest.embeddings.file), mmap_mode="r")
+        self.kv_dtype = np.dtype(manifest.kv_cache.dtype)
         self._runners: dict = {}
         self._lock = threading.Lock()
+        self.dispatch = Dispatch(self)
 
     @classmethod
     def load(cls, build_dir: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
              *, threads: int | None = None, verify: bool = True) -> "Pipeline":
         from nxc.runtime.backends import get_backend
         manifest = load_manifest(build_dir, verify=verify)
-        tokenizer = Tokenizer.from_file(manifest.path(manifest.data["tokenizer"]["file"]))
+        tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer_file))
         return cls(manifest=manifest, tokenizer=tokenizer,
                    backend=get_backend(backend, providers=providers, threads=threads))
 
@@ -97,6 +89,18 @@ class Pipeline:
     def run(self, graph: str, **feeds) -> dict[str, np.ndarray]:
         return self.runner(graph).run(feeds)
 
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """A KV cache in the backend's memory (host for CPU, device for CUDA / TensorRT)."""
+        llm = self.config.llm
+        return KVCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
+                       head_dim=llm.hidden_size // llm.num_heads, capacity=capacity or self.manifest.max_context,
+                       dtype=self.kv_dtype, memory=self.backend.kv_memory)
+
+    def llm_step(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+        """Feed [1,T,H] embeddings after the cache (written in place); -> last logits [V], hidden [1,H]."""
+        out = self.runner(names.GRAPH_LLM).run_cached(embeds, cache)
+        return out["logits"][0], out["hidden"]
+
     # -- the public calls ------------------------------------------------------------------------------
     def conversation(self, image: Image.Image) -> "Conversation":
         return Conversation(self, image)
@@ -108,15 +112,13 @@ class Pipeline:
         return self.conversation(image).stream(text, boxes=boxes, **kwargs)
 
 
-def _phrase(text_before: str) -> str:
-    """The words a detection follows: the reply text since the previous slot, last clause, without 'and'."""
-    text_before = text_before.replace(names.AT, "")
-    for sep in (".", ",", ";", ":", "\n"):
-        text_before = text_before.split(sep)[-1]
-    words = text_before.strip().split()
-    if words and words[0].lower() == "and":
-        words = words[1:]
-    return " ".join(words)
+@dataclass
+class _Reply:
+    """One reply being decoded."""
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""                              # decoded so far, literal tokens kept
+    slot_end: int = 0                           # len(text) after the last emitted slot
+    found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
 
 
 class Conversation:
@@ -129,49 +131,32 @@ class Conversation:
         self.pipe = pipe
         self.image = image.convert("RGB")
         self.width, self.height = self.image.size
-        llm = pipe.config["llm"]
-        self.cache = KVCache(num_layers=llm["num_layers"], num_kv_heads=llm["num_kv_heads"],
-                             head_dim=llm["hidden_size"] // llm["num_heads"],
-                             capacity=pipe.manifest.data["max_context"], dtype=pipe.kv_dtype)
+        self.cache = pipe.new_cache()
         self.cached_ids: list[int] = []
         self.history: list[Turn] = []
-        self.history_boxes: list[np.ndarray] = []     # normalised box of every <boxes> slot so far, in order
+        self.history_slots: list[np.ndarray] = []     # the value of every emitted slot so far, in order
         self._features: np.ndarray | None = None
         self._sam_embedding: np.ndarray | None = None
-        self._tl = NO_TIMELINE
+        self.timeline = NO_TIMELINE
 
     # -- graph calls -----------------------------------------------------------------------------------
     def features(self) -> np.ndarray:
         if self._features is None:
-            size = self.pipe.manifest.data["preprocess"]["clip"]["size"]
-            pre = self.pipe.manifest.data["preprocess"]["clip"]
-            with self._tl.stage("preprocess"):
-                px = pp.clip_pixels(self.image, size, mean=pre["mean"], std=pre["std"])
-            with self._tl.stage("vision"):
+            clip = self.pipe.manifest.clip
+            with self.timeline.stage("preprocess"):
+                px = pp.clip_pixels(self.image, clip.size, mean=clip.mean, std=clip.std)
+            with self.timeline.stage("vision"):
                 self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
         return self._features
 
     def sam_embedding(self) -> np.ndarray:
         if self._sam_embedding is None:
-            pre = self.pipe.manifest.data["preprocess"]["sam"]
-            with self._tl.stage("preprocess"):
-                px = pp.sam_pixels(self.image, pre["size"], mean=pre["mean"], std=pre["std"])
-            with self._tl.stage("sam_encoder"):
+            sam = self.pipe.manifest.sam
+            with self.timeline.stage("preprocess"):
+                px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std)
+            with self.timeline.stage("sam_encoder"):
                 self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
         return self._sam_embedding
-
-    def _llm(self, embeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feed [1,T,H] embeddings after the cache; returns last logits [V] and hidden [1,H]."""
-        out = self.pipe.run(names.GRAPH_LLM, **self.cache.feeds(embeds))
-        self.cache.append(out)
-        return out["logits"][0], out["hidden"]
-
-    def _loc_embeds(self, boxes_norm: np.ndarray) -> np.ndarray:
-        h = self.pipe.config["llm"]["hidden_size"]
-        if not len(boxes_norm):
-            return np.zeros((0, h), np.float32)
-        return self.pipe.run(names.GRAPH_LOC_HEADS, hidden=np.zeros((1, h), np.float32),
-                             boxes=np.asarray(boxes_norm, np.float32).reshape(-1, 4))["loc_embeds"]
 
     # -- a turn ----------------------------------------------------------------------------------------
     def _check_boxes(self, boxes) -> np.ndarray:
@@ -199,8 +184,8 @@ class Conversation:
     def _prompt(self, text: str, boxes) -> tuple[list[int], np.ndarray, str]:
         """(conversation ids, this turn's normalised region boxes in slot order, the turn's expanded user text)."""
         boxes_px = self._check_boxes(boxes)
-        n_img = self.pipe.manifest.data["prompt"]["num_image_tokens"]
-        prompt, order = build_prompt(text, num_image_tokens=n_img, num_boxes=len(boxes_px), history=self.history)
+        prompt, order = build_prompt(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
+                                     num_boxes=len(boxes_px), history=self.history)
         region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
         ids = self.pipe.tokenizer.encode(prompt)
         cap = self.cache.capacity
@@ -210,6 +195,91 @@ class Conversation:
                               "--max-context")
         return ids, region, expand_region_refs(text, len(boxes_px))[0]
 
+    def _prefill(self, ids: list[int], region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed what the cache does not hold yet (a follow-up turn re-uses the earlier ones): image rows from the
+        vision graph (once), slot rows from the slot head's encode graph. -> last logits, hidden."""
+        tok, m, head = self.pipe.tokens, self.pipe.manifest, self.pipe.dispatch.slot_head
+        with self.timeline.stage("preprocess"):
+            keep = 0
+            while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
+                keep += 1
+            self.cache.truncate(keep)
+            values = np.asarray(self.history_slots + list(region), np.float32)
+
+        def slot_rows(ks: list[int]) -> np.ndarray:
+            with self.timeline.stage(head.head.graph):
+                return head.encode(values[ks])
+        emb = assemble_prefill(ids, np.asarray(self.pipe.embeddings[ids], np.float32), first=keep,
+                               image_span=(tok[names.IM_START], tok[names.IM_END], m.prompt.num_image_tokens),
+                               image_features=self.features, slot=head.emit if head else -1,
+                               num_slot_values=len(values), slot_rows=slot_rows)
+        with self.timeline.stage("prefill"):
+            logits, hidden = self.pipe.llm_step(emb[None], self.cache)
+        self.cached_ids = list(ids)
+        return logits, hidden
+
+    def _step(self, token: int, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        with self.timeline.stage("decode"):
+            if x is None:
+                x = np.asarray(self.pipe.embeddings[[token]], np.float32)[None]
+            out = self.pipe.llm_step(x, self.cache)
+        self.cached_ids.append(token)
+        return out
+
+    def _decode(self, logits, hidden, fed: int, max_new: int, sampling: SamplingParams,
+                reply: _Reply) -> Iterator[Token | object]:
+        """The decode loop (reference §5.2; dispatch from the manifest's heads):
+
+          fed token is a head's trigger? ──yes──▶ head graph(hidden) ─▶ record (e.g. box), emit its slot token,
+                 │ no                              next input = its feedback embedding
+                 ▼
+          pick from logits ─▶ emit; next input = embeddings[token] ─▶ llm step (in-place cache) ─▶ logits, hidden
+        """
+        tl, rng, tokenizer = self.timeline, sampling.rng(), self.pipe.tokenizer
+        picked = []                     # when the last sampled token's choice began: its host-side decode event
+
+        def pick(lg, n):
+            picked.append(time.perf_counter())
+            return pick_token(np.asarray(lg, np.float32), sampling, rng)
+
+        def timed(head):
+            def fire(h):
+                with tl.stage(head.head.graph):
+                    return head(h)
+            return fire
+        heads = {t: timed(b) for t, b in self.pipe.dispatch.triggers.items()}
+        for token, found in decode_loop(logits=logits, hidden=hidden, fed=fed, step=self._step, pick=pick,
+                                        heads=heads, max_new=max_new, eos=self.pipe.tokens[names.EOS],
+                                        room=self.cache.room):
+            t0 = picked.pop() if picked else time.perf_counter()
+            if found is not None:
+                record = found.head.kind.record(self, found.outputs, reply.text[reply.slot_end:])
+                reply.found.append((found.head, record))
+            reply.tokens.append(token)
+            text = tokenizer.decode(reply.tokens)
+            tl.add("decode", t0, time.perf_counter())
+            tl.mark_first_token()
+            yield Token(token, text[len(reply.text):])
+            reply.text = text
+            if found is not None:
+                reply.slot_end = len(text)
+                event = found.head.kind.event(len(reply.found) - 1, record)
+                if event is not None:
+                    yield event
+
+    def _finish(self, reply: _Reply, ids: list[int], region: np.ndarray, user_text: str, threshold) -> ChatResult:
+        """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
+        for bound in self.pipe.dispatch.heads:
+            bound.kind.finish(self, [r for b, r in reply.found if b is bound], threshold)
+        with self.timeline.stage("postprocess"):
+            raw = self.pipe.tokenizer.decode(reply.tokens)
+            self.history.append(Turn(user_text, raw))
+            self.history_slots += list(region) + [b.kind.slot_value(r) for b, r in reply.found]
+            eos = self.pipe.tokens[names.EOS]
+            return ChatResult(text=render_reply(raw), raw_text=raw, token_ids=reply.tokens, prompt_ids=ids,
+                              finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
+                              detections=[r for _, r in reply.found])
+
     def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                iou_threshold: float | None = ..., timeline: Timeline | None = None) -> Iterator[Token | Box | Done]:
@@ -217,115 +287,20 @@ class Conversation:
         iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all.
         timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
         counted in any stage."""
-        tl = self._tl = timeline or NO_TIMELINE
-        m = self.pipe.manifest.data
-        gen = m["generation"]
-        max_new = gen["max_new_tokens"] if max_new_tokens is None else int(max_new_tokens)
+        self.timeline = timeline or NO_TIMELINE
+        gen = self.pipe.manifest.generation
+        max_new = gen.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
-        thr = gen["iou_threshold"] if iou_threshold is ... else iou_threshold
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
-        tok, d = self.pipe.tokens, m["dispatch"]
-        trigger, slot, eos = tok[d["trigger"]], tok[d["slot"]], tok[names.EOS]
-        table = self.pipe.embeddings
-
-        # prefill: only what the cache does not hold (a follow-up turn re-uses the earlier ones)
-        with tl.stage("preprocess"):
+        with self.timeline.stage("preprocess"):
             ids, region, user_text = self._prompt(text, boxes)
-            keep = 0
-            while keep < min(len(self.cached_ids), len(ids) - 1) and self.cached_ids[keep] == ids[keep]:
-                keep += 1
-            self.cache.truncate(keep)
-            emb = np.asarray(table[ids], np.float32)[None]
-            start = ids.index(tok[names.IM_START]) if tok[names.IM_START] in ids else -1
-            n_img = m["prompt"]["num_image_tokens"]
-            slots = [i for i, x in enumerate(ids) if x == slot]
-            slot_boxes = np.concatenate([np.asarray(self.history_boxes, np.float32).reshape(-1, 4), region])
-            if len(slots) != len(slot_boxes):
-                raise PromptError(f"the conversation has {len(slots)} <boxes> slots but {len(slot_boxes)} boxes; "
-                                  "a literal '<boxes>' in the text is not allowed")
-            todo = [i for i, s in enumerate(slots) if s >= keep]
-        if start >= 0 and keep <= start + n_img:          # image rows still to feed: the vision graph runs once
-            emb[0, start + 1:start + 1 + n_img] = self.features()
-        if todo:
-            with tl.stage("loc_heads"):
-                emb[0, [slots[i] for i in todo]] = self._loc_embeds(slot_boxes[todo])
-        with tl.stage("prefill"):
-            logits, hidden = self._llm(emb[:, keep:])
-        self.cached_ids = list(ids)
-
-        rng = sampling.rng()
-        out: list[int] = []
-        dets: list[Detection] = []
-        hiddens, seg_prompts = [], []
-        text_so_far, last_slot_end = "", 0
-        finish = "length"
-        fed = ids[-1]
-        #  decode loop (reference §5.2, dispatch from the manifest):
-        #
-        #   fed token == trigger? ──yes──▶ loc_heads(hidden) ─▶ box, seg_prompt, feedback
-        #          │                        emit slot token; next input = feedback embed
-        #          no
-        #          ▼
-        #   sample from logits ─▶ emit; next input = embeddings[token] ─▶ llm step ─▶ logits, hidden
-        while True:
-            t0 = time.perf_counter()
-            if fed == trigger:
-                with tl.stage("loc_heads"):
-                    heads = self.pipe.run(names.GRAPH_LOC_HEADS, hidden=hidden, boxes=np.zeros((1, 4), np.float32))
-                    box = heads["box"][0]
-                    det = Detection(box=pp.boxes_to_pixels(box[None], self.width, self.height)[0], box_norm=box,
-                                    phrase=_phrase(text_so_far[last_slot_end:]))
-                dets.append(det)
-                hiddens.append(hidden[0])
-                seg_prompts.append(heads["seg_prompt"][0])
-                nxt, x = slot, heads["feedback"][None]
-                t0 = time.perf_counter()
-            else:
-                if len(out) >= max_new or self.cache.room() == 0:
-                    break
-                nxt = pick_token(np.asarray(logits, np.float32), sampling, rng)
-                x = None
-            out.append(nxt)
-            new_text = self.pipe.tokenizer.decode(out)
-            tl.add("decode", t0, time.perf_counter())
-            tl.mark_first_token()
-            yield Token(nxt, new_text[len(text_so_far):])
-            text_so_far = new_text
-            if nxt == slot:
-                last_slot_end = len(text_so_far)
-                yield Box(len(dets) - 1, dets[-1])
-            if nxt == eos:
-                finish = "stop"
-                break
-            if (len(out) >= max_new and nxt != trigger) or self.cache.room() == 0:
-                break
-            with tl.stage("decode"):
-                if x is None:
-                    x = np.asarray(table[[nxt]], np.float32)[None]
-                logits, hidden = self._llm(x)
-            self.cached_ids.append(nxt)
-            fed = nxt
-
-        if dets:
-            s = m["preprocess"]["sam"]["size"]
-            image_embedding = self.sam_embedding()
-            with tl.stage("sam_decoder"):
-                boxes_norm = np.stack([dd.box_norm for dd in dets]).astype(np.float32)
-                dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=image_embedding,
-                                    boxes=boxes_norm * s, seg_prompt=np.stack(seg_prompts).astype(np.float32))
-            with tl.stage("postprocess"):
-                masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, self.width, self.height, thr)
-                for k, dd in enumerate(dets):
-                    dd.mask, dd.score = masks[k], float(dec["iou"][k, 0])
-        with tl.stage("postprocess"):
-            raw = self.pipe.tokenizer.decode(out)
-            self.history.append(Turn(user_text, raw))
-            self.history_boxes += list(region) + [dd.box_norm for dd in dets]
-            result = ChatResult(text=render_reply(raw), raw_text=raw, token_ids=out, prompt_ids=ids,
-                                finish_reason=finish, detections=dets)
-        tl.finish()
-        self._tl = NO_TIMELINE
+        logits, hidden = self._prefill(ids, region)
+        reply = _Reply()
+        yield from self._decode(logits, hidden, ids[-1], max_new, sampling, reply)
+        result = self._finish(reply, ids, region, user_text, gen.iou_threshold if iou_threshold is ... else iou_threshold)
+        self.timeline.finish()
+        self.timeline = NO_TIMELINE
         yield Done(result)
 
     def add_turn(self, user_text: str, reply_raw: str, *, boxes=None, reply_boxes=()) -> None:
@@ -341,7 +316,7 @@ class Conversation:
                               f"{len(reply_boxes)} box(es) came with it; send earlier replies back with their boxes")
         region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
         self.history.append(Turn(expanded, reply_raw))
-        self.history_boxes += list(region) + list(reply_boxes)
+        self.history_slots += list(region) + list(reply_boxes)
 
     def ask(self, text: str, **kwargs) -> ChatResult:
         result = None

@@ -72,7 +72,7 @@ class Server:
     def __init__(self, pipe: Pipeline, model: str, limits: proto.Limits):
         self.pipe, self.model, self.limits = pipe, model, limits
         self.metrics = Metrics()
-        self.slot = pipe.tokens[pipe.manifest.data["dispatch"]["slot"]]
+        self.slot = pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def read_json(self, request: Request):
@@ -204,10 +204,10 @@ class Server:
         return await self.handle(request, work)
 
     async def models(self, request: Request) -> Response:
-        m = self.pipe.manifest.data
+        m = self.pipe.manifest
         return JSONResponse({"object": "list", "data": [{
             "id": self.model, "object": "model", "created": 0, "owned_by": "nxc",
-            "precision": m.get("precision"), "max_context": m.get("max_context")}]})
+            "precision": m.precision, "max_context": m.max_context}]})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model})

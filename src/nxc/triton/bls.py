@@ -51,6 +51,7 @@ class SplitBackend:
             raise BackendError(f"in_process names {sorted(unknown)}, which are not graphs; choose from "
                                f"{', '.join(names.GRAPHS)}")
         self.local, self.pb, self.in_process = local, pb_utils, frozenset(in_process)
+        self.kv_memory = local.kv_memory          # the llm and its cache stay in this process
 
     def load(self, path: Path, spec: GraphSpec):
         if spec.name in self.in_process:
@@ -63,7 +64,7 @@ def load_pipeline(build: str | Path, *, pb_utils, in_process=frozenset({names.GR
                   engine_dir: str | Path | None = None) -> Pipeline:
     """A Pipeline over `build` whose in-process graphs run on `backend` here and whose other graphs are BLS calls."""
     manifest = load_manifest(build)
-    tokenizer = Tokenizer.from_file(manifest.path(manifest.data["tokenizer"]["file"]))
+    tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer_file))
     local = get_backend(backend, providers=providers, engine_dir=engine_dir)
     return Pipeline(manifest=manifest, tokenizer=tokenizer,
                     backend=SplitBackend(local=local, pb_utils=pb_utils, in_process=in_process))

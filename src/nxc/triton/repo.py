@@ -150,7 +150,7 @@ def _write(tmp: Path, build: Path, *, variant: str, backend: str, engines: Path 
             _link(plan, version / "model.plan")
             continue
         _link(m.graph_path(g), version / "model.onnx")
-        for rel in m.graphs[g].get("external_data", []):       # ONNX finds its data by name, beside the graph
+        for rel in m.graphs[g].external_data:       # ONNX finds its data by name, beside the graph
             _link(m.path(rel), version / Path(rel).name)
         if variant == "python":
             shutil.copyfile(_PACKAGE / "graph_model.py", version / "model.py")

@@ -1,7 +1,10 @@
 """ONNX Runtime backend: CPU by default, CUDA / TensorRT execution providers on request.
 
-Inputs are bound as OrtValues over the caller's numpy memory (IO binding): InferenceSession.run would copy every
-input, which for the KV cache is a copy of the whole cache per step (measured in nxc.export.llm).
+Inputs are bound over the caller's memory (IO binding): InferenceSession.run would copy every input, which for the
+KV cache is a copy of the whole cache per step (measured in nxc.export.llm). The llm graph's past inputs and
+present outputs are bound by address into the KV cache (`run_cached`), which lives in host memory for the CPU
+provider and in device memory (OrtValues on "cuda") for the CUDA / TensorRT providers: the graph writes the new
+rows in place and no step moves the cache.
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from nxc.runtime.backends import BackendError
+from nxc.runtime.kv_cache import HostMemory
 from nxc.specs import GraphSpec
 
 PROVIDER_FLAGS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -29,12 +33,45 @@ def resolve_providers(providers: list[str] | None) -> list[str]:
     return names + ([] if "CPUExecutionProvider" in names else ["CPUExecutionProvider"])
 
 
+class DeviceMemory:
+    """KV-cache buffers in CUDA device memory, owned by OrtValues (CUDA / TensorRT execution providers)."""
+    device = "cuda"
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> tuple[object, int]:
+        import onnxruntime as ort
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", 0)
+        return value, value.data_ptr()
+
+
 class OrtRunner:
-    """One graph in one InferenceSession. `run(feeds)` -> {output name: ndarray}."""
+    """One graph in one InferenceSession. `run(feeds)` -> {output name: ndarray}; for the llm graph,
+    `run_cached(embeds, cache)` -> {"logits", "hidden"} with the cache bound in place."""
 
     def __init__(self, session, spec: GraphSpec):
         self.session, self.spec = session, spec
         self._ort = __import__("onnxruntime")
+        self._dtypes = {t.name: np.dtype(t.dtype) for t in spec.inputs + spec.outputs}
+        self._small_outputs = [t for t in spec.outputs if not t.name.startswith("present")]
+
+    def run_cached(self, embeds: np.ndarray, cache) -> dict[str, np.ndarray]:
+        """Feed [1,T,H] `embeds` after the cached rows: past bound at rows [0,P), present at [P,P+T) of the cache
+        buffers, so the graph writes the new rows where they belong. Advances the cache."""
+        io = self.session.io_binding()
+        p, t = cache.length, embeds.shape[1]
+        feeds = cache.step_inputs(np.ascontiguousarray(embeds, self._dtypes["inputs_embeds"]))
+        for name, x in feeds.items():
+            io.bind_input(name, "cpu", 0, x.dtype.type, x.shape, x.ctypes.data)
+        for past, present in cache.pairs:
+            io.bind_input(past, cache.device, 0, cache.dtype.type, cache.shape(p), cache.address(past, 0))
+            io.bind_output(present, cache.device, 0, cache.dtype.type, cache.shape(t), cache.address(past, p))
+        out = {}
+        for o in self._small_outputs:              # [1, V] logits and [1, H] hidden: last position only
+            shape = o.resolve({"batch": 1})
+            out[o.name] = np.empty(shape, o.dtype)
+            io.bind_output(o.name, "cpu", 0, out[o.name].dtype.type, shape, out[o.name].ctypes.data)
+        self.session.run_with_iobinding(io)
+        cache.advance(t)
+        return out
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         io = self.session.io_binding()
@@ -59,6 +96,8 @@ class OrtBackend:
             raise BackendError("the onnxruntime backend needs the onnxruntime package: pip install onnxruntime") from None
         self.providers = resolve_providers(providers)
         self.threads = threads
+        on_device = {"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(self.providers)
+        self.kv_memory = DeviceMemory() if on_device else HostMemory()
 
     def load(self, path: Path, spec: GraphSpec) -> OrtRunner:
         import onnxruntime as ort

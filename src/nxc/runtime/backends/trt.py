@@ -3,7 +3,8 @@ packages, no torch. Engines live in <build>/engines/<gpu>-trt<version>/<graph>.p
 (TensorRT version, GPU name, compute capability); a mismatch is refused with what to rebuild.
 
 TensorRT 10 name-based API: set_input_shape / set_tensor_address per I/O tensor, execute_async_v3 on a stream.
-Device buffers grow as needed and are reused across calls.
+Device buffers grow as needed and are reused across calls. The llm's KV cache is allocated here in device memory
+(CudaMemory) and bound by address (run_cached): a decode step moves no cache bytes across the bus.
 """
 from __future__ import annotations
 
@@ -65,6 +66,25 @@ class _DeviceBuffer:
             self.ptr, self.nbytes = _check(self.cudart.cudaMalloc(max(nbytes, 1))), max(nbytes, 1)
         return self.ptr
 
+    def __del__(self):
+        if self.ptr:
+            self.cudart.cudaFree(self.ptr)
+
+
+class CudaMemory:
+    """KV-cache buffers in device memory (cudaMalloc, zeroed), freed with their owner."""
+    device = "cuda"
+
+    def __init__(self, cudart):
+        self.cudart = cudart
+
+    def allocate(self, shape: tuple[int, ...], dtype) -> tuple[object, int]:
+        buf = _DeviceBuffer(self.cudart)
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        ptr = buf.ensure(nbytes)
+        _check(self.cudart.cudaMemset(ptr, 0, nbytes))
+        return buf, ptr
+
 
 class TrtRunner:
     def __init__(self, engine, spec: GraphSpec, cudart, trt):
@@ -73,18 +93,23 @@ class TrtRunner:
         self.stream = _check(cudart.cudaStreamCreate())
         self.buffers = {t.name: _DeviceBuffer(cudart) for t in spec.inputs + spec.outputs}
 
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _inputs(self, feeds: dict[str, np.ndarray]) -> None:
+        """Host arrays -> this runner's device buffers (async on its stream), shapes and addresses set."""
         cudart, ctx = self.cudart, self.context
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for t in self.spec.inputs:
-            x = np.ascontiguousarray(feeds[t.name], dtype=self.trt.nptype(self.engine.get_tensor_dtype(t.name)))
-            ctx.set_input_shape(t.name, x.shape)
-            ptr = self.buffers[t.name].ensure(x.nbytes)
+        for name, x in feeds.items():
+            x = np.ascontiguousarray(x, dtype=self.trt.nptype(self.engine.get_tensor_dtype(name)))
+            ctx.set_input_shape(name, x.shape)
+            ptr = self.buffers[name].ensure(x.nbytes)
             if x.nbytes:
-                _check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes, h2d, self.stream))
-            ctx.set_tensor_address(t.name, ptr)
+                _check(cudart.cudaMemcpyAsync(ptr, x.ctypes.data, x.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream))
+            ctx.set_tensor_address(name, ptr)
+
+    def _execute(self, outputs: list[str]) -> dict[str, np.ndarray]:
+        """Run with `outputs` in this runner's buffers, copied back to host arrays."""
+        cudart, ctx = self.cudart, self.context
         outs = {}
-        for name in self.spec.output_names:
+        for name in outputs:
             shape = tuple(ctx.get_tensor_shape(name))
             out = np.empty(shape, self.trt.nptype(self.engine.get_tensor_dtype(name)))
             ctx.set_tensor_address(name, self.buffers[name].ensure(out.nbytes))
@@ -93,9 +118,30 @@ class TrtRunner:
             raise BackendError(f"TensorRT failed to run graph {self.spec.name}")
         for name, out in outs.items():
             if out.nbytes:
-                _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes, d2h, self.stream))
+                _check(cudart.cudaMemcpyAsync(out.ctypes.data, self.buffers[name].ptr, out.nbytes,
+                                              cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream))
         _check(cudart.cudaStreamSynchronize(self.stream))
         return outs
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self._inputs({t.name: feeds[t.name] for t in self.spec.inputs})
+        return self._execute(self.spec.output_names)
+
+    def run_cached(self, embeds: np.ndarray, cache) -> dict[str, np.ndarray]:
+        """The llm graph with its past inputs and present outputs at addresses inside the device-resident cache
+        (rows [0,P) and [P,P+T)): only the embedding row, mask and positions go up, logits and hidden come down."""
+        if cache.device != "cuda":
+            raise BackendError("the tensorrt backend needs its KV cache in device memory: create it with "
+                               "Pipeline.new_cache (the backend's kv_memory)")
+        ctx, p, t = self.context, cache.length, embeds.shape[1]
+        self._inputs(cache.step_inputs(embeds))
+        for past, present in cache.pairs:
+            ctx.set_input_shape(past, cache.shape(p))
+            ctx.set_tensor_address(past, cache.address(past, 0))
+            ctx.set_tensor_address(present, cache.address(past, p))
+        out = self._execute([n for n in self.spec.output_names if not n.startswith("present")])
+        cache.advance(t)
+        return out
 
 
 class TrtBackend:
@@ -112,6 +158,7 @@ class TrtBackend:
         self.engine_dir = Path(engine_dir) if engine_dir else None
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
+        self.kv_memory = CudaMemory(self.cudart)
 
     def engine_folder(self, build: Path) -> Path:
         """engines/<gpu>-trt<version>/ for this GPU and TensorRT; BackendError naming what to rebuild."""

@@ -6,7 +6,8 @@
         llm ─ MatMulNBits (8 or 4 bits) ─▶ tmp/graphs/llm.onnx
     reports/accuracy.json: per graph, cosine and max error against the fp32 graph on inputs not used to calibrate.
 Ranges are reused from <out>/calib when the fp32 graphs, the calibration data and the method are all unchanged
-(calib/calib.json records their hashes) and --recalibrate is not given.
+(calib/calib.json records their hashes) and --recalibrate is not given. The calibration data and the quantizers
+are nxc.calib's; this module is the export's use of them (nxc.calib never imports nxc.export).
 """
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ def _reusable(prev: Path, key: dict, graphs: list[str]) -> bool:
 def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict, *, embedded: bool, log) -> dict:
     """Quantize the graphs in `tmp` in place for options.precision ("int8" | "int4"); updates `graphs` (the
     manifest's per-graph records) and returns the accuracy report."""
-    from nxc.export.exporter import EXTERNAL_DATA_BYTES
-    from nxc.export.parity import SHAPES, random_inputs
     import onnx
 
+    from nxc.export.exporter import EXTERNAL_DATA_BYTES
+    from nxc.export.parity import SHAPES, random_inputs
     from nxc.export.trt_lint import lint
 
     static = [g for g in STATIC_GRAPHS if g in graphs]

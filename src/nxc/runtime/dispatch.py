@@ -1,0 +1,158 @@
+"""Trigger-token dispatch as data: the build manifest's `heads`, bound to token ids and graphs (DESIGN "Trigger-token
+dispatch"). A new head is a manifest entry (and, for new behaviour, a kind registered here), never a new branch in
+the decode loop.
+
+    manifest head                                   kind (registry)
+    trigger <at> ─▶ graph loc_heads                 "box": what the outputs mean (a Detection: pixel box,
+      inputs  {hidden: hidden, boxes: zeros}          phrase), the event streamed (Box), the slot value kept for
+      collect [box, seg_prompt]                       later turns (box_norm), and the finish stage run once per
+      feedback feedback ─▶ next input, emit <boxes>   reply ("sam_masks": SAM decoder for all its detections)
+      encode  boxes ─▶ loc_embeds (the emitted slot's input rows for region boxes and earlier replies)
+
+    triggers = Dispatch(pipe).triggers          # {trigger id: BoundHead}; BoundHead(hidden) -> (emit, x, Found)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nxc import names
+from nxc.manifest import BuildError, Head
+from nxc.runtime import preprocess as pp
+
+KINDS: dict[str, type["HeadKind"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a HeadKind available to manifest heads of `"kind": name`."""
+    def add(cls):
+        KINDS[name] = cls
+        return cls
+    return add
+
+
+@dataclass
+class Found:
+    head: "BoundHead"
+    outputs: dict[str, np.ndarray]     # the collected outputs of this trigger, first row of each
+
+
+class HeadKind:
+    """What a head's outputs mean. One instance per head of a loaded build."""
+
+    def __init__(self, head: Head, pipe):
+        self.head, self.pipe = head, pipe
+
+    def record(self, conv, outputs: dict[str, np.ndarray], text_before: str):
+        """The reply's record of one trigger (`text_before`: the reply text since the previous slot)."""
+        raise NotImplementedError
+
+    def event(self, index: int, record):
+        """What `stream` yields when the trigger fires (None: nothing)."""
+        return None
+
+    def slot_value(self, record) -> np.ndarray:
+        """The value a later turn encodes into this trigger's emitted slot (through the head's encode graph)."""
+        raise NotImplementedError
+
+    def finish(self, conv, records: list, threshold) -> None:
+        """Once per reply, after the last token, for this head's records (e.g. SAM masks)."""
+
+
+@dataclass
+class Detection:
+    box: np.ndarray            # [4] xyxy pixels on the original image (not clamped, as the reference)
+    box_norm: np.ndarray       # [4] normalised xyxy in the padded square (what loc_decoder gave)
+    phrase: str                # the reply text this detection follows, e.g. "a blue circle"
+    mask: np.ndarray | None = None    # [H,W] bool (all False when the mask score is under the threshold)
+    score: float | None = None        # SAM's IoU prediction for the mask
+    seg_prompt: np.ndarray | None = None   # [4,C] for the SAM decoder
+
+
+@dataclass
+class Box:
+    index: int
+    detection: Detection       # box known now; mask and score come with Done
+
+
+def phrase(text_before: str) -> str:
+    """The words a detection follows: the reply text since the previous slot, last clause, without 'and'."""
+    text_before = text_before.replace(names.AT, "")
+    for sep in (".", ",", ";", ":", "\n"):
+        text_before = text_before.split(sep)[-1]
+    words = text_before.strip().split()
+    if words and words[0].lower() == "and":
+        words = words[1:]
+    return " ".join(words)
+
+
+@register("box")
+class BoxKind(HeadKind):
+    """A box per trigger (outputs `box`, `seg_prompt`); finish "sam_masks": one SAM decoder call per reply."""
+
+    def record(self, conv, outputs, text_before):
+        box = outputs["box"]
+        return Detection(box=pp.boxes_to_pixels(box[None], conv.width, conv.height)[0], box_norm=box,
+                         phrase=phrase(text_before), seg_prompt=outputs.get("seg_prompt"))
+
+    def event(self, index, record):
+        return Box(index, record)
+
+    def slot_value(self, record):
+        return record.box_norm
+
+    def finish(self, conv, records, threshold):
+        if self.head.finish != "sam_masks" or not records:
+            return
+        s = self.pipe.manifest.sam.size
+        image_embedding = conv.sam_embedding()
+        with conv.timeline.stage("sam_decoder"):
+            boxes_norm = np.stack([d.box_norm for d in records]).astype(np.float32)
+            dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=image_embedding, boxes=boxes_norm * s,
+                                seg_prompt=np.stack([d.seg_prompt for d in records]).astype(np.float32))
+        with conv.timeline.stage("postprocess"):
+            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, threshold)
+            for k, d in enumerate(records):
+                d.mask, d.score = masks[k], float(dec["iou"][k, 0])
+
+
+class BoundHead:
+    """A manifest head with its token ids, its graph's zero inputs and its kind."""
+
+    def __init__(self, head: Head, pipe, index: int):
+        if head.kind not in KINDS:
+            raise BuildError(f"{pipe.manifest.root / 'manifest.json'}: heads[{index}].kind {head.kind!r} is not a kind "
+                             f"this runtime knows ({', '.join(sorted(KINDS))}); use the nxc that wrote the build")
+        self.head, self.pipe = head, pipe
+        self.trigger, self.emit = pipe.manifest.token_id(head.trigger), pipe.manifest.token_id(head.emit)
+        self.kind = KINDS[head.kind](head, pipe)
+        spec = pipe.manifest.graph_spec(head.graph)
+        self._zeros = {t.name: np.zeros(t.resolve({a: 1 for a in t.dynamic_axes().values()}), t.dtype)
+                       for t in spec.inputs}
+
+    def __call__(self, hidden: np.ndarray) -> tuple[int, np.ndarray, Found]:
+        """The fed token was this head's trigger and gave `hidden` [1,H]: (emitted token, next input [1,1,H],
+        what it found)."""
+        h = self.head
+        feeds = {name: hidden if source == "hidden" else self._zeros[name] for name, source in h.inputs.items()}
+        outs = self.pipe.run(h.graph, **feeds)
+        return self.emit, outs[h.feedback][None], Found(self, {k: outs[k][0] for k in h.collect})
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies)."""
+        h = self.head
+        if h.encode_input is None:
+            raise BuildError(f"head {h.kind!r} has no encode graph input; its slots cannot be fed back")
+        feeds = {**self._zeros, h.encode_input: np.asarray(values, self._zeros[h.encode_input].dtype)}
+        return self.pipe.run(h.graph, **feeds)[h.encode_output]
+
+
+class Dispatch:
+    """The build's heads, bound. `triggers`: {trigger id: BoundHead}; `slot_head`: the head whose emitted slot
+    carries region input (the first with an encode graph), or None."""
+
+    def __init__(self, pipe):
+        self.heads = [BoundHead(h, pipe, i) for i, h in enumerate(pipe.manifest.heads)]
+        self.triggers = {b.trigger: b for b in self.heads}
+        self.slot_head = next((b for b in self.heads if b.head.encode_input), None)

@@ -1,0 +1,95 @@
+"""Dispatch is data: a head kind added through the manifest (and the kind registry) runs in the unchanged decode
+loop; an unknown kind is refused at load; the KV cache is bound in place and never copied."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from nxc import names
+from nxc.manifest import BuildError
+from nxc.runtime import dispatch
+from nxc.runtime.pipeline import Box, Pipeline
+from nxc.shapes.data import make_scene
+
+
+class Centre(dispatch.HeadKind):
+    """A second kind: the same loc_heads graph read as the centre point of the box, no finish stage."""
+
+    def record(self, conv, outputs, text_before):
+        det = dispatch.BoxKind.record(self, conv, outputs, text_before)
+        x1, y1, x2, y2 = det.box
+        return ("centre", (x1 + x2) / 2, (y1 + y2) / 2, det.box_norm)
+
+    def event(self, index, record):
+        return ("point", index, record)
+
+    def slot_value(self, record):
+        return record[3]
+
+
+def with_heads(build, tmp_path, heads):
+    dst = tmp_path / "build"
+    shutil.copytree(build, dst)
+    path = dst / "manifest.json"
+    data = json.loads(path.read_text())
+    data["heads"] = heads
+    path.write_text(json.dumps(data))
+    return dst
+
+
+def box_head(build) -> dict:
+    return json.loads((build / "manifest.json").read_text())["heads"][0]
+
+
+def test_a_second_head_kind_through_the_manifest_alone(embedded_build, embedded_pipe, tmp_path, monkeypatch):
+    monkeypatch.setitem(dispatch.KINDS, "centre", Centre)
+    head = {**box_head(embedded_build), "kind": "centre", "collect": ["box"], "finish": None}
+    pipe = Pipeline.load(with_heads(embedded_build, tmp_path, [head]))
+    scene = make_scene(np.random.default_rng(3), max_objects=3)
+    q = "Can you describe the image and include object locations?"
+    want = embedded_pipe.chat(scene.image, q)
+    events = list(pipe.stream(scene.image, q))
+    got = events[-1].result
+    assert want.detections and got.token_ids == want.token_ids
+    assert [e for e in events if isinstance(e, tuple)] == [("point", k, r) for k, r in enumerate(got.detections)]
+    assert not any(isinstance(e, Box) for e in events)
+    for (kind, cx, cy, _), d in zip(got.detections, want.detections):
+        assert kind == "centre"
+        np.testing.assert_allclose([cx, cy], [(d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2], atol=1e-3)
+    assert names.GRAPH_SAM_ENCODER not in pipe._runners          # no finish stage: SAM never ran
+
+
+def test_an_unknown_head_kind_is_refused_at_load(embedded_build, tmp_path):
+    head = {**box_head(embedded_build), "kind": "vitron_call"}
+    with pytest.raises(BuildError, match=r"heads\[0\]\.kind 'vitron_call' is not a kind this runtime knows \(box"):
+        Pipeline.load(with_heads(embedded_build, tmp_path, [head]))
+
+
+def test_decode_writes_the_cache_in_place(embedded_pipe):
+    """The llm's present rows land in the cache buffers by address: the buffers never move and past rows stay."""
+    cache = embedded_pipe.new_cache(capacity=64)
+    bases = {n: cache.address(n, 0) for n, _ in cache.pairs}
+    h = embedded_pipe.config.llm.hidden_size
+    rng = np.random.default_rng(0)
+    embedded_pipe.llm_step(rng.standard_normal((1, 5, h)).astype(np.float32), cache)
+    first = {n: a.copy() for n, a in cache.arrays().items()}
+    assert cache.length == 5 and all(np.abs(a).sum() > 0 for a in first.values())
+    embedded_pipe.llm_step(rng.standard_normal((1, 1, h)).astype(np.float32), cache)
+    assert cache.length == 6 and {n: cache.address(n, 0) for n, _ in cache.pairs} == bases
+    for n, a in cache.arrays().items():
+        np.testing.assert_array_equal(a[:, :5], first[n])
+        assert np.abs(a[:, 5]).sum() > 0
+
+
+def test_cache_steps_equal_one_prefill(embedded_pipe):
+    """Feeding 6 rows at once or 5 + 1 through the in-place cache gives the same logits and cache rows."""
+    h = embedded_pipe.config.llm.hidden_size
+    x = np.random.default_rng(1).standard_normal((1, 6, h)).astype(np.float32)
+    a, b = embedded_pipe.new_cache(capacity=16), embedded_pipe.new_cache(capacity=16)
+    la, _ = embedded_pipe.llm_step(x, a)
+    embedded_pipe.llm_step(x[:, :5], b)
+    lb, _ = embedded_pipe.llm_step(x[:, 5:], b)
+    np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
+    for n, arr in a.arrays().items():
+        np.testing.assert_allclose(arr, b.arrays()[n], rtol=1e-4, atol=1e-5)

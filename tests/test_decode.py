@@ -1,0 +1,72 @@
+"""nxc.decode: the one decode loop (reference and runtime) with several heads, and the prefill assembly."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nxc.decode import assemble_prefill, decode_loop
+from nxc.prompt import PromptError
+
+EOS, V = 2, 12
+HEADS = {7: 8, 9: 10}          # trigger -> emitted token
+
+
+def run(seed: int, max_new: int, capacity: int = 10_000):
+    rng = np.random.default_rng(seed)
+    fed_log, room = [], [capacity]
+
+    def step(token, x):
+        fed_log.append((token, x))
+        room[0] -= 1
+        return rng.standard_normal(V), f"h{len(fed_log)}"
+
+    def head(trigger):
+        return lambda hidden: (HEADS[trigger], f"feedback-{trigger}", (trigger, hidden))
+
+    out = list(decode_loop(logits=rng.standard_normal(V), hidden="h0", fed=0, step=step,
+                           pick=lambda lg, n: int(np.argmax(lg)), heads={t: head(t) for t in HEADS},
+                           max_new=max_new, eos=EOS, room=lambda: room[0]))
+    return out, fed_log
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 10_000), max_new=st.integers(1, 40))
+def test_every_trigger_is_followed_by_its_head(seed, max_new):
+    out, fed = run(seed, max_new)
+    tokens = [t for t, _ in out]
+    assert 1 <= len(tokens) <= max_new + 1
+    assert tokens[-1] == EOS or len(tokens) >= max_new
+    for i, t in enumerate(tokens):
+        if t in HEADS:                      # a trigger is never the last word: its head emits next
+            assert tokens[i + 1] == HEADS[t] and out[i + 1][1][0] == t
+        if out[i][1] is not None:
+            assert t == HEADS[out[i][1][0]] and tokens[i - 1] == out[i][1][0] if i else True
+    # the head's output is what is fed next, and each head saw the hidden of its trigger's step
+    for i, (t, found) in enumerate(out):
+        if found is not None and i < len(fed):
+            assert fed[i] == (t, f"feedback-{found[0]}")
+    assert len(fed) == len(tokens) - (1 if tokens[-1] == EOS or len(tokens) >= max_new else 0)
+
+
+def test_the_context_limit_stops_the_loop():
+    out, fed = run(0, max_new=100, capacity=3)
+    assert len(fed) == 3 and len(out) <= 4
+
+
+def test_assemble_prefill_places_image_and_slot_rows():
+    ids = [1, 5, 3, 3, 6, 4, 11, 4]           # 5 = image start, 3 image rows, 6 image end, 4 = slot
+    rows = np.zeros((len(ids), 2), np.float32)
+    feats = np.arange(4, dtype=np.float32).reshape(2, 2) + 1
+    emb = assemble_prefill(ids, rows, image_span=(5, 6, 2), image_features=lambda: feats, slot=4, num_slot_values=2,
+                           slot_rows=lambda ks: np.full((len(ks), 2), 9.0) + np.asarray(ks)[:, None])
+    np.testing.assert_array_equal(emb[2:4], feats)
+    np.testing.assert_array_equal(emb[[5, 7]], [[9, 9], [10, 10]])
+    later = assemble_prefill(ids, rows, image_span=(5, 6, 2), image_features=lambda: 1 / 0, slot=4,
+                             num_slot_values=2, slot_rows=lambda ks: np.full((len(ks), 2), 7.0), first=6)
+    assert later.shape == (2, 2) and (later[1] == 7).all()      # the image is not fed again: never computed
+    with pytest.raises(PromptError, match="2 <boxes> slots but 1 boxes"):
+        assemble_prefill(ids, rows, image_span=(5, 6, 2), image_features=lambda: feats, slot=4, num_slot_values=1,
+                         slot_rows=lambda ks: None)
+    with pytest.raises(PromptError, match="image span at position 1"):
+        assemble_prefill([1, 5, 3, 4], rows[:4], image_span=(5, 6, 2), image_features=lambda: feats, slot=4,
+                         num_slot_values=1, slot_rows=lambda ks: np.zeros((1, 2)))
