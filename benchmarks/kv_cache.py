@@ -49,6 +49,7 @@ def step_times(build: Path, pasts: list[int], runs: int, mode: str, *, graph: Pa
 
     from nxc import names
     from nxc.manifest import load_manifest
+    from nxc.runtime.backends.ort import OrtRunner
     from nxc.runtime.kv_cache import KVCache
 
     m = load_manifest(build)
@@ -62,30 +63,28 @@ def step_times(build: Path, pasts: list[int], runs: int, mode: str, *, graph: Pa
     x = rng.standard_normal((1, 1, llm.hidden_size)).astype(np.float32)
     out = {}
     for p in pasts:
-        cache = KVCache(num_layers=llm.num_layers, num_kv_heads=kv, head_dim=d, capacity=max(pasts) + 1)
         fill = {n: rng.standard_normal((1, p, kv, d)).astype(np.float32) for n in spec.input_names[3:]}
-        cache.append({n.replace("past_key_values", "present"): v for n, v in fill.items()})
-        feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, p + 1), np.int64),
-                 "position_ids": np.array([[p]], np.int64)}
         times = []
-        # IO binding with OrtValues over numpy memory: what the runtime does (sess.run would copy the inputs)
-        io = sess.io_binding()
-        for k, v in feeds.items():
-            io.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v))
-        for o in spec.output_names:
-            io.bind_output(o)
+        if mode == "inplace":           # what the runtime does: past and present bound by address in the cache
+            runner = OrtRunner(sess, spec)
+            cache = KVCache(num_layers=llm.num_layers, num_kv_heads=kv, head_dim=d, capacity=max(pasts) + 1)
+            for n, v in fill.items():
+                cache.arrays_full()[n][:, :p] = v
+            cache.advance(p)
+        else:   # the runtime would bind the returned past+new OrtValues as the next past (no host copy)
+            io = sess.io_binding()
+            feeds = {"inputs_embeds": x, "attention_mask": np.ones((1, p + 1), np.int64),
+                     "position_ids": np.array([[p]], np.int64), **fill}
+            for k, v in feeds.items():
+                io.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v))
+            for o in spec.output_names:
+                io.bind_output(o)
         for i in range(runs + 10):
             t0 = time.perf_counter()
             if mode == "inplace":
-                for k, v in cache.past().items():
-                    io.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v))
-                sess.run_with_iobinding(io)
-                res = io.get_outputs()
-                cache.append({n: r.numpy() for n, r in zip(spec.output_names, res) if n.startswith("present")})
+                runner.run_cached(x, cache)
                 cache.truncate(p)
-            else:   # the runtime would bind the returned past+new OrtValues as the next past (no host copy)
-                for k, v in fill.items():
-                    io.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(v))
+            else:
                 sess.run_with_iobinding(io)
                 io.get_outputs()
             if i >= 10:

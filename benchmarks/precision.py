@@ -34,18 +34,11 @@ def median_ms(fn, runs: int) -> float:
 def llm_decode(pipe, prompt_tokens: int, steps: int, rng: np.random.Generator) -> tuple[float, float]:
     """Prefill `prompt_tokens` random token rows, then `steps` greedy single-token steps through the runtime's
     KV cache. Returns (prefill ms, decode tokens/s)."""
-    from nxc import names
-    from nxc.runtime.kv_cache import KVCache
-    llm = pipe.config.llm
-    cache = KVCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads, head_dim=llm.head_dim,
-                    capacity=prompt_tokens + steps + 1,
-                    dtype=pipe.kv_dtype)
+    cache = pipe.new_cache(prompt_tokens + steps + 1)
     table = pipe.embeddings
 
     def step(ids):
-        res = pipe.run(names.GRAPH_LLM, **cache.feeds(np.asarray(table[ids], np.float32)[None]))
-        cache.append(res)
-        return res["logits"][0]
+        return pipe.llm_step(np.asarray(table[ids], np.float32)[None], cache)[0]
 
     t0 = time.perf_counter()
     logits = step(rng.integers(3, table.shape[0], prompt_tokens))

@@ -2,7 +2,7 @@
 at module level or inside a function, and so does `__import__("x")` / `importlib.import_module("x")` on a literal.
 A ◀── B: B may import A, and A never imports B.
 
-    prompt, tokens, names, config, specs, manifest, jsonfield  (contracts: nothing from model, runtime, export, calib)
+    prompt, tokens, names, config, specs, manifest(_types), jsonfield  (contracts: nothing from model, runtime, export, calib)
          ▲                       ▲
        model                  runtime     (no torch, transformers, onnx; nothing from model, export, calib, shapes)
          ▲                       ▲
@@ -23,7 +23,7 @@ FORBIDDEN = {
     "nxc.calib": ("nxc.export",),
     "nxc.runtime": ("nxc.model", "nxc.export", "nxc.calib", "nxc.shapes", "torch", "transformers", "onnx"),
     **{m: CONTRACT_FORBIDS for m in ("nxc.prompt", "nxc.tokens", "nxc.names", "nxc.config", "nxc.specs",
-                                     "nxc.manifest", "nxc.jsonfield")},
+                                     "nxc.manifest", "nxc.manifest_types", "nxc.jsonfield")},
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from nxc import names
-from nxc.manifest import SCHEMA, BuildError, Manifest, load_manifest
+from nxc.manifest import SCHEMA, BuildError, load_manifest, parse_manifest
 
 FIX = "; re-export the build with this nxc-export"
 HEX = "<hex>"       # 16 hex digits of a sha256 in an expected message
@@ -36,7 +36,7 @@ def test_round_trip(tiny_build, tiny_model):
     m = load_manifest(tiny_build)
     assert m.schema == SCHEMA == "nxc-build/2"
     assert m.to_dict() == json.loads((tiny_build / "manifest.json").read_text())
-    assert Manifest.from_dict(m.to_dict(), m.root) == m
+    assert parse_manifest(m.to_dict(), m.root) == m
     assert m.config == model.config and m.max_context == 256
     assert m.token_id(names.BOXES) == tok.added_token_ids[names.BOXES]
     (head,) = m.heads

@@ -80,6 +80,11 @@ class KVCache:
             raise TypeError(f"the cache lives in {self.device} memory; it has no numpy view")
         return {n: b[:, :self.length] for n, b in self._owners.items()}
 
+    def arrays_full(self) -> dict[str, np.ndarray]:
+        """Host caches only: the whole [1, capacity, kv, D] buffers (to fill a cache for a benchmark or a test)."""
+        self.arrays()
+        return dict(self._owners)
+
     def room(self) -> int:
         return self.capacity - self.length
 

@@ -1,0 +1,176 @@
+"""The build manifest's types: frozen dataclasses, limits and BuildError. nxc.manifest reads manifest.json into
+them (load_manifest, parse_manifest) and writes it; everything else reads these fields. Torch-free."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from nxc import names
+from nxc.config import NextChatConfig
+from nxc.jsonfield import plain
+from nxc.specs import GraphSpec
+
+SCHEMA = "nxc-build/2"
+MANIFEST = "manifest.json"
+PRECISIONS = ("fp32", "fp16", "int8", "int4")       # of a whole build (nxc-export --fp32 ...)
+KV_DTYPES = ("float32", "float16")
+EMBEDDING_DTYPES = ("float32", "float16")
+HEAD_SOURCES = ("hidden", "zeros")                  # what a head's graph inputs are fed from (see Head)
+MAX_CONTEXT = 1 << 20
+MAX_DEPTH = 32                                      # JSON nesting; the exporter writes 6
+MAX_BYTES = 64 << 20                                # manifest.json itself (a 7B build's is under 1 MB)
+REQUIRED_TOKENS = (*names.ADDED_TOKENS, names.BOS, names.EOS, names.UNK)
+
+
+class BuildError(ValueError):
+    """A build directory that cannot be used: the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """The chat template (nxc.prompt): `num_image_tokens` image rows, between <im_start> and <im_end> when
+    `use_im_start_end`, where the user text has `image_placeholder`."""
+    template: str
+    system: str
+    roles: tuple[str, str]
+    sep: str
+    sep2: str
+    image_placeholder: str
+    num_image_tokens: int
+    use_im_start_end: bool
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """One image input: resized (`resample`) and padded (`pad`) to [3,size,size], then (x - mean) / std per channel
+    (CLIP: x in [0,1]; SAM: x in [0,255])."""
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resample: str
+    pad: str
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A chat call's defaults (top_k 0: no top-k; temperature 0: greedy)."""
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    iou_threshold: float
+    eos: str
+
+
+@dataclass(frozen=True)
+class Head:
+    """One entry of the decode loop's dispatch table (nxc.runtime.dispatch gives `kind` its meaning):
+
+        fed token == trigger ─▶ graph(inputs) ─▶ `collect` outputs, kept per trigger (for `finish`, once a reply)
+                                              ─▶ token `emit`, its input row the `feedback` output [1,H]
+        region box (prompt) ─▶ graph(encode_input = box) ─▶ encode_output [1,H]: the input row of an `emit` slot
+
+    `inputs` maps every graph input to its source: "hidden" (the llm's hidden [1,H] of the trigger step) or
+    "zeros" (zeros of the input's shape, dynamic axes 1)."""
+    kind: str
+    trigger: str
+    emit: str
+    graph: str
+    inputs: Mapping[str, str]
+    collect: tuple[str, ...]
+    feedback: str
+    finish: str | None
+    encode_input: str | None
+    encode_output: str | None
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """The in-place cache the llm graph is fed: past rows in, only the new rows out (present.{i}.*)."""
+    dtype: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class EmbeddingsSpec:
+    file: str
+    shape: tuple[int, int]     # [vocab_size, hidden_size]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    external_data: tuple[str, ...]
+    precision: str             # "fp32", "fp16", "int8", "int8-weight-only", "int4-weight-only"
+    opset: int
+    spec: GraphSpec
+    extra: Mapping             # all else the exporter recorded (tensorrt_lint, fp32_nodes, quantization), read-only
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "external_data": list(self.external_data), "precision": self.precision,
+                "opset": self.opset, **self.spec.to_dict(), **self.extra}
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path
+    schema: str
+    nxc_version: str
+    created: str
+    source: Mapping
+    precision: str
+    config: NextChatConfig
+    tokens: Mapping[str, int]
+    prompt: PromptSpec
+    clip: ImagePreprocess
+    sam: ImagePreprocess
+    generation: Generation
+    heads: tuple[Head, ...]
+    max_context: int
+    kv_cache: KVCacheSpec
+    axes: Mapping[str, tuple[int, int, int]]
+    embeddings: EmbeddingsSpec
+    tokenizer_file: str
+    graphs: Mapping[str, GraphEntry]
+    files: Mapping[str, FileEntry]
+
+    def to_dict(self) -> dict:
+        """The JSON form, as manifest.json holds it."""
+        return plain({
+            "schema": self.schema, "nxc_version": self.nxc_version, "created": self.created, "source": self.source,
+            "precision": self.precision, "config": self.config.to_dict(), "tokens": self.tokens,
+            "prompt": vars(self.prompt), "preprocess": {"clip": vars(self.clip), "sam": vars(self.sam)},
+            "generation": vars(self.generation), "heads": [vars(h) for h in self.heads],
+            "max_context": self.max_context, "kv_cache": vars(self.kv_cache), "axes": self.axes,
+            "embeddings": vars(self.embeddings), "tokenizer": {"file": self.tokenizer_file},
+            "graphs": {g: e.to_dict() for g, e in self.graphs.items()},
+            "files": {rel: vars(e) for rel, e in self.files.items()}})
+
+    def _graph(self, name: str) -> GraphEntry:
+        if name not in self.graphs:
+            raise BuildError(f"{self.root}: the build has no graph {name!r} (it has {sorted(self.graphs)}); "
+                             "re-export it with nxc-export")
+        return self.graphs[name]
+
+    def graph_spec(self, name: str) -> GraphSpec:
+        return self._graph(name).spec
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self._graph(name).file
+
+    def path(self, rel: str) -> Path:
+        return self.root / rel
+
+    def token_id(self, token: str) -> int:
+        if token not in self.tokens:
+            raise BuildError(f"{self.root / MANIFEST}: tokens: no {token!r} (it has {', '.join(self.tokens)}); "
+                             "re-export the build with this nxc-export")
+        return self.tokens[token]
