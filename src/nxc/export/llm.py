@@ -10,26 +10,41 @@ contiguous view [:, :P] (no copy) and writes the new rows into [:, P:P+T] (O(T) 
 Why this cache ("inplace") and not the usual present = concat(past, new) ("concat"): with concat every decode step
 copies the whole cache inside the graph, so a step costs O(P) extra memory traffic and a reply O(n^2). ONNX
 Runtime's GroupQueryAttention can share past/present buffers too, but it is a com.microsoft op that TensorRT's ONNX
-parser does not take, and nxc ships one graph for both backends. Measured by `benchmarks/kv_cache.py` (embedded
-model, ORT 1.31 CPU, 2 cores, IO binding, median of 200 decode steps): inplace 0.61 / 0.61 / 0.70 ms at past
-16 / 256 / 1024 (1.15x from 16 to 1024); concat 0.52 / 0.61 / 0.85 ms (1.63x). Concat is cheaper only at tiny
-pasts (the runtime's in-place row write is a few numpy assignments); its cost grows with the cache. Both variants
-stay exportable so the claim stays checkable: `LlmGraph(kv_mode="concat")`, `nxc-export --kv-mode concat`.
-Two layout details were measured too: scores are laid out [B, heads*T, P] so softmax and the scale run along the
-long last axis (with P on axis 1, ORT's broadcast Mul and Softmax walked length-1 rows: 1.9x from 16 to 1024),
-and the runtime binds its buffers as OrtValues (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
+parser does not take, and nxc ships one graph for both backends. Measured by `benchmarks/kv_cache.py` on the
+previous (427-node) graph (embedded model, ORT 1.31 CPU, 2 cores, IO binding, median of 200 decode steps): inplace
+0.61 / 0.61 / 0.70 ms at past 16 / 256 / 1024 (1.15x from 16 to 1024); concat 0.52 / 0.61 / 0.85 ms (1.63x).
+Concat is cheaper only at tiny pasts (the runtime's in-place row write is a few numpy assignments); its cost grows
+with the cache. The concat variant stays exportable so the claim stays checkable: `LlmGraph(kv_mode="concat")`,
+which benchmarks/kv_cache.py exports by itself; a build always has the inplace cache, the only one the runtime reads.
+Two layout details were measured too: scores are laid out [B, T*heads, P+T] so softmax runs along the long last
+axis (with P on axis 1, ORT's broadcast Mul and Softmax walked length-1 rows: 1.9x from 16 to 1024), and the
+runtime binds its buffers as OrtValues (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
 
-Attention without copying the cache. Per layer, with G = heads per KV head:
+Attention without copying the cache. Per layer, with G = heads per KV head and query rows (t, head h):
 
-    Qbd [B,nH*T,kv*D] (block-diagonal: head h's q in KV block h//G) ──MatMul(transB)── past K [B,P,kv*D]
-        ─▶ scores_past [B,nH*T,P] ─┐
-    q · new K ─▶ scores_new ───────┴─ concat(last) ─▶ [B,nH,T,P+T] + mask ─▶ softmax(last, float32) ─┐
-    probs_past [B,nH*T,P] ──MatMul── past V [B,P,kv*D] ─▶ [B,nH,T,kv,D] ─ keep block h//G ─▶ ⊕ ─▶ out
-    probs_new ────────────────────── new V ─────────────────────────────────────────────────┘
+    x ─RMSNorm─ MatMul [Wq;Wk;Wv] ─ RoPE (q also times D^-1/2; v: cos 1, sin 0) ─ Split ─┬─ k, v ─▶ present.{i}
+                                                                                        └─ q
+    Qbd [B,T*nH,kv*D] (block-diagonal: head h's q in KV block h//G)
+        ──MatMul(transB)── past K [B,P,kv*D] ─▶ [B,T*nH,P] ─┐
+        ──MatMul(transB)── new K  [B,T,kv*D] ─▶ [B,T*nH,T] ─┴─ concat ─▶ + mask ─▶ softmax (float32) ─▶ probs
+    probs[..., :P] ──MatMul── past V [B,P,kv*D] ─┐
+    probs[..., P:] ──MatMul── new V  [B,T,kv*D] ─┴─ ⊕ ─▶ [B,T,nH*kv*D] ─ Gather block h//G ─▶ [B,T,nH*D] ─▶ o_proj
 
 The past K/V enter only MatMuls in their stored layout (a free reshape; the transpose of K is fused into the
-GEMM), so a decode step reads the cache once and writes nothing of it. The block-diagonal trick spends kv x the attention FLOPs of
-the past part (for TinyLlama sizes, a few % of a step); the masks are exact 0/1, so the sums are the same numbers.
+GEMM), so a decode step reads the cache once and writes nothing of it. The block-diagonal trick spends kv x the
+attention FLOPs of the past part (for TinyLlama sizes, a few % of a step); the masks are exact 0/1, so the sums are
+the same numbers. (Giving every head all KV heads' keys and masking the foreign ones in the softmax instead saves
+3 nodes a layer, but its softmax rows are kv x longer: measured equal at past 64 and 15% slower at 512.)
+
+Few nodes: at the embedded model's size a decode step is mostly per-operator overhead in ONNX Runtime, not
+arithmetic. So every reshape target is a constant (ONNX Reshape's 0 = keep that axis, `_reshape`) or, where a
+length may be 0, built from B, T, P traced once and shared by all layers; RoPE tables and the additive mask are
+built once per call; q|k|v is one MatMul and RoPE one pass over it. Measured by `benchmarks/decode_step.py`
+(embedded model, ORT 1.32 CPU, 2 cores, allow_spinning 0, 1 intra-op thread): 170 nodes after ORT's
+optimizations where the previous wrapper had 427 (of them 59 Unsqueeze, 44 Gather, 41 Concat, 22 Shape); a decode
+step through OrtRunner.run_cached 0.34 -> 0.23 ms at past 64 (1.46x) and 0.38 -> 0.27 ms at past 512 (1.40x);
+ORT's run_with_iobinding alone, timed apart, 0.26 -> 0.16 ms at past 64 (1.6x). 2 intra-op threads are slower at
+this size (0.28 ms at past 64), as the sessions run without spinning.
 """
 from __future__ import annotations
 
@@ -39,6 +54,25 @@ from torch import nn
 from nxc.model.nextchat import NextChat
 
 KV_MODES = ("inplace", "concat")
+
+
+class _Reshape(torch.autograd.Function):
+    """x.reshape(shape) read the ONNX way (0: x's length on that axis, -1: the rest), exported as one Reshape node
+    with a constant shape; torch's reshape would turn every traced length into Shape-Gather-Unsqueeze-Concat nodes.
+    Only for tensors that cannot be empty (a -1 of nothing is ambiguous)."""
+
+    @staticmethod
+    def forward(ctx, x, shape):
+        return x.reshape([x.shape[i] if s == 0 else s for i, s in enumerate(shape)])
+
+    @staticmethod
+    def symbolic(g, x, shape):
+        return g.op("Reshape", x, g.op("Constant", value_t=torch.tensor(shape, dtype=torch.int64)))
+
+
+def _reshape(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """See _Reshape. `shape` needs a -1 wherever it has a 0 (torch's ONNX shape inference asserts otherwise)."""
+    return _Reshape.apply(x, shape)
 
 
 class LlmGraph(nn.Module):
@@ -59,82 +93,96 @@ class LlmGraph(nn.Module):
         self.layers = model.llm.model.layers
         self.norm = model.llm.model.norm
         self.lm_head = model.llm.lm_head
-        self.n_heads, self.n_kv, self.head_dim = sizes.num_heads, sizes.num_kv_heads, sizes.head_dim
+        nh, kv, d = self.n_heads, self.n_kv, self.head_dim = sizes.num_heads, sizes.num_kv_heads, sizes.head_dim
         self.eps = sizes.rms_norm_eps
-        d = self.head_dim
+        group, half = nh // kv, d // 2
+        heads = nh + 2 * kv
+        # RoPE of all q|k|v heads in one pass over [.., (nH+2kv)*D]: HF's rotate_half(x) is x[..., rot] * sign. v's
+        # frequencies are 0 (cos 1, sin 0: v passes exactly) and q's tables are times the attention scale D^-1/2
         inv_freq = 1.0 / (sizes.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        inv_freq = torch.cat([inv_freq, inv_freq]).repeat(heads)
+        inv_freq[(nh + kv) * d:] = 0
+        scale = torch.tensor([d ** -0.5] * nh + [1.0] * (2 * kv)).repeat_interleave(d)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        group = self.n_heads // self.n_kv
-        block = (torch.arange(self.n_heads)[None, :] // group == torch.arange(self.n_kv)[:, None]).float()
-        self.register_buffer("block", block, persistent=False)                  # [kv, nH]: 1 where h uses kv block
-        self.register_buffer("kv_of_head", torch.arange(self.n_heads) // group, persistent=False)
+        self.register_buffer("cos_scale", scale, persistent=False)
+        self.register_buffer("sin_scale", scale * torch.cat([-torch.ones(half), torch.ones(half)]).repeat(heads),
+                             persistent=False)
+        rot = torch.arange(heads)[:, None] * d + torch.cat([torch.arange(half, d), torch.arange(half)])
+        self.register_buffer("rot", rot.reshape(-1), persistent=False)
+        block = (torch.arange(nh)[:, None] // group == torch.arange(kv)).float()[:, :, None]
+        self.register_buffer("block", block, persistent=False)                       # [nH,kv,1]: 1 where kv == h//G
+        own = torch.arange(nh)[:, None] * kv * d + (torch.arange(nh) // group)[:, None] * d + torch.arange(d)
+        self.register_buffer("own_block", own.reshape(-1), persistent=False)         # [nH*D] indices into [nH*kv*D]
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
         """RMSNorm accumulated in float32 whatever the weights' precision (as HF's LlamaRMSNorm)."""
         xf = x.float()
         var = xf.pow(2).mean(-1, keepdim=True)
-        return (norm.weight.float() * (xf * torch.rsqrt(var + eps))).to(x.dtype)
+        y = norm.weight.float() * (xf * torch.rsqrt(var + eps))
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rot * sin
+    @staticmethod
+    def _qkv(att: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """[B,T,H] -> [B,T,(nH+2kv)*D]: q|k|v in one MatMul (the concatenated weights are a constant in the graph)."""
+        projs = (att.q_proj, att.k_proj, att.v_proj)
+        bias = None if att.q_proj.bias is None else torch.cat([p.bias for p in projs])
+        return nn.functional.linear(x, torch.cat([p.weight for p in projs]), bias)
 
-    def _attention(self, q, k, v, past_k, past_v, add_mask):
-        """q [B,T,nH,D], k/v [B,T',kv,D] (new), past_k/v [B,P,kv,D], add_mask [B,1,T,P+T'] -> [B,T,nH*D]."""
-        b, t, nh, d = q.shape
-        kv = self.n_kv
-        p, tn = past_k.shape[1], k.shape[1]
-        # reshapes of past tensors use -1 for P: an ONNX Reshape reads a literal 0 as "keep", which breaks P = 0
-        q = q.permute(0, 2, 1, 3)                                                        # [B,nH,T,D]
-        block = self.block.t().to(q.dtype)[None, :, None, :, None]                       # [1,nH,1,kv,1]
-        qbd = (q.unsqueeze(3) * block).reshape(b, nh * t, kv * d)                        # block-diagonal queries
-        s_past = torch.matmul(qbd, past_k.reshape(b, -1, kv * d).transpose(1, 2))        # [B,nH*T,P]
-        k_rep = k.index_select(2, self.kv_of_head).permute(0, 2, 3, 1)                  # [B,nH,D,T']
-        v_rep = v.index_select(2, self.kv_of_head).permute(0, 2, 1, 3)                  # [B,nH,T',D]
-        s_new = torch.matmul(q, k_rep).reshape(b, nh * t, -1)                           # [B,nH*T,T']
-        scores = torch.cat([s_past, s_new], dim=2).reshape(b, nh, t, p + tn).float() * (d ** -0.5) + add_mask
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)                               # softmax in float32
-        o_all = torch.matmul(probs[..., :p].reshape(b, nh * t, -1), past_v.reshape(b, -1, kv * d))
-        o_past = (o_all.reshape(b, nh, t, kv, d) * block).sum(3)                        # keep head h's KV block
-        o_new = torch.matmul(probs[..., p:], v_rep)                                     # [B,nH,T,D]
-        return (o_past + o_new).permute(0, 2, 1, 3).reshape(b, t, nh * d)
+    def _mask(self, attention_mask: torch.Tensor, t: int, p: int) -> torch.Tensor:
+        """Additive float32 mask [B, T*nH, P+T], row t*nH+h: 0 where the position is not padding and not after
+        query t (position <= P + t), float32 min elsewhere."""
+        dev = attention_mask.device
+        query_pos = torch.arange(t * self.n_heads, device=dev) // self.n_heads + p                  # [T*nH]
+        causal = torch.arange(attention_mask.shape[1], device=dev) <= query_pos[:, None]         # [T*nH,P+T]
+        return torch.where(causal & attention_mask.bool()[:, None, :], 0.0, torch.finfo(torch.float32).min)
+
+    @staticmethod
+    def _attention(qbd, k, v, past_k, past_v, add_mask, p: int):
+        """qbd [B,T*nH,kv*D] (block-diagonal, already scaled), new k/v [B,T,kv*D] or None (the past holds all keys),
+        past_k/v [B,P,kv*D], add_mask [B,T*nH,P(+T)] -> [B,T*nH,kv*D], head h's output in KV block h//G."""
+        scores = torch.matmul(qbd, past_k.transpose(1, 2))
+        if k is not None:
+            scores = torch.cat([scores, torch.matmul(qbd, k.transpose(1, 2))], dim=2)
+        probs = torch.softmax(scores.float() + add_mask, dim=-1).to(qbd.dtype)                    # float32 softmax
+        if k is None:
+            return torch.matmul(probs, past_v)
+        return torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         """Shapes in the module docstring; past K/V come in the weights' dtype, everything else float32."""
         dtype = self.lm_head.weight.dtype
-        b, t, _ = inputs_embeds.shape
-        freqs = position_ids[..., None].float() * self.inv_freq                         # [B,T,D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]                          # [B,T,1,D]
-        cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
-        # additive float32 mask [B,1,T,P+T]: padding from attention_mask, causal among the T new positions
-        neg = torch.finfo(torch.float32).min
-        keep = attention_mask[:, None, None, :].float()                                 # [B,1,1,P+T]
+        nh, kv, d = self.n_heads, self.n_kv, self.head_dim
+        b, t = inputs_embeds.shape[0], inputs_embeds.shape[1]      # traced once; every dynamic shape reuses them
         p = attention_mask.shape[1] - t
-        ar = torch.arange(t, device=inputs_embeds.device)
-        causal = (ar[None, :] <= ar[:, None]).float()                                   # [T,T']: key t' <= query t
-        causal = torch.cat([torch.ones(t, p), causal], dim=1)[None, None]
-        add_mask = (1 - keep * causal) * neg
+        angle = position_ids[..., None].float() * self.inv_freq                                 # [B,T,(nH+2kv)*D]
+        cos = (angle.cos() * self.cos_scale).to(dtype)
+        sin = (angle.sin() * self.sin_scale).to(dtype)
+        add_mask = self._mask(attention_mask, t, p)
+        block = self.block.to(dtype)
         h = inputs_embeds.to(dtype)
         presents = []
         for i, layer in enumerate(self.layers):
             att = layer.self_attn
-            x = self._rms(h, layer.input_layernorm, self.eps)
-            q = att.q_proj(x).reshape(b, t, self.n_heads, self.head_dim)
-            k = att.k_proj(x).reshape(b, t, self.n_kv, self.head_dim)
-            v = att.v_proj(x).reshape(b, t, self.n_kv, self.head_dim)
-            q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
-            past_k, past_v = past[2 * i], past[2 * i + 1]
+            qkv = self._qkv(att, self._rms(h, layer.input_layernorm, self.eps))
+            qkv = qkv * cos + qkv[..., self.rot] * sin                                          # RoPE
+            q, k, v = torch.split(qkv, [nh * d, kv * d, kv * d], dim=-1)                        # [B,T,heads*D]
+            qbd = _reshape(_reshape(q, 0, 0, -1, 1, d) * block, 0, -1, kv * d)                  # [B,T*nH,kv*D]
+            # the past may be empty (P = 0): its shape is built from the traced lengths, never from a -1
+            past_k, past_v = past[2 * i].reshape(b, p, kv * d), past[2 * i + 1].reshape(b, p, kv * d)
             if self.kv_mode == "concat":     # the measured alternative: the cache is copied every step
                 past_k, past_v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-                presents += [past_k, past_v]
-                o = self._attention(q, k[:, :0], v[:, :0], past_k, past_v, add_mask)
+                presents += [_reshape(past_k, 0, -1, kv, d), _reshape(past_v, 0, -1, kv, d)]
+                o = self._attention(qbd, None, None, past_k, past_v, add_mask, p + t)
             else:
-                presents += [k, v]
-                o = self._attention(q, k, v, past_k, past_v, add_mask)
+                presents += [_reshape(k, 0, 0, -1, d), _reshape(v, 0, 0, -1, d)]
+                o = self._attention(qbd, k, v, past_k, past_v, add_mask, p)
+            o = _reshape(o, 0, -1, nh * kv * d).index_select(2, self.own_block)                 # [B,T,nH*D]
             h = h + att.o_proj(o)
             x = self._rms(h, layer.post_attention_layernorm, self.eps)
             h = h + layer.mlp.down_proj(nn.functional.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))
         last = self._rms(h[:, -1], self.norm, self.eps)
-        return (self.lm_head(last).float(), last.float(), *presents)
+        logits = self.lm_head(last)
+        if dtype != torch.float32:             # (a float32 graph gets no Cast nodes for nothing)
+            logits, last = logits.float(), last.float()
+        return (logits, last, *presents)
