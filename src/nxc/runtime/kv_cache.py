@@ -52,6 +52,7 @@ class KVCache:
         self._owners, self._base = {}, {}
         for past, _ in self.pairs:
             self._owners[past], self._base[past] = self.memory.allocate((1, capacity, *self.row_shape), self.dtype)
+        self.bindings: dict = {}          # a backend's per-cache binding state (e.g. ONNX Runtime's IOBinding)
         # attention mask and positions of every row, host side: a step feeds views of them
         self._ones = np.ones((1, capacity), np.int64)
         self._positions = np.arange(capacity, dtype=np.int64)[None]
