@@ -11,14 +11,14 @@ Why this cache ("inplace") and not the usual present = concat(past, new) ("conca
 copies the whole cache inside the graph, so a step costs O(P) extra memory traffic and a reply O(n^2). ONNX
 Runtime's GroupQueryAttention can share past/present buffers too, but it is a com.microsoft op that TensorRT's ONNX
 parser does not take, and nxc ships one graph for both backends. Measured by `benchmarks/kv_cache.py` on the
-previous (427-node) graph (embedded model, ORT 1.31 CPU, 2 cores, IO binding, median of 200 decode steps): inplace
-0.61 / 0.61 / 0.70 ms at past 16 / 256 / 1024 (1.15x from 16 to 1024); concat 0.52 / 0.61 / 0.85 ms (1.63x).
-Concat is cheaper only at tiny pasts (the runtime's in-place row write is a few numpy assignments); its cost grows
-with the cache. The concat variant stays exportable so the claim stays checkable: `LlmGraph(kv_mode="concat")`,
+current (170-node) graph (embedded model, ORT 1.32 CPU, 2 cores, median of 200 decode steps): inplace
+0.18 / 0.20 / 0.25 ms at past 16 / 256 / 1024 (1.38x from 16 to 1024); concat 0.14 / 0.18 / 0.28 ms (1.97x).
+Concat is cheaper only at short pasts (the in-place step binds 16 cache tensors by address); its cost grows with
+the cache. The concat variant stays exportable so the claim stays checkable: `LlmGraph(kv_mode="concat")`,
 which benchmarks/kv_cache.py exports by itself; a build always has the inplace cache, the only one the runtime reads.
 Two layout details were measured too: scores are laid out [B, T*heads, P+T] so softmax runs along the long last
 axis (with P on axis 1, ORT's broadcast Mul and Softmax walked length-1 rows: 1.9x from 16 to 1024), and the
-runtime binds its buffers as OrtValues (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
+runtime binds its buffers by address (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
 
 Attention without copying the cache. Per layer, with G = heads per KV head and query rows (t, head h):
 
