@@ -38,3 +38,32 @@ def test_top_p_keeps_nucleus():
 def test_bad_params(kw, msg):
     with pytest.raises(ValueError, match=msg):
         SamplingParams(**kw)
+
+
+# ---- banned ids: tokens only a head may emit, and the image span's, are never chosen (security review, issue 2) ---
+@pytest.mark.parametrize("kw", [{}, {"temperature": 4.0}, {"temperature": 4.0, "top_k": 3},
+                                {"temperature": 4.0, "top_p": 0.5}, {"temperature": 0.1, "top_k": 1}])
+def test_banned_ids_are_never_chosen(kw):
+    logits = np.zeros(8)
+    logits[[5, 6]] = 50.0                       # the banned tokens are by far the likeliest
+    p = SamplingParams(seed=0, **kw)
+    rng = p.rng()
+    picks = {pick_token(logits, p, rng, banned=(5, 6)) for _ in range(300)}
+    assert picks and not picks & {5, 6}
+
+
+def test_banning_unlikely_ids_keeps_the_draws():
+    # Parity: masking tokens that had no chance changes nothing, draw for draw.
+    logits = np.random.default_rng(1).normal(size=40)
+    logits[[3, 9]] = -1e4
+    p = SamplingParams(temperature=1.3, top_p=0.9, top_k=20, seed=5)
+    a, b = p.rng(), p.rng()
+    assert [pick_token(logits, p, a) for _ in range(50)] == [pick_token(logits, p, b, banned=[3, 9]) for _ in range(50)]
+
+
+@pytest.mark.parametrize("banned, msg", [((0, 1, 2, 3), "all 4 tokens are banned"),
+                                         ((4,), r"banned token ids must be in 0..3 .*got \[4\]"),
+                                         ((-1,), r"got \[-1\]")])
+def test_bad_banned_ids(banned, msg):
+    with pytest.raises(ValueError, match=msg):
+        pick_token(np.zeros(4), SamplingParams(), None, banned=banned)

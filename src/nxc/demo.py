@@ -4,6 +4,8 @@ on a generated image.
 Exports the embedded model to build/fp32 if that build is missing (or is not a valid build), then asks a
 referring question and a grounded caption through `nxc.runtime.Pipeline`, prints the replies and the boxes (with
 their IoU against the drawn ground truth) and writes build/demo.png with boxes, indices and masks drawn.
+`--scene-out PATH` only writes the generated scene, without annotations (an image for nxc-run, nxc-serve or the
+Python API to ask about), and needs no build.
 """
 from __future__ import annotations
 
@@ -26,19 +28,34 @@ def ensure_build(build: Path) -> Path:
     return export_build(None, build, options=ExportOptions())
 
 
+def write_scene(scene, path: Path, seed: int) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scene.image.save(path)
+    boxes = "; ".join(f"{o.phrase} at {[int(v) for v in o.box]}" for o in scene.objects)
+    print(f"wrote {path}: the generated scene of seed {seed}, {scene.image.size[0]}x{scene.image.size[1]}, "
+          f"objects (pixel xyxy): {boxes}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nxc-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=7, help="which generated scene to use")
     ap.add_argument("--build", default="build/fp32", help="build directory (exported here if missing)")
     ap.add_argument("--out", default="build/demo.png", help="annotated PNG to write")
+    ap.add_argument("--scene-out", metavar="PATH", help="only write the generated scene (no annotations) to PATH "
+                    "and exit: an image to try nxc-run on; needs no build")
     a = ap.parse_args(argv)
+
+    from nxc.shapes.data import make_scene
+
+    scene = make_scene(np.random.default_rng(a.seed), max_objects=3)
+    if a.scene_out:
+        return write_scene(scene, Path(a.scene_out), a.seed)
 
     from nxc.runtime.draw import annotate
     from nxc.runtime.pipeline import Pipeline
-    from nxc.shapes.data import make_scene
     from nxc.shapes.evaluate import box_iou
 
-    scene = make_scene(np.random.default_rng(a.seed), max_objects=3)
     build = ensure_build(Path(a.build))
     t = time.perf_counter()
     pipe = Pipeline.load(build)

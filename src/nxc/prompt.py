@@ -2,17 +2,27 @@
 
 Torch-free; shared by the PyTorch reference and the runtime so that both build the same text.
 Unlike the original (which runs user text through `str.format`), literal braces are kept as they are.
+
+A prompt is rendered as segments (nxc.tokens.Segment): the template's own parts are control text, in which
+special-token strings become their ids; what people wrote is plain text, in which `<at>`, `</s>`, `<im_start>`...
+are only characters, so a user cannot forge a turn, a slot or an image span:
+
+    control  "<system> USER: "  "<im_start><im_patch>x576<im_end>"  " "   the `<at> <boxes>` of each [k]  ...
+    plain    what the user typed (around its [k] references), an earlier reply's words (around its slots)
+
+`special_tokens_in_text=True` marks everything control: the original model's behaviour, for parity with it.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
 from nxc import names
+from nxc.tokens import Segment
 
-# A bracket group of non-negative ints, e.g. [0] or [0,1] or [0, 1,] (trailing comma tolerated).
-_REGION_REF = re.compile(r"\[\s*\d+\s*(?:,\s*\d+\s*)*,?\s*\]")
+# A bracket group of non-negative ints, e.g. [0] or [0,1] or [0, 1,] (trailing comma tolerated). ASCII digits only
+# (an Arabic-Indic digit is text); leading zeros read as int() reads them: [01] is [1].
+_REGION_REF = re.compile(r"\[\s*\d+\s*(?:,\s*\d+\s*)*,?\s*\]", re.ASCII)
 SLOT = f"{names.AT} {names.BOXES}"
 
 
@@ -22,8 +32,8 @@ class PromptError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    user: str
-    assistant: str | None = None   # None for the turn being answered
+    user: str                      # as typed: region references like [0] are expanded when rendered
+    assistant: str | None = None   # the reply as decoded (`<at> <boxes>` literal); None for the turn being answered
 
 
 def expand_region_refs(text: str, num_boxes: int) -> tuple[str, list[int]]:
@@ -36,7 +46,7 @@ def expand_region_refs(text: str, num_boxes: int) -> tuple[str, list[int]]:
     pieces: list[str] = []
     last = 0
     for m in _REGION_REF.finditer(text):
-        idx = json.loads(re.sub(r",\s*\]$", "]", m.group(0)))
+        idx = _ref_indices(m.group(0))
         bad = [i for i in idx if i >= num_boxes]
         if bad:
             given = (f"only {num_boxes} box(es) were given (valid indices 0..{num_boxes - 1})" if num_boxes
@@ -70,35 +80,105 @@ def image_span(num_image_tokens: int) -> str:
     return names.IM_START + names.IM_PATCH * num_image_tokens + names.IM_END
 
 
-def render(turns: list[Turn], num_image_tokens: int) -> str:
-    """The full prompt text for a conversation whose last turn awaits the assistant (reference §3.1-3.2).
+def _ref_indices(ref: str) -> list[int]:
+    """The box indices of one matched region reference, e.g. `[0, 1,]` -> [0, 1]."""
+    return [int(i) for i in re.findall(r"[0-9]+", ref)]
 
-    `<system> USER: <image span> q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:` -- the image goes into the
-    first user message (prefixed as `<image> ` unless the text already holds `<image>`).
+
+def region_segments(text: str) -> list[Segment]:
+    """User text as plain segments, each region reference `[k,...]` as control `<at> <boxes>` slots (one per
+    index). The text joined is `expand_region_refs`'s; the references are checked there, when the turn is asked."""
+    out: list[Segment] = []
+    last = 0
+    for m in _REGION_REF.finditer(text):
+        out += [Segment(text[last:m.start()], False),
+                Segment(" ".join([SLOT] * len(_ref_indices(m.group(0)))), True)]
+        last = m.end()
+    out.append(Segment(text[last:], False))
+    return out
+
+
+def _user_segments(text: str, image: str | None) -> list[Segment]:
+    """One user message; the first (`image` given) holds the image span where its first `<image>` is, else before
+    the text (`<image> ` prefixed, reference §3.2)."""
+    if image is None:
+        return region_segments(text)
+    at = text.find(names.IMAGE_PLACEHOLDER)
+    if at < 0:
+        return [Segment(image + " ", True)] + region_segments(text)
+    return (region_segments(text[:at]) + [Segment(image, True)]
+            + region_segments(text[at + len(names.IMAGE_PLACEHOLDER):]))
+
+
+def _reply_segments(text: str) -> list[Segment]:
+    """An earlier reply as decoded: its `<at> <boxes>` slots are control, every other character plain text."""
+    out: list[Segment] = []
+    for k, part in enumerate(text.split(SLOT)):
+        out += [Segment(SLOT, True)] * (k > 0) + [Segment(part, False)]
+    return out
+
+
+def _merged(segments: list[Segment]) -> list[Segment]:
+    """Drop empty segments and join neighbours of the same kind."""
+    out: list[Segment] = []
+    for s in segments:
+        if not s.text:
+            continue
+        if out and out[-1].control == s.control:
+            out[-1] = Segment(out[-1].text + s.text, s.control)
+        else:
+            out.append(s)
+    return out
+
+
+def render_segments(turns: list[Turn], num_image_tokens: int, *,
+                    special_tokens_in_text: bool = False) -> list[Segment]:
+    """The prompt of a conversation whose last turn awaits the assistant (reference §3.1-3.2), as segments.
+
+    Joined: `<system> USER: <image span> q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:` -- the image goes into the
+    first user message (prefixed as `<image> ` unless the text already holds `<image>`), region references [k]
+    become `<at> <boxes>`. Control: the template's parts, the image span, the slots; plain: everything else the
+    user and earlier replies wrote. special_tokens_in_text=True marks every segment control (the original's
+    tokenization, where typed special strings become tokens). Returns non-empty segments, kinds alternating.
     """
     if not turns or turns[-1].assistant is not None:
         raise PromptError("the last turn must be the user's question awaiting an answer")
-    messages: list[str] = []
+    messages: list[list[Segment]] = []
     for i, t in enumerate(turns):
-        user = t.user
-        if i == 0 and names.IMAGE_PLACEHOLDER not in user:
-            user = names.IMAGE_PLACEHOLDER + " " + user
-        messages += [user, t.assistant or ""]
-    text = names.SYSTEM_PROMPT + names.SEP
+        messages += [_user_segments(t.user, image_span(num_image_tokens) if i == 0 else None),
+                     _reply_segments(t.assistant or "")]
+    out = [Segment(names.SYSTEM_PROMPT + names.SEP, True)]
     for i, m in enumerate(messages):
         role = names.ROLES[i % 2]
-        if m:
-            text += role + ": " + m + (names.SEP if i % 2 == 0 else names.SEP2)
+        if any(s.text for s in m):
+            out += [Segment(role + ": ", True), *m, Segment(names.SEP if i % 2 == 0 else names.SEP2, True)]
         else:
-            text += role + ":"
-    return text.replace(names.IMAGE_PLACEHOLDER, image_span(num_image_tokens), 1)
+            out.append(Segment(role + ":", True))
+    if special_tokens_in_text:
+        out = [Segment(s.text, True) for s in out]
+    return _merged(out)
+
+
+def render(turns: list[Turn], num_image_tokens: int) -> str:
+    """The prompt text of `render_segments` (the same text in both modes)."""
+    return "".join(s.text for s in render_segments(turns, num_image_tokens))
+
+
+def prompt_segments(user_text: str, *, num_image_tokens: int, num_boxes: int = 0, history: list[Turn] | None = None,
+                    special_tokens_in_text: bool = False) -> tuple[list[Segment], list[int]]:
+    """One chat turn: (the conversation's segments, box indices in `<boxes>` slot order for this turn's text).
+    Raises PromptError when the text is empty or its references and the boxes do not fit together."""
+    if not user_text or not user_text.strip():
+        raise PromptError("the prompt is empty: ask a question, e.g. 'Where is the red circle in the image?'")
+    _, order = expand_region_refs(user_text, num_boxes)
+    check_all_boxes_used(order, num_boxes)
+    return render_segments(list(history or []) + [Turn(user_text)], num_image_tokens,
+                           special_tokens_in_text=special_tokens_in_text), order
 
 
 def build_prompt(user_text: str, *, num_image_tokens: int, num_boxes: int = 0,
                  history: list[Turn] | None = None) -> tuple[str, list[int]]:
     """One chat turn: returns (prompt text, box indices in `<boxes>` slot order for this turn's text)."""
-    if not user_text or not user_text.strip():
-        raise PromptError("the prompt is empty: ask a question, e.g. 'Where is the red circle in the image?'")
-    expanded, order = expand_region_refs(user_text, num_boxes)
-    check_all_boxes_used(order, num_boxes)
-    return render(list(history or []) + [Turn(expanded)], num_image_tokens), order
+    segments, order = prompt_segments(user_text, num_image_tokens=num_image_tokens, num_boxes=num_boxes,
+                                      history=history)
+    return "".join(s.text for s in segments), order

@@ -189,6 +189,8 @@ def test_export_cli_embedded_fp16_with_progress(tmp_path, capsys):
     assert m.precision == "fp16" and m.source["checkpoint"] == "embedded:shapes-nextchat"
     assert m.graph_spec("llm").inputs[3].dtype == m.kv_cache.dtype == "float16"
     assert all(g.precision == "fp16" for g in m.graphs.values())
+    assert [p.name for p in tmp_path.iterdir()] == ["fp16"]          # no scratch, partial or lock left beside it
+    assert not (out / ".fp32ref").exists() and (out / "reports" / "accuracy.json").is_file()
 
 
 def test_graph_with_external_data_outside_the_build_is_refused(build_copy, tmp_path):
@@ -220,3 +222,74 @@ def test_graph_with_external_data_outside_the_build_is_refused(build_copy, tmp_p
     pipe = Pipeline.load(build_copy)
     with pytest.raises(BackendError, match="external data points outside the build directory"):
         pipe.runner("loc_heads")
+
+
+SMALL = dict(graphs=("loc_heads",), max_context=64, parity=False)
+
+
+def test_stale_lock_and_scratch_of_a_killed_export_are_cleaned(tiny_ckpt_export, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from nxc.export.exporter import ExportOptions, export_build
+    out = tmp_path / "fp32"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / "fp32.lock").write_text(f"{dead.pid}\n")                    # its nxc-export was killed
+    scratch = tmp_path / ".fp32.partial-999999" / ".fp32ref"               # a killed fp16 export's fp32 graphs
+    scratch.mkdir(parents=True)
+    (scratch / "vision.onnx").write_bytes(b"x" * 100)
+    (tmp_path / ".fp32ref-k2j4x0").mkdir()                                 # where nxc 0.1 wrote them
+    export_build(tiny_ckpt_export, out, options=ExportOptions(**SMALL))
+    assert f"taking over {tmp_path / 'fp32.lock'} (its nxc-export, pid {dead.pid}, is gone)" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["fp32"]
+    load_manifest(out)
+
+
+def test_kill_between_the_swaps_renames_is_recovered(tiny_ckpt_export, unconvertible_ckpt, tmp_path, monkeypatch,
+                                                     capsys):
+    """out -> .old, then the kill before .partial -> out: the next export puts the previous build back first (here
+    one that then fails on its tokenizer, so the restored build is what is left)."""
+    from pathlib import Path
+
+    from nxc.export.exporter import ExportError, ExportOptions, export_build
+    out = tmp_path / "fp32"
+    export_build(tiny_ckpt_export, out, options=ExportOptions(**SMALL))
+    before = (out / "manifest.json").read_bytes()
+    rename = Path.rename
+
+    def killed_on_the_second_rename(self, target):
+        if ".partial-" in self.name:
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", killed_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        export_build(tiny_ckpt_export, out, options=ExportOptions(**SMALL))
+    monkeypatch.undo()
+    assert not out.exists() and [p.name.split("-")[0] for p in tmp_path.glob(".fp32.*")] == [".fp32.old"]
+    with pytest.raises(ExportError, match="the tokenizer does not convert"):
+        export_build(unconvertible_ckpt, out, options=ExportOptions(**SMALL))
+    assert "[nxc-export] restored " in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+    load_manifest(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp32", "unconvertible"]
+
+
+def test_int8_progress_lines_show_the_lint_of_the_quantized_graphs(tmp_path, capsys):
+    """The line per graph gives the TensorRT lint of the graph that ships (the quantized one), as the manifest
+    records it: the int8 llm's MatMulNBits is a finding, never "lint ok"."""
+    from nxc.export.exporter import ExportOptions, export_build
+    out = export_build(None, tmp_path / "int8", options=ExportOptions(precision="int8", calib_samples=2,
+                                                                      graphs=("llm", "loc_heads"), parity=False))
+    err = capsys.readouterr().err.splitlines()
+    m = load_manifest(out)
+    for g, entry in m.graphs.items():
+        lint = entry.extra["tensorrt_lint"]
+        [line] = [x for x in err if x.startswith(f"[nxc-export] {g}: {entry.precision}, ")]
+        said = "TensorRT lint ok" if lint["ok"] else f"TensorRT lint: {lint['problem_count']} problem(s): " \
+                                                     f"{lint['problems'][0]}"
+        assert said in line, (line, lint)
+        assert lint["ok"] or not any(g in x and "lint ok" in x for x in err), err
+    assert not m.graphs["llm"].extra["tensorrt_lint"]["ok"]
+    assert "com.microsoft::MatMulNBits" in next(x for x in err if x.startswith("[nxc-export] llm: int8-weight-only"))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from nxc.config import ConfigError
-from nxc.model.checkpoint import CheckpointError, load_nextchat
+from nxc.model import processing
+from nxc.model.checkpoint import CheckpointError, load_nextchat, read_clip_preprocess
 from nxc.model.reference import ReferenceChat
 from nxc.model.writer import make_tiny_checkpoint, official_state_dict, save_nextchat
 from nxc.runtime.tokenizer import TokenizerError
@@ -126,3 +127,63 @@ def test_missing_clip_dir(tmp_path, tiny_ckpt):
     shutil.rmtree(ckpt / "clip")
     with pytest.raises(CheckpointError, match="has no config.json: pass --clip"):
         load_nextchat(ckpt)
+
+
+def _with_preprocessor_config(tiny_ckpt, tmp_path, content):
+    ckpt = tmp_path / "pp"
+    shutil.copytree(tiny_ckpt, ckpt)
+    text = content if isinstance(content, str) else json.dumps(content)
+    (ckpt / "clip" / "preprocessor_config.json").write_text(text)
+    return ckpt
+
+
+def test_clip_preprocessor_config_is_read_and_used(tmp_path, tiny_ckpt, image):
+    """HF CLIPImageProcessor keys; the reference's pixels follow them."""
+    ckpt = _with_preprocessor_config(tiny_ckpt, tmp_path, {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "do_rescale": True,
+        "rescale_factor": 0.00392156862745098, "do_normalize": True, "image_mean": [0.5, 0.4, 0.3],
+        "image_std": [0.2, 0.25, 0.3], "resample": 2, "do_convert_rgb": True})
+    model, _ = load_nextchat(ckpt)
+    expected = processing.ClipPreprocess(size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), resample="bilinear")
+    assert processing.clip_preprocess_of(model) == expected
+    by_hand = processing.clip_pixels(image, 32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), resample="bilinear")
+    assert torch.equal(expected.pixels(image), by_hand)
+    assert not torch.allclose(expected.pixels(image), processing.clip_pixels(image, 32))
+
+
+def test_without_preprocessor_config_the_standard_clip_values(tiny_ckpt):
+    model, _ = load_nextchat(tiny_ckpt)
+    assert processing.clip_preprocess_of(model) == processing.ClipPreprocess(
+        size=32, mean=processing.CLIP_MEAN, std=processing.CLIP_STD, resample="bicubic")
+    assert read_clip_preprocess(tiny_ckpt / "clip", 32) == processing.ClipPreprocess(size=32)
+
+
+def test_the_released_clip_preprocessor_config_gives_the_standard_values(tmp_path):
+    """openai/clip-vit-large-patch14-336's file (old-style int sizes) is the hard-coded fallback exactly."""
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": 336, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+        "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 336}))
+    assert read_clip_preprocess(tmp_path, 336) == processing.ClipPreprocess(size=336)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", r"preprocessor_config\.json is not valid JSON"),
+    ([0.5, 0.5], r"preprocessor_config\.json holds a list, expected a JSON object"),
+    ({"image_mean": [0.5, 0.5]}, r"preprocessor_config\.json: image_mean is \[0\.5, 0\.5\]; expected 3 finite numbers"),
+    ({"image_mean": ["a", 0.5, 0.5]}, r": image_mean is \['a', 0\.5, 0\.5\]; expected 3 finite numbers"),
+    ({"image_std": [0.2, 0, 0.2]}, r": image_std is \[0\.2, 0, 0\.2\]; expected 3 finite numbers > 0"),
+    ({"resample": 0}, r": resample is 0; expected a PIL filter code: 1 \(lanczos\), 2 \(bilinear\), 3 \(bicubic\)"),
+    ({"resample": "bicubic"}, r": resample is 'bicubic'; expected a PIL filter code"),
+    ({"crop_size": {"height": 24, "width": 24}}, r": crop_size is \{'height': 24, 'width': 24\}; expected 32"),
+    ({"size": {"shortest_edge": 40}}, r": size is \{'shortest_edge': 40\}; expected 32, the CLIP tower's image_size"),
+    ({"size": {"height": 32, "width": 40}}, r": size is \{'height': 32, 'width': 40\}; expected a positive int"),
+    ({"do_normalize": False}, r": do_normalize is False; expected true"),
+    ({"rescale_factor": 1.0}, r": rescale_factor is 1\.0; expected 1/255"),
+])
+def test_bad_preprocessor_config_is_one_line_naming_file_and_key(tmp_path, tiny_ckpt, content, message):
+    ckpt = _with_preprocessor_config(tiny_ckpt, tmp_path, content)
+    with pytest.raises(CheckpointError, match=message) as e:
+        load_nextchat(ckpt)
+    assert "\n" not in str(e.value) and str(ckpt / "clip" / "preprocessor_config.json") in str(e.value)

@@ -1,5 +1,8 @@
 """nxc-run and nxc-eval on a build directory; backend selection errors."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -40,16 +43,74 @@ def test_nxc_run_json_with_region_box(embedded_build, scene_png, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["--image", "/nonexistent.png", "--prompt", "hi"], "/nonexistent.png: no such file"),
-    (["--prompt", "What is [1]?", "--box", "1,2,3,4"], "refers to region 1"),
-    (["--prompt", "   "], "the prompt is empty"),
+    (["--image", "/dev/null", "--prompt", "hi"], "/dev/null: the file is empty (0 bytes); pass a PNG or JPEG"),
+    (["--prompt", "What is [1]?", "--box", "1,2,3,4"],
+     "the prompt refers to region 1 in '[1]', but only 1 box(es) were given (valid indices 0..0). Pass one box per "
+     'referenced index (nxc-run --box x1,y1,x2,y2; "boxes": [[x1, y1, x2, y2]] in an API request).'),
+    (["--prompt", "   "], "the prompt is empty: ask a question, e.g. 'Where is the red circle in the image?'"),
 ])
 def test_nxc_run_errors_are_one_line(embedded_build, scene_png, capsys, args, message):
     path, _ = scene_png
     if "--image" not in args:
         args = ["--image", str(path), *args]
     assert run_main([str(embedded_build), *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert capsys.readouterr().err == f"nxc-run: {message}\n"
+
+
+def usage_error(argv: list[str], capsys) -> str:
+    """The line argparse writes after the usage (exit status 2)."""
+    with pytest.raises(SystemExit) as e:
+        run_main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--prompt", os.fsdecode(b"Where is \xff?"),            # argv bytes that are not UTF-8 arrive surrogate-escaped
+     "is not valid UTF-8 (byte 0xff at character 9); pass the question as UTF-8 text"),
+    ("--top-k", "1.5", "expects a whole number >= 0, got '1.5'"),
+    ("--top-k", "-2", "expects a whole number >= 0, got '-2'"),
+    ("--seed", "x", "expects a whole number >= 0, got 'x'"),
+    ("--seed", "-1", "expects a whole number >= 0, got '-1'"),
+    ("--max-new-tokens", "inf", "expects a whole number >= 1, got 'inf'"),
+    ("--max-new-tokens", "-5", "expects a whole number >= 1, got '-5'"),
+    ("--max-new-tokens", "0", "expects a whole number >= 1, got '0'"),
+    ("--temperature", "nan", "expects a finite number >= 0, got 'nan'"),
+    ("--top-p", "0", "expects a finite number > 0 and <= 1, got '0'"),
+    ("--top-p", "1.5", "expects a finite number > 0 and <= 1, got '1.5'"),
+    ("--out", "{tmp}", "{tmp} is a directory; name the image file to write, e.g. {tmp}/annotated.png"),
+    ("--out", "{tmp}/annotated",
+     "{tmp}/annotated has no extension, and Pillow takes the image format from it; end the name with .png or .jpg"),
+    ("--out", "{tmp}/annotated.psd",
+     "{tmp}/annotated.psd: Pillow cannot write .psd images; end the name with .png or .jpg"),
+    ("--out", "{tmp}/file.txt/annotated.png",
+     "{tmp}/file.txt/annotated.png: {tmp}/file.txt is a file, not a directory"),
+])
+def test_nxc_run_refuses_bad_flags_before_loading_anything(tmp_path, capsys, flag, value, message):
+    """No build, no image: the flag is refused while parsing, before the model would run."""
+    (tmp_path / "file.txt").write_text("x")
+    value, message = value.replace("{tmp}", str(tmp_path)), message.replace("{tmp}", str(tmp_path))
+    argv = ["/no/build", "--image", "/no/image.png", "--prompt", "Where is it?", flag, value]
+    assert usage_error(argv, capsys) == f"nxc-run: error: argument {flag}: {message}"
+
+
+def test_nxc_run_reports_an_image_pillow_cannot_write_in_one_line(embedded_build, scene_png, tmp_path, capsys):
+    out = tmp_path / "annotated.xbm"                   # XBM is black and white only
+    assert run_main([str(embedded_build), "--image", str(scene_png[0]), "--prompt", "Where is the circle?",
+                     "--max-new-tokens", "4", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"nxc-run: cannot write {out} (cannot write mode RGB as XBM)\n"
+
+
+def test_nxc_run_reads_the_image_from_a_pipe(embedded_build, scene_png, capsys):
+    """`... | nxc-run build --image /dev/stdin`: the same reply as from the file."""
+    path, scene = scene_png
+    o = scene.objects[0]
+    argv = [str(embedded_build), "--prompt", f"Where is the {o.colour} {o.shape} in the image?", "--json"]
+    piped = subprocess.run([sys.executable, "-m", "nxc.runtime.cli", *argv, "--image", "/dev/stdin"],
+                           input=path.read_bytes(), capture_output=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr.decode()
+    assert run_main([*argv, "--image", str(path)]) == 0
+    assert json.loads(piped.stdout) == json.loads(capsys.readouterr().out)
 
 
 def test_nxc_run_rejects_a_malformed_box(embedded_build, scene_png, capsys):

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from nxc import names
 from nxc.manifest import BuildError
@@ -93,3 +94,59 @@ def test_cache_steps_equal_one_prefill(embedded_pipe):
     np.testing.assert_allclose(la, lb, rtol=1e-4, atol=1e-4)
     for n, arr in a.arrays().items():
         np.testing.assert_allclose(arr, b.arrays()[n], rtol=1e-4, atol=1e-5)
+
+
+# ---- sampling can never break the dispatch invariant (security review, issue 2) ------------------------------------
+
+def adversarial_pipe(embedded_pipe):
+    """A pipeline whose decode steps (not the prefills) return `adversary["logits"](real logits)` when it is set."""
+    pipe = Pipeline(manifest=embedded_pipe.manifest, tokenizer=embedded_pipe.tokenizer, backend=embedded_pipe.backend)
+    real, adversary = pipe.llm_step, {}
+
+    def llm_step(embeds, cache):
+        logits, hidden = real(embeds, cache)
+        if embeds.shape[1] == 1 and adversary.get("logits"):
+            logits = adversary["logits"](logits)
+        return logits, hidden
+    pipe.llm_step = llm_step
+    return pipe, adversary
+
+
+@pytest.fixture(scope="module")
+def adversarial(embedded_pipe):
+    return adversarial_pipe(embedded_pipe)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(seed=st.integers(0, 2**31), boost=st.floats(0, 60), scale=st.sampled_from([1.0, 10.0]),
+       temperature=st.sampled_from([0.0, 0.7, 4.0, 100.0]), top_k=st.sampled_from([0, 1, 5]),
+       top_p=st.sampled_from([1.0, 0.5]), max_new=st.integers(1, 24))
+def test_no_sampled_sequence_breaks_dispatch_or_later_turns(adversarial, seed, boost, scale, temperature, top_k,
+                                                          top_p, max_new):
+    """Random logits, with the tokens only a head emits (<boxes>), the image span's and the trigger pushed up by
+    `boost`, through the runtime's decode loop and pick: no error, every slot right after its trigger, one detection
+    per trigger, and the next turn of the same conversation still runs."""
+    pipe, adversary = adversarial
+    tok = pipe.tokens
+    at, slot = tok[names.AT], tok[names.BOXES]
+    image_ids = {tok[names.IM_START], tok[names.IM_PATCH], tok[names.IM_END]}
+    rng = np.random.default_rng(seed)
+
+    def logits(real):
+        lg = rng.standard_normal(real.shape).astype(np.float32) * scale
+        lg[[*pipe.dispatch.never_sampled, at]] += boost
+        return lg
+    conv = pipe.conversation(make_scene(np.random.default_rng(seed % 97), max_objects=3).image)
+    adversary["logits"] = logits
+    try:
+        r = conv.ask("Can you describe the image and include object locations?", max_new_tokens=max_new,
+                     temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    finally:
+        adversary.clear()
+    ids = r.token_ids
+    assert not image_ids & set(ids)
+    for i, t in enumerate(ids):
+        assert (t == slot) == (i > 0 and ids[i - 1] == at), (i, ids)
+    assert ids.count(at) == ids.count(slot) == len(r.detections)
+    follow = conv.ask("Where is the red circle in the image?", max_new_tokens=4)
+    assert follow.prompt_ids.count(slot) == len(r.detections)

@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         from nxc.export.exporter import ExportError, ExportOptions, export_build
         from nxc.model.checkpoint import CheckpointError
     except ImportError as e:
-        print(f"nxc-export needs the export extra ({e.name} is missing): pip install 'nxc[export]'", file=sys.stderr)
+        print(f"nxc-export: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
+              file=sys.stderr)
         return 2
     from nxc.calib.data import CalibrationError
     from nxc.config import ConfigError

@@ -2,12 +2,13 @@
 
     load (nxc.model) ─▶ per graph: wrapper ─ torch.onnx.export ─▶ graphs/<g>.onnx ─▶ TensorRT lint ─▶ ORT parity
                      ─▶ tokenizer.json, embeddings.npy ─▶ reports/parity.json ─▶ manifest.json (sha256 of all)
-    all of it in <out>.partial-<pid>/, renamed to <out> last: an interrupted export leaves nothing that loads.
+    tokenizer.json first (a tokenizer that does not convert fails before any graph is exported), all of it in
+    .<out>.partial-<pid>/ under <out>.lock, renamed to <out> last (nxc.export.outdir): an interrupted export
+    leaves nothing that loads, and the next one cleans up after it.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -20,14 +21,12 @@ import torch
 
 from nxc import __version__, names
 from nxc.config import NextChatConfig
+from nxc.export import outdir
+from nxc.export.outdir import ExportError
 from nxc.specs import GraphSpec, axis_ranges, graph_specs
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXTERNAL_DATA_BYTES = 1 << 30      # graphs whose weights exceed this are written with ONNX external data (< 2 GB)
-
-
-class ExportError(RuntimeError):
-    """The export cannot go on: the message says what and what to do."""
 
 
 @dataclass(frozen=True)
@@ -103,32 +102,6 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     return external
 
 
-def _prepare_out(out: Path) -> Path:
-    if out.exists() and not (out / "manifest.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise ExportError(f"{out} exists and is not a build directory; refusing to replace it. "
-                          "Choose another --out or remove it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):     # left by an interrupted export
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished build into place; an existing build is replaced only now."""
-    old = None
-    if out.exists():
-        if not (out / "manifest.json").is_file() and any(out.iterdir()):
-            raise ExportError(f"{out} exists and is not a build directory; refusing to replace it. "
-                              "Choose another --out or remove it.")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, source: dict) -> dict:
     from nxc.model import processing
     from nxc.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
@@ -154,8 +127,7 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
                    "sep": names.SEP, "sep2": names.SEP2, "image_placeholder": names.IMAGE_PLACEHOLDER,
                    "num_image_tokens": cfg.num_image_tokens, "use_im_start_end": cfg.mm_use_im_start_end},
         "preprocess": {
-            "clip": {"size": cfg.vision.image_size, "mean": list(processing.CLIP_MEAN), "std": list(processing.CLIP_STD),
-                     "resample": "bicubic", "pad": "white square, centred"},
+            "clip": {**processing.clip_preprocess_of(model).manifest(), "pad": "white square, centred"},
             "sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
                     "resample": "bilinear", "pad": "longest side to size, zeros, centred"}},
         "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
@@ -182,18 +154,59 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
         from nxc.assets import embedded_checkpoint
         checkpoint = embedded_checkpoint()
     checkpoint = Path(checkpoint)
-    _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
-    model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file)
+
+    def load():
+        _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
+        return load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file)
+
     source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
-    return export_model(model, tokenizer, out, tokenizer_dir=checkpoint, options=options, source=source,
-                        embedded=embedded)
+    return _export(load, out, tokenizer_dir=checkpoint, options=options, source=source, embedded=embedded)
 
 
-def _fp32_reference_graphs(model, out: Path, options: ExportOptions) -> Path:
-    """The requested graphs exported in fp32 to a scratch folder: what an fp16 build is measured against. An llm
-    over EXTERNAL_DATA_BYTES is left out (a second full-size copy of a 7B LLaMA is not worth a report line)."""
-    import tempfile
-    scratch = Path(tempfile.mkdtemp(prefix=".fp32ref-", dir=Path(out).parent))
+def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
+                 source: dict | None = None, embedded: bool = False) -> Path:
+    """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
+    return _export(lambda: (model, tokenizer), out, tokenizer_dir=Path(tokenizer_dir), options=options,
+                   source=source or {}, embedded=embedded)
+
+
+def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions, source: dict,
+            embedded: bool) -> Path:
+    """Under <out>.lock: clean up after a killed export, convert the tokenizer (before the model is even loaded:
+    a tokenizer that does not convert fails in seconds, not after the graphs), load, write, publish."""
+    _check_options(options)
+    out = Path(out)
+    t0 = time.perf_counter()
+    with outdir.locked(out, log=_log):
+        outdir.recover(out, log=_log)
+        tmp = outdir.prepare(out)
+        try:
+            _convert_tokenizer(tokenizer_dir, tmp / "tokenizer.json")
+            model, tokenizer = load()
+            _write_build(model, tokenizer, tmp, out, options, source, embedded)
+            outdir.publish(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s")
+    return out
+
+
+def _convert_tokenizer(tokenizer_dir: Path, path: Path) -> None:
+    from nxc.export.tokenizer_json import write_tokenizer_json
+    from nxc.model.sp_tokenizer import TokenizerError
+    try:
+        write_tokenizer_json(tokenizer_dir, path)
+    except TokenizerError as e:
+        raise ExportError(f"the tokenizer does not convert to the runtime's tokenizer.json, so nothing was "
+                          f"exported: {e}") from None
+
+
+def _fp32_reference_graphs(model, scratch: Path, options: ExportOptions) -> Path:
+    """The requested graphs exported in fp32 to `scratch` (inside the partial build, removed before the manifest is
+    written): what an fp16 build is measured against. An llm over EXTERNAL_DATA_BYTES is left out (a second
+    full-size copy of a 7B LLaMA is not worth a report line)."""
+    scratch.mkdir()
     fp32 = ExportOptions(precision="fp32", opset=options.opset)
     specs = graph_specs(model.config)
     llm_bytes = sum(p.numel() * 4 for p in model.llm.parameters())
@@ -232,84 +245,92 @@ def _check_options(options: ExportOptions) -> None:
         raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.GRAPHS)}")
 
 
-def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
-                 source: dict | None = None, embedded: bool = False) -> Path:
-    """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
+def _lint_summary(findings: dict) -> str:
+    """A graph's TensorRT lint in its progress line (the manifest records all of it)."""
+    if findings["ok"]:
+        return "TensorRT lint ok"
+    n = findings["problem_count"]
+    more = f" (+{n - 1} more in the manifest)" if n > 1 else ""
+    return f"TensorRT lint: {n} problem(s): {findings['problems'][0]}{more}"
+
+
+def _graph_mb(tmp: Path, record: dict) -> float:
+    return sum((tmp / f).stat().st_size for f in [record["file"], *record["external_data"]]) / 1e6
+
+
+def _export_graphs(model, tmp: Path, specs: dict, options: ExportOptions) -> dict:
+    """Per graph: export, TensorRT lint, ONNX Runtime parity against torch, one progress line each; writes
+    reports/parity.json and returns the manifest's per-graph records."""
     import onnx
 
     from nxc.export.parity import check_graph
-    from nxc.export.tokenizer_json import write_tokenizer_json
     from nxc.export.trt_lint import lint
+
+    cfg, n = model.config, len(options.graphs)
+    quantized = options.precision in ("int8", "int4")                # linted again once quantized
+    (tmp / "graphs").mkdir()
+    (tmp / "reports").mkdir()
+    graphs, parity = {}, {}
+    for i, g in enumerate(options.graphs, 1):
+        tg = time.perf_counter()
+        _log(f"[nxc-export] [{i}/{n}] {g}: exporting")
+        wrapper = wrapper_for(model, g, options)
+        path = tmp / "graphs" / f"{g}.onnx"
+        external = export_graph(wrapper, specs[g], cfg, path, options)
+        findings = lint(onnx.load(str(path), load_external_data=False))
+        graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
+                     "precision": options.graph_precision, "opset": options.opset, **specs[g].to_dict(),
+                     "tensorrt_lint": findings}
+        if options.parity:
+            _log(f"[nxc-export] [{i}/{n}] {g}: checking against torch in ONNX Runtime")
+            parity[g] = check_graph(wrapper, path, specs[g], precision=options.graph_precision,
+                                    sam_size=cfg.sam.image_size)
+            if not parity[g]["ok"]:
+                (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
+                raise ExportError(f"graph {g} does not match torch in ONNX Runtime: "
+                                  f"{json.dumps(parity[g]['checks'], default=str)[:600]}")
+        lint_msg = "fp32 before quantization" if quantized else _lint_summary(findings)
+        _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, {lint_msg}, "
+             f"{time.perf_counter() - tg:.1f} s")
+    (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
+    return graphs
+
+
+def _write_build(model, tokenizer, tmp: Path, out: Path, options: ExportOptions, source: dict,
+                 embedded: bool) -> None:
+    """Everything but tokenizer.json into the partial directory `tmp`; the manifest last, checked to load."""
     from nxc.manifest import BuildError, load_manifest, write_manifest
 
-    _check_options(options)
-    out = Path(out)
-    t0 = time.perf_counter()
     cfg = model.config
     max_context = options.max_context or min(cfg.llm.max_position_embeddings, 4096)
     if not 2 <= max_context <= cfg.llm.max_position_embeddings:
         raise ExportError(f"--max-context {max_context} must be between 2 and the model's "
                           f"max_position_embeddings ({cfg.llm.max_position_embeddings})")
-    fp32_reference = None
     specs = graph_specs(cfg, kv_dtype="float16" if options.precision == "fp16" else "float32")
-    tmp = _prepare_out(out)
+    accuracy = None
+    if options.precision == "fp16":
+        from nxc.export.fp16 import float32_nodes, to_fp16
+        reference = _fp32_reference_graphs(model, tmp / ".fp32ref", options)    # for reports/accuracy.json
+        model = to_fp16(model)
+    graphs = _export_graphs(model, tmp, specs, options)
+    if options.precision == "fp16":
+        for g in graphs:
+            graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
+        accuracy = _accuracy_vs_fp32(reference, tmp, graphs, specs, cfg)
+        shutil.rmtree(reference)
+    if options.precision in ("int8", "int4"):
+        from nxc.export.quantized import quantize_build
+        accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
+        for g, rec in graphs.items():                   # the lint of what ships: the quantized graphs
+            _log(f"[nxc-export] {g}: {rec['precision']}, {_graph_mb(tmp, rec):.1f} MB, "
+                 f"{_lint_summary(rec['tensorrt_lint'])}")
+    if accuracy is not None:
+        (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
+    np.save(tmp / "embeddings.npy", model.llm.model.embed_tokens.weight.detach().float().numpy())
+    body = manifest_body(model, tokenizer, options, max_context, source)
+    body["graphs"] = graphs
+    write_manifest(tmp, body)
     try:
-        if options.precision == "fp16":
-            from nxc.export.fp16 import to_fp16
-            fp32_reference = _fp32_reference_graphs(model, tmp, options)    # for reports/accuracy.json
-            model = to_fp16(model)
-        (tmp / "graphs").mkdir()
-        (tmp / "reports").mkdir()
-        graphs, parity = {}, {}
-        for i, g in enumerate(options.graphs, 1):
-            tg = time.perf_counter()
-            _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: exporting")
-            wrapper = wrapper_for(model, g, options)
-            path = tmp / "graphs" / f"{g}.onnx"
-            external = export_graph(wrapper, specs[g], cfg, path, options)
-            findings = lint(onnx.load(str(path), load_external_data=False))
-            graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
-                         "precision": options.graph_precision, "opset": options.opset, **specs[g].to_dict(),
-                         "tensorrt_lint": findings}
-            lint_msg = "TensorRT lint ok" if findings["ok"] else f"TensorRT lint: {findings['problem_count']} problem(s)"
-            if options.parity:
-                _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: checking against torch in ONNX Runtime")
-                parity[g] = check_graph(wrapper, path, specs[g], precision=options.graph_precision,
-                                        sam_size=cfg.sam.image_size)
-                if not parity[g]["ok"]:
-                    (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
-                    raise ExportError(f"graph {g} does not match torch in ONNX Runtime: "
-                                      f"{json.dumps(parity[g]['checks'], default=str)[:600]}")
-            size = sum((tmp / "graphs" / f).stat().st_size for f in [f"{g}.onnx", *external])
-            _log(f"[nxc-export] [{i}/{len(options.graphs)}] {g}: {size / 1e6:.1f} MB, {lint_msg}, "
-                 f"{time.perf_counter() - tg:.1f} s")
-        (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
-        if options.precision == "fp16":
-            from nxc.export.fp16 import float32_nodes
-            for g in graphs:
-                graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
-            report = _accuracy_vs_fp32(fp32_reference, tmp, graphs, specs, cfg)
-            (tmp / "reports" / "accuracy.json").write_text(json.dumps(report, indent=2) + "\n")
-        if options.precision in ("int8", "int4"):
-            from nxc.export.quantized import quantize_build
-            accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
-            (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
-        write_tokenizer_json(tokenizer_dir, tmp / "tokenizer.json")
-        emb = model.llm.model.embed_tokens.weight.detach().float().numpy()
-        np.save(tmp / "embeddings.npy", emb)
-        body = manifest_body(model, tokenizer, options, max_context, source or {})
-        body["graphs"] = graphs
-        write_manifest(tmp, body)
-        try:
-            load_manifest(tmp, verify=False)            # a build whose manifest would not load is never published
-        except BuildError as e:
-            raise ExportError(f"the manifest written does not load (a bug in nxc-export): {e}") from None
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if fp32_reference is not None:
-            shutil.rmtree(fp32_reference, ignore_errors=True)
-    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s")
-    return out
+        load_manifest(tmp, verify=False)            # a build whose manifest would not load is never published
+    except BuildError as e:
+        raise ExportError(f"the manifest written does not load (a bug in nxc-export): {e}") from None

@@ -3,13 +3,16 @@
 A checkpoint directory holds config.json (LLaMA fields + nextchat fields), generation_config.json,
 weights as `pytorch_model*.bin` or `*.safetensors` (one file, or shards with or without an index),
 and the LLaMA sentencepiece tokenizer files with the 5 added tokens. CLIP comes from a separate
-directory (HF CLIPVisionModel layout); SAM from the checkpoint's `sam.model.*` keys or a separate file.
+directory (HF CLIPVisionModel layout), with its image preprocessing from that directory's preprocessor_config.json
+when there is one (as the original's CLIPImageProcessor); SAM from the checkpoint's `sam.model.*` keys or a
+separate file.
 
 Weights are read with `torch.load(weights_only=True)` or safetensors: a pickle that carries code is refused.
 """
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +21,7 @@ import torch
 
 from nxc.config import ConfigError, NextChatConfig, llama_sizes_from_config_json
 from nxc.model.nextchat import NextChat, vision_sizes_from_clip
+from nxc.model.processing import CLIP_MEAN, CLIP_STD, ClipPreprocess
 from nxc.model.sam import infer_sam_sizes
 
 if TYPE_CHECKING:
@@ -133,6 +137,75 @@ def resolve_clip_dir(ckpt: Path, cfg: dict, clip_dir: str | Path | None) -> Path
     return clip_dir
 
 
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+# PIL's integer filter codes, as HF image processors store them (0 = nearest is refused: clip_pixels pads and
+# resizes with Pillow's convolution filters only)
+_PIL_RESAMPLE = {1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def _edge(cfg: dict, key: str, bad) -> int | None:
+    """HF's size / crop_size: an int, {"shortest_edge": n} or {"height": n, "width": n} -> n (None if absent)."""
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if isinstance(v, dict):
+        if "shortest_edge" in v:
+            v = v["shortest_edge"]
+        elif "height" in v and "width" in v and v["height"] == v["width"]:
+            v = v["height"]
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise bad(key, v, 'a positive int, {"shortest_edge": n} or a square {"height": n, "width": n}')
+    return v
+
+
+def _triple(cfg: dict, key: str, default, bad, positive: bool = False) -> tuple[float, float, float]:
+    v = cfg.get(key, default)
+    v = [v] * 3 if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+    ok = (isinstance(v, (list, tuple)) and len(v) == 3
+          and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+          and (not positive or all(x > 0 for x in v)))
+    if not ok:
+        raise bad(key, v, f"3 finite numbers{' > 0' if positive else ''} (one per RGB channel)")
+    return tuple(float(x) for x in v)
+
+
+def read_clip_preprocess(clip_dir: Path, image_size: int) -> ClipPreprocess:
+    """The CLIP directory's preprocessor_config.json (HF CLIPImageProcessor: image_mean, image_std, size
+    {"shortest_edge"}, crop_size, resample as a PIL code) -> ClipPreprocess; the standard CLIP values when the file
+    is absent. The image is square when CLIP sees it, so resize-then-crop is one resize to `image_size` (the
+    tower's): a config that would crop, or skip a step nxc always does, is refused rather than followed wrongly."""
+    path = Path(clip_dir) / PREPROCESSOR_CONFIG
+    if not path.is_file():
+        return ClipPreprocess(size=image_size)
+
+    def bad(key, value, expected):
+        return CheckpointError(f"{path}: {key} is {value!r}; expected {expected}. Fix the file or delete it to use "
+                               "the standard CLIP preprocessing.")
+    try:
+        cfg = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); fix it or delete it to use the standard CLIP "
+                              "preprocessing.") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds a {type(cfg).__name__}, expected a JSON object.")
+    for key in ("do_resize", "do_rescale", "do_normalize"):
+        if cfg.get(key, True) is not True:
+            raise bad(key, cfg[key], "true (nxc always resizes, scales by 1/255 and normalises)")
+    factor = cfg.get("rescale_factor", 1 / 255)
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or abs(factor - 1 / 255) > 1e-9:
+        raise bad("rescale_factor", factor, "1/255 (0.00392156862745098)")
+    resample = cfg.get("resample", 3)
+    if isinstance(resample, bool) or resample not in _PIL_RESAMPLE:
+        codes = ", ".join(f"{c} ({n})" for c, n in _PIL_RESAMPLE.items())
+        raise bad("resample", resample, f"a PIL filter code: {codes}")
+    edge, crop = _edge(cfg, "size", bad), _edge(cfg, "crop_size", bad)
+    for key, v in (("size", edge), ("crop_size", crop if cfg.get("do_center_crop", True) else None)):
+        if v is not None and v != image_size:
+            raise bad(key, cfg[key], f"{image_size}, the CLIP tower's image_size (config.json)")
+    return ClipPreprocess(size=image_size, mean=_triple(cfg, "image_mean", CLIP_MEAN, bad),
+                          std=_triple(cfg, "image_std", CLIP_STD, bad, positive=True), resample=_PIL_RESAMPLE[resample])
+
+
 def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None,
                   sam_file: str | Path | None = None) -> tuple[NextChat, "SentencePieceOracle"]:
     """Build the reference model and its tokenizer from an official-layout checkpoint."""
@@ -147,8 +220,9 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None,
     if tokenizer.vocab_size != llm.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
                               f"{llm.vocab_size}: the tokenizer files do not belong to these weights.")
-    clip = CLIPVisionModel.from_pretrained(str(resolve_clip_dir(ckpt, cfg, clip_dir)), local_files_only=True,
-                                           attn_implementation="eager")
+    clip_path = resolve_clip_dir(ckpt, cfg, clip_dir)
+    clip = CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, attn_implementation="eager")
+    clip_preprocess = read_clip_preprocess(clip_path, int(clip.config.image_size))
     sd = load_state_dict(ckpt)
     sam_sd = {k[len("sam.model."):]: v for k, v in sd.items() if k.startswith("sam.model.")}
     if sam_file is not None:   # like the original: the separate file first, then the checkpoint's tensors
@@ -169,6 +243,7 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None,
     mapped.pop(None, None)
     mapped.update({"sam." + k: v for k, v in sam_sd.items()})
     _load_strict(model, mapped, ckpt)
+    model.clip_preprocess = clip_preprocess      # read by processing.clip_preprocess_of
     model.eval()
     return model, tokenizer
 

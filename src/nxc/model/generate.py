@@ -39,6 +39,12 @@ class TokenIds:
     boxes: int
     eos: int
 
+    @property
+    def never_sampled(self) -> tuple[int, ...]:
+        """Ids the loop may not sample (nxc.sampling.pick_token's `banned`): `<boxes>`, which only the `<at>` head
+        emits, and the image span's tokens. The runtime bans the same ids (its heads' `emit` and the image span)."""
+        return (self.boxes, self.im_start, self.im_patch, self.im_end)
+
 
 @dataclass
 class Generation:
@@ -96,7 +102,7 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
             step_logits.append(lg)
         if logits_processor is not None:
             lg = logits_processor(n, lg)
-        return pick_token(lg, sampling, rng)
+        return pick_token(lg, sampling, rng, banned=tok.never_sampled)
 
     def step(token, x):
         return model.llm_step(model.embed_tokens(torch.tensor([[token]])) if x is None else x, cache)

@@ -4,8 +4,14 @@ Frames:
 - "square": the image pasted on a white L x L square, L = max(W, H), centred on the short side.
   Boxes normalised to [0,1] in this frame are what loc_encoder reads and loc_decoder writes.
 - "sam": the image resized so its long side is S, centre-padded to S x S with zeros after normalisation.
+
+clip_pixels is the original's order, pad then resize, on purpose: it is the definition the runtime is checked
+against. It needs the L x L square (4 L^2 bytes: 6.4 GB for a 40000 x 100 image); nxc.runtime.preprocess computes
+the same pixels, bit for bit, without it.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,6 +23,32 @@ from nxc.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_RESAMPLE = "bicubic"
+
+
+@dataclass(frozen=True)
+class ClipPreprocess:
+    """How an image becomes CLIP's pixel_values (§4.1): the CLIP directory's preprocessor_config.json
+    (nxc.model.checkpoint reads it), or the standard CLIP values when it has none. `resample` is a Pillow filter
+    name (PIL.Image.Resampling, lower case)."""
+    size: int
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    resample: str = CLIP_RESAMPLE
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        return clip_pixels(image, self.size, mean=self.mean, std=self.std, resample=self.resample)
+
+    def manifest(self) -> dict:
+        """The manifest's preprocess.clip numbers (nxc.manifest_types.ImagePreprocess)."""
+        return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resample": self.resample}
+
+
+def clip_preprocess_of(model) -> ClipPreprocess:
+    """The model's CLIP preprocessing: what its checkpoint's CLIP directory says (set by load_nextchat), else the
+    standard values at the vision tower's image size."""
+    found = getattr(model, "clip_preprocess", None)
+    return found if found is not None else ClipPreprocess(size=model.config.vision.image_size)
 
 
 def square_offset(width: int, height: int) -> tuple[int, int, int]:
@@ -27,15 +59,16 @@ def square_offset(width: int, height: int) -> tuple[int, int, int]:
     return side, (height - width) // 2, 0
 
 
-def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """RGB image -> [1,3,size,size]: white square pad, bicubic resize, /255, CLIP mean/std."""
+def clip_pixels(image: Image.Image, size: int, *, mean=CLIP_MEAN, std=CLIP_STD,
+                resample: str = CLIP_RESAMPLE) -> torch.Tensor:
+    """RGB image -> [1,3,size,size]: white square pad, resize (`resample`, a Pillow filter name), /255, mean/std."""
     image = image.convert("RGB")
     side, dx, dy = square_offset(*image.size)
     square = Image.new("RGB", (side, side), (255, 255, 255))
     square.paste(image, (dx, dy))
-    square = square.resize((size, size), Image.BICUBIC)
+    square = square.resize((size, size), Image.Resampling[resample.upper()])
     x = TF.to_tensor(square)
-    return TF.normalize(x, CLIP_MEAN, CLIP_STD).unsqueeze(0)
+    return TF.normalize(x, list(mean), list(std)).unsqueeze(0)
 
 
 def sam_resized_size(width: int, height: int, size: int) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from nxc.model import processing
 from nxc.model.checkpoint import load_nextchat
 from nxc.model.generate import Generation, TokenIds, generate
 from nxc.model.nextchat import NextChat
-from nxc.prompt import Turn, build_prompt, render_reply
+from nxc.prompt import Turn, prompt_segments, render_reply
 from nxc.sampling import SamplingParams
 
 
@@ -57,23 +57,25 @@ class ReferenceChat:
     def chat(self, image: Image.Image, text: str, *, boxes=None, history: list[Turn] | None = None,
              history_boxes=None, max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              iou_threshold: float | None = 0.3, keep_logits: bool = False,
-             logits_processor=None) -> ChatResult:
+             logits_processor=None, special_tokens_in_text: bool = False) -> ChatResult:
         """One turn. `boxes`: [M,4] region-input boxes in original pixels, referenced as [i] in `text`.
 
-        `history` holds earlier turns (their texts already expanded, e.g. containing `<at> <boxes>`) and
-        `history_boxes` the normalised boxes of their `<boxes>` slots in order.
+        `history` holds earlier turns (user texts as typed, with their [i] references; replies as decoded, with
+        `<at> <boxes>`) and `history_boxes` the normalised boxes of their `<boxes>` slots in order.
+        special_tokens_in_text: special-token strings in the user texts and replies become tokens, as in the
+        original model (default: they are plain text; see nxc.prompt).
         """
         cfg = self.model.config
         image = image.convert("RGB")
         w, h = image.size
         boxes_px = np.zeros((0, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32).reshape(-1, 4)
-        prompt, order = build_prompt(text, num_image_tokens=cfg.num_image_tokens, num_boxes=len(boxes_px),
-                                     history=history)
+        segments, order = prompt_segments(text, num_image_tokens=cfg.num_image_tokens, num_boxes=len(boxes_px),
+                                          history=history, special_tokens_in_text=special_tokens_in_text)
         region = processing.normalise_boxes(boxes_px[order], w, h) if order else torch.zeros(0, 4)
         if history_boxes is not None and len(history_boxes):
             region = torch.cat([torch.as_tensor(np.asarray(history_boxes), dtype=torch.float32), region])
-        ids = self.tokenizer.encode(prompt)
-        features = self.model.encode_image(processing.clip_pixels(image, cfg.vision.image_size))
+        ids = self.tokenizer.encode_segments(segments)
+        features = self.model.encode_image(processing.clip_preprocess_of(self.model).pixels(image))
         gen = generate(self.model, ids, self.token_ids, image_features=features, region_boxes=region,
                        sam_pixels=lambda: processing.sam_pixels(image, cfg.sam.image_size),
                        max_new_tokens=max_new_tokens, sampling=sampling, keep_logits=keep_logits,

@@ -10,6 +10,9 @@ sentencepiece model itself, what 4.31 does (reference §2, §3.3):
                      with a space, drop the "▁" of its first piece (a stripped piece not in the vocab is <unk>)
     ids = [<s>] + ...   (no </s>)
 
+`encode_segments`: a prompt as nxc.prompt segments; only control segments are cut at the no-split tokens, plain
+ones (user text) never are, and text on both sides of a segment boundary is one piece before the rules above.
+
 Also here: a tiny deterministic sentencepiece model for tests (`train_tiny_sentencepiece`) and the official file
 layout of a checkpoint's tokenizer (`write_tokenizer_files`).
 """
@@ -25,7 +28,7 @@ import sentencepiece as spm
 from nxc import names
 # Only the error class and a constant come from the runtime: the oracle's algorithm is written separately, after
 # 4.31's code, so that the parity tests compare two implementations.
-from nxc.tokens import SPIECE_UNDERLINE, TokenizerError
+from nxc.tokens import SPIECE_UNDERLINE, Segment, TokenizerError
 
 __all__ = ["SentencePieceOracle", "TokenizerError", "train_tiny_sentencepiece", "write_tokenizer_files"]
 
@@ -244,25 +247,48 @@ class SentencePieceOracle:
 
     def tokenize(self, text: str) -> list[str]:
         """4.31 `LlamaTokenizer.tokenize` + `PreTrainedTokenizer.tokenize`: piece and added-token strings, no BOS."""
-        text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
-        tokens = self._trie_split(text)
-        for i, token in enumerate(tokens):
-            if token in self._no_split:
-                lstrip, rstrip = self.strip_flags[token]
-                if rstrip and i + 1 < len(tokens) and tokens[i + 1]:
-                    tokens[i + 1] = tokens[i + 1].lstrip()
-                if lstrip and i > 0 and tokens[i - 1]:
-                    tokens[i - 1] = tokens[i - 1].rstrip()
+        return self.tokenize_segments([Segment(text, True)])
+
+    def tokenize_segments(self, segments) -> list[str]:
+        """`tokenize` of a prompt given as (text, control) segments: the trie cuts control text only; a plain
+        segment is one piece whatever it holds, joined to the text pieces next to it. Returns piece strings."""
+        runs: list[list] = []                                       # [text, control], neighbours of a kind joined
+        for text, control in segments:
+            if runs and runs[-1][1] == bool(control):
+                runs[-1][0] += text
+            else:
+                runs.append([text, bool(control)])
+        pieces: list[list] = [[SPIECE_UNDERLINE, False]]          # [text, is a no-split token]
+        for text, control in runs:
+            text = text.replace(SPIECE_UNDERLINE, " ")
+            for piece in (self._trie_split(text) if control else [text]):
+                token = control and piece in self._no_split
+                if not token and not pieces[-1][1]:
+                    pieces[-1][0] += piece
+                else:
+                    pieces.append([piece, token])
+        for i, (piece, token) in enumerate(pieces):
+            if token:
+                lstrip, rstrip = self.strip_flags[piece]
+                if rstrip and i + 1 < len(pieces) and not pieces[i + 1][1]:
+                    pieces[i + 1][0] = pieces[i + 1][0].lstrip()
+                if lstrip and i > 0 and not pieces[i - 1][1]:
+                    pieces[i - 1][0] = pieces[i - 1][0].rstrip()
         out: list[str] = []
-        for token in tokens:
-            if not token:
-                continue
-            out += [token] if token in self._no_split else self.tokenize_chunk(token)
+        for piece, token in pieces:
+            if token:
+                out.append(piece)
+            elif piece:
+                out += self.tokenize_chunk(piece)
         return out
 
     def encode(self, text: str) -> list[int]:
         """Token ids: BOS, then the ids of `tokenize(text)`; no EOS."""
         return [self.bos_id] + [self.token_to_id(t) for t in self.tokenize(text)]
+
+    def encode_segments(self, segments) -> list[int]:
+        """Token ids of a prompt given as segments: BOS, then the ids of `tokenize_segments`; no EOS."""
+        return [self.bos_id] + [self.token_to_id(t) for t in self.tokenize_segments(segments)]
 
     def _tokens_to_string(self, tokens: list[str]) -> str:
         """4.31 LlamaTokenizer.convert_tokens_to_string."""

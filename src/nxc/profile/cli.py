@@ -61,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.runs < 1 or a.warmup < 0:
         print("nxc-profile: --runs must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
+    if a.vs_torch:                           # before any run: not after minutes of profiling
+        try:
+            import nxc.model.reference  # noqa: F401
+        except ImportError as e:
+            print(f"nxc-profile: --vs-torch needs the export extra ({e.name} is not installed): pip install "
+                  "'nxc[export]'", file=sys.stderr)
+            return 2
     from nxc.manifest import BuildError
     from nxc.profile.profiler import chrome_trace, profile, torch_reference_ms
     from nxc.runtime.backends import BackendError

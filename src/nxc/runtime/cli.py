@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
+
+from PIL import Image
 
 from nxc.manifest import BuildError
 from nxc.runtime.backends import BACKENDS, BackendError
@@ -22,22 +25,80 @@ def _box(text: str) -> list[float]:
     return vals
 
 
+def _utf8(text: str) -> str:
+    """argv decodes bytes that are not UTF-8 to lone surrogates (PEP 383); refuse them here, not in the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise argparse.ArgumentTypeError(f"is not valid UTF-8 ({what} at character {e.start}); pass the question as "
+                                         "UTF-8 text") from None
+    return text
+
+
+def _whole(least: int):
+    """An int type for argparse that refuses '1.5', 'inf' and anything below `least` in one line."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least:
+            raise argparse.ArgumentTypeError(f"expects a whole number >= {least}, got {text!r}")
+        return value
+    return parse
+
+
+def _number(least: float, most: float | None = None, *, above: bool = False):
+    """A float type for argparse: finite, >= `least` (> with `above`) and <= `most`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        low = value <= least if above else value < least
+        if not math.isfinite(value) or low or (most is not None and value > most):
+            span = f"{'>' if above else '>='} {least:g}" + (f" and <= {most:g}" if most is not None else "")
+            raise argparse.ArgumentTypeError(f"expects a finite number {span}, got {text!r}")
+        return value
+    return parse
+
+
+def _out(text: str) -> str:
+    """--out is checked before the model runs: Pillow takes the format from the extension."""
+    p = Path(text)
+    if p.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; name the image file to write, e.g. "
+                                         f"{p / 'annotated.png'}")
+    if not p.suffix:
+        raise argparse.ArgumentTypeError(f"{text} has no extension, and Pillow takes the image format from it; end "
+                                         "the name with .png or .jpg")
+    if Image.registered_extensions().get(p.suffix.lower()) not in Image.SAVE:
+        raise argparse.ArgumentTypeError(f"{text}: Pillow cannot write {p.suffix} images; end the name with .png or "
+                                         ".jpg")
+    parent = next(q for q in p.absolute().parents if q.exists())
+    if not parent.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {parent} is a file, not a directory")
+    return text
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nxc-run", description=__doc__.split("\n")[0],
                                  epilog='example: nxc-run build/fp32 --image photo.png --prompt "Where is the red '
                                         'circle?" --out annotated.png')
     ap.add_argument("build", help="build directory written by nxc-export")
-    ap.add_argument("--image", required=True, help="image file (PNG, JPEG, ...)")
-    ap.add_argument("--prompt", required=True, help="question; refer to --box k as [k]")
+    ap.add_argument("--image", required=True, help="image file (PNG, JPEG, ...); /dev/stdin reads a pipe")
+    ap.add_argument("--prompt", required=True, type=_utf8, help="question; refer to --box k as [k]")
     ap.add_argument("--box", type=_box, action="append", metavar="x1,y1,x2,y2",
                     help="region input in pixels (repeat for [0], [1], ...)")
-    ap.add_argument("--out", help="write the image with boxes, indices and masks drawn")
+    ap.add_argument("--out", type=_out, help="write the image with boxes, indices and masks drawn (.png, .jpg)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
-    ap.add_argument("--max-new-tokens", type=int, help="default: the build's (512)")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
-    ap.add_argument("--seed", type=int)
+    ap.add_argument("--max-new-tokens", type=_whole(1), help="default: the build's (512)")
+    ap.add_argument("--temperature", type=_number(0), default=0.0, help="0 = greedy (default)")
+    ap.add_argument("--top-p", type=_number(0, 1, above=True), default=1.0, help="in (0, 1]; 1 = off (default)")
+    ap.add_argument("--top-k", type=_whole(0), default=0, help="0 = off (default)")
+    ap.add_argument("--seed", type=_whole(0))
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
     return ap
@@ -56,8 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if a.out:
         from nxc.runtime.draw import annotate
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        annotate(image, [d.box for d in r.detections], [d.mask for d in r.detections]).save(a.out)
+        try:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            annotate(image, [d.box for d in r.detections], [d.mask for d in r.detections]).save(a.out)
+        except (OSError, ValueError, KeyError) as e:          # Pillow: no writer for this mode, disk full, ...
+            print(f"nxc-run: cannot write {a.out} ({getattr(e, 'strerror', None) or e})", file=sys.stderr)
+            return 2
     if a.json:
         print(json.dumps({"text": r.text, "raw_text": r.raw_text, "token_ids": r.token_ids,
                           "finish_reason": r.finish_reason,

@@ -156,3 +156,7 @@ class Dispatch:
         self.heads = [BoundHead(h, pipe, i) for i, h in enumerate(pipe.manifest.heads)]
         self.triggers = {b.trigger: b for b in self.heads}
         self.slot_head = next((b for b in self.heads if b.head.encode_input), None)
+        # Never sampled (nxc.sampling.pick_token's `banned`): a head's emitted slot comes only after its trigger,
+        # and the image span only where the prompt puts it; the reference bans the same ids (TokenIds.never_sampled).
+        self.never_sampled = tuple(sorted({b.emit for b in self.heads} | {
+            pipe.manifest.token_id(t) for t in (names.IM_START, names.IM_PATCH, names.IM_END)}))

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 80_000_000          # Pillow's own bomb limit is ~89 M; refuse before decoding anything bigger
+MAX_STREAM_BYTES = 256 << 20     # read from a pipe or device (/dev/stdin), which has no size to check first
 
 
 class ImageError(ValueError):
@@ -16,16 +18,33 @@ class ImageError(ValueError):
 
 
 def load_image(source: str | Path | bytes) -> Image.Image:
-    """Path or bytes -> RGB PIL image with EXIF orientation applied."""
+    """Path or bytes -> RGB PIL image with EXIF orientation applied. A path that is not a regular file (/dev/stdin,
+    a pipe) is read whole first, up to MAX_STREAM_BYTES: Pillow needs to seek."""
     name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
     try:
         fp = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     except FileNotFoundError:
         raise ImageError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a directory; pass an image file") from None
     except OSError as e:
         raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
+    except ValueError:                                      # open() of a path with a NUL character
+        raise ImageError(f"{name!r}: is not a file path (it holds a NUL character)") from None
     with fp:
-        size = len(source) if isinstance(source, (bytes, bytearray)) else os.fstat(fp.fileno()).st_size
+        if isinstance(source, (bytes, bytearray)):
+            size = len(source)
+        elif stat.S_ISREG((st := os.fstat(fp.fileno())).st_mode):
+            size = st.st_size
+        else:                                               # a pipe or a device: no size, no seek
+            try:
+                data = fp.read(MAX_STREAM_BYTES + 1)
+            except OSError as e:
+                raise ImageError(f"{name}: cannot be read ({e.strerror or e})") from None
+            if len(data) > MAX_STREAM_BYTES:
+                raise ImageError(f"{name}: more than {MAX_STREAM_BYTES >> 20} MB from a pipe or device; save the "
+                                 "image to a file and pass its path")
+            fp, size = io.BytesIO(data), len(data)
         if size == 0:
             raise ImageError(f"{name}: the file is empty (0 bytes); pass a PNG or JPEG")
         try:

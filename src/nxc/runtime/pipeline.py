@@ -13,6 +13,8 @@ Threading: a Pipeline (its sessions) may be shared by threads; a Conversation be
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from PIL import Image
 from nxc import names
 from nxc.decode import assemble_prefill, decode_loop
 from nxc.manifest import Manifest, load_manifest
-from nxc.prompt import (SLOT, PromptError, Turn, build_prompt, check_all_boxes_used, expand_region_refs,
+from nxc.prompt import (SLOT, PromptError, Turn, check_all_boxes_used, expand_region_refs, prompt_segments,
                         render_reply)
 from nxc.runtime import preprocess as pp
 from nxc.runtime.dispatch import Box, Detection, Dispatch
@@ -121,6 +123,28 @@ class _Reply:
     found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
 
 
+def _one_turn(method):
+    """Run a Conversation method (a generator: until it ends or is closed) holding the conversation's claim, so that
+    a second turn started meanwhile is refused at once (Conversation._claim) instead of interleaving on its cache."""
+    if inspect.isgeneratorfunction(method):
+        @functools.wraps(method)
+        def claimed(self, *args, **kwargs):
+            self._claim()
+            try:
+                yield from method(self, *args, **kwargs)
+            finally:
+                self._release()
+    else:
+        @functools.wraps(method)
+        def claimed(self, *args, **kwargs):
+            self._claim()
+            try:
+                return method(self, *args, **kwargs)
+            finally:
+                self._release()
+    return claimed
+
+
 class Conversation:
     """One image, several turns. Keeps the image features, the SAM image embedding (once a trigger fired) and the
     KV cache of everything said so far; a turn feeds only what the cache does not hold yet."""
@@ -138,13 +162,28 @@ class Conversation:
         self._features: np.ndarray | None = None
         self._sam_embedding: np.ndarray | None = None
         self.timeline = NO_TIMELINE
+        self._busy, self._owner = threading.Lock(), None      # one turn at a time: stream / add_turn claim it
+
+    def _claim(self) -> None:
+        """Start a turn or refuse at once: two turns interleaved on one KV cache and history corrupt both."""
+        if not self._busy.acquire(blocking=False):
+            if self._owner == threading.get_ident():
+                raise RuntimeError("this Conversation is still answering: finish the stream it gave (or close() it) "
+                                   "before the next turn")
+            raise RuntimeError("this Conversation is answering in another thread; give each thread its own "
+                               "(pipe.conversation(image))")
+        self._owner = threading.get_ident()
+
+    def _release(self) -> None:
+        self._owner = None
+        self._busy.release()
 
     # -- graph calls -----------------------------------------------------------------------------------
     def features(self) -> np.ndarray:
         if self._features is None:
             clip = self.pipe.manifest.clip
             with self.timeline.stage("preprocess"):
-                px = pp.clip_pixels(self.image, clip.size, mean=clip.mean, std=clip.std)
+                px = pp.clip_pixels(self.image, clip.size, mean=clip.mean, std=clip.std, resample=clip.resample)
             with self.timeline.stage("vision"):
                 self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
         return self._features
@@ -153,7 +192,7 @@ class Conversation:
         if self._sam_embedding is None:
             sam = self.pipe.manifest.sam
             with self.timeline.stage("preprocess"):
-                px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std)
+                px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std, resample=sam.resample)
             with self.timeline.stage("sam_encoder"):
                 self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
         return self._sam_embedding
@@ -181,19 +220,21 @@ class Conversation:
                 raise PromptError(f"box [{k}] {b[k].tolist()} lies outside the {self.width}x{self.height} image")
         return b.astype(np.float32)
 
-    def _prompt(self, text: str, boxes) -> tuple[list[int], np.ndarray, str]:
-        """(conversation ids, this turn's normalised region boxes in slot order, the turn's expanded user text)."""
+    def _prompt(self, text: str, boxes, special_tokens_in_text: bool = False) -> tuple[list[int], np.ndarray, str]:
+        """(conversation ids, this turn's normalised region boxes in slot order, the turn's user text as typed).
+        Special-token strings in user texts and replies are plain text unless special_tokens_in_text (nxc.prompt)."""
         boxes_px = self._check_boxes(boxes)
-        prompt, order = build_prompt(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
-                                     num_boxes=len(boxes_px), history=self.history)
+        segments, order = prompt_segments(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
+                                          num_boxes=len(boxes_px), history=self.history,
+                                          special_tokens_in_text=special_tokens_in_text)
         region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
-        ids = self.pipe.tokenizer.encode(prompt)
+        ids = self.pipe.tokenizer.encode_segments(segments)
         cap = self.cache.capacity
         if len(ids) >= cap:
             raise PromptError(f"the prompt is {len(ids)} tokens (image and conversation included) but the build's "
                               f"context is {cap}; shorten it, start a new conversation, or re-export with a larger "
                               "--max-context")
-        return ids, region, expand_region_refs(text, len(boxes_px))[0]
+        return ids, region, text
 
     def _prefill(self, ids: list[int], region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Feed what the cache does not hold yet (a follow-up turn re-uses the earlier ones): image rows from the
@@ -240,7 +281,7 @@ class Conversation:
 
         def pick(lg, n):
             picked.append(time.perf_counter())
-            return pick_token(np.asarray(lg, np.float32), sampling, rng)
+            return pick_token(np.asarray(lg, np.float32), sampling, rng, banned=self.pipe.dispatch.never_sampled)
 
         def timed(head):
             def fire(h):
@@ -280,21 +321,26 @@ class Conversation:
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
                               detections=[r for _, r in reply.found])
 
+    @_one_turn
     def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               iou_threshold: float | None = ..., timeline: Timeline | None = None) -> Iterator[Token | Box | Done]:
+               iou_threshold: float | None = ..., timeline: Timeline | None = None,
+               special_tokens_in_text: bool = False) -> Iterator[Token | Box | Done]:
         """Yields Token per generated token, Box when a trigger's box is decoded, then Done with the result.
         iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all.
+        special_tokens_in_text: `<at>`, `</s>`, `<im_start>`... typed in the text (and in earlier turns) become
+        tokens, as in the original model; by default they are plain text (nxc.prompt).
         timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
         counted in any stage."""
         self.timeline = timeline or NO_TIMELINE
         gen = self.pipe.manifest.generation
-        max_new = gen.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new}")
+        max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or max_new < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1 (None: the build's {gen.max_new_tokens}), "
+                             f"got {max_new_tokens!r}")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         with self.timeline.stage("preprocess"):
-            ids, region, user_text = self._prompt(text, boxes)
+            ids, region, user_text = self._prompt(text, boxes, special_tokens_in_text)
         logits, hidden = self._prefill(ids, region)
         reply = _Reply()
         yield from self._decode(logits, hidden, ids[-1], max_new, sampling, reply)
@@ -303,19 +349,20 @@ class Conversation:
         self.timeline = NO_TIMELINE
         yield Done(result)
 
+    @_one_turn
     def add_turn(self, user_text: str, reply_raw: str, *, boxes=None, reply_boxes=()) -> None:
         """Record an earlier turn without running the model (a stateless server rebuilding a conversation from the
         messages it is sent). `reply_raw` is the reply as decoded (`<at> <boxes>` literal); `reply_boxes` holds the
         normalised box of each of its slots, in order. The next `ask` prefills the whole conversation."""
         boxes_px = self._check_boxes(boxes)
-        expanded, order = expand_region_refs(user_text, len(boxes_px))
+        _, order = expand_region_refs(user_text, len(boxes_px))
         check_all_boxes_used(order, len(boxes_px))
         reply_boxes = np.asarray(reply_boxes, np.float32).reshape(-1, 4)
         if reply_raw.count(SLOT) != len(reply_boxes):
             raise PromptError(f"an earlier reply has {reply_raw.count(SLOT)} grounded phrase(s) but "
                               f"{len(reply_boxes)} box(es) came with it; send earlier replies back with their boxes")
         region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
-        self.history.append(Turn(expanded, reply_raw))
+        self.history.append(Turn(user_text, reply_raw))
         self.history_slots += list(region) + list(reply_boxes)
 
     def ask(self, text: str, **kwargs) -> ChatResult:

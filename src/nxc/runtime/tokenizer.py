@@ -8,6 +8,10 @@ here in Python (reference §3.3):
     chunk ──tokenizers BPE──> pieces ──legacy=False: drop the leading "▁" of a non-first chunk──> ids
     ids = [BOS] + ids of every chunk and added token, in order; no EOS
 
+`encode_segments` takes a prompt as nxc.prompt segments: only control segments are split on added tokens; in plain
+ones (what a user typed) `<at>`, `</s>`... stay characters. Text meeting at a segment boundary is one chunk, so a
+prompt whose plain text holds no special string gets the ids `encode` gives the joined text.
+
 Which tokens split the text, and whether they eat the whitespace next to them, is read from the JSON's
 `added_tokens` list (`lstrip` / `rstrip`, `special`): the five NExT-Chat tokens strip both sides, the LLaMA specials
 `<s>`, `</s>`, `<unk>` split and strip as the checkpoint's special_tokens_map.json made 4.31 do (not at all
@@ -23,7 +27,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 
 from nxc import names
-from nxc.tokens import SPIECE_UNDERLINE, TokenizerError
+from nxc.tokens import SPIECE_UNDERLINE, Segment, TokenizerError
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,23 @@ def split_on_added(text: str, added: dict[str, SplitToken], pattern: re.Pattern)
 
     Returns text chunks (str, never empty) and SplitToken entries, in order.
     """
+    return strip_around(_split(text, added, pattern))
+
+
+def _split(text: str, added: dict[str, SplitToken], pattern: re.Pattern) -> list[str | SplitToken]:
+    """Cut `text` at added tokens (leftmost, longest): text chunks (maybe empty) and tokens, alternating, str first
+    and last."""
     parts: list[str | SplitToken] = []
     last = 0
     for m in pattern.finditer(text):
         parts += [text[last:m.start()], added[m.group(0)]]
         last = m.end()
     parts.append(text[last:])
+    return parts
+
+
+def strip_around(parts: list[str | SplitToken]) -> list[str | SplitToken]:
+    """Strip the text chunks next to each token as its flags say (4.31); drop the empty chunks."""
     for i, part in enumerate(parts):
         if isinstance(part, SplitToken):
             # A neighbour is a text chunk, maybe empty (two adjacent tokens): stripping that is a no-op, as in 4.31.
@@ -226,8 +241,12 @@ class Tokenizer:
             chunk = chunk[1:]
         if not chunk:
             return []
-        enc = self._hf.encode(chunk, add_special_tokens=False)
-        ids, pieces = list(enc.ids), list(enc.tokens)
+        # The BPE model alone (normalizer + model): `Tokenizer.encode` would also match added tokens in the chunk,
+        # and a plain segment's chunk may hold their strings as text (its `encode_special_tokens` spares only
+        # special=True ones, not the five NExT-Chat tokens).
+        norm = self._hf.normalizer
+        enc = self._hf.model.tokenize(norm.normalize_str(chunk) if norm is not None else chunk)
+        ids, pieces = [t.id for t in enc], [t.value for t in enc]
         if not is_first and not chunk.startswith(" ") and pieces and pieces[0].startswith(SPIECE_UNDERLINE):
             # The chunk follows an added token: sentencepiece's dummy prefix is wrong here. 4.31 strips it from the
             # piece and looks the rest up, which gives <unk> when the stripped piece is not in the vocabulary.
@@ -239,9 +258,31 @@ class Tokenizer:
         """Token ids of `text` as NExT-Chat's tokenizer gives them: BOS first (unless add_bos=False), no EOS."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode expects a str, got {type(text).__name__}.")
-        text = SPIECE_UNDERLINE + text.replace(SPIECE_UNDERLINE, " ")
+        return self.encode_segments([Segment(text, True)], add_bos=add_bos)
+
+    def encode_segments(self, segments, add_bos: bool = True) -> list[int]:
+        """Token ids of a prompt given as (text, control) segments (nxc.prompt.render_segments): BOS first (unless
+        add_bos=False), no EOS. Added-token strings become their ids in control segments only; in plain ones they
+        are text. Text chunks run across segment boundaries, as if the text were one string; all-control segments
+        give `encode` of their joined text."""
+        runs: list[list] = []                            # neighbours of the same kind joined: [text, control]
+        for text, control in segments:
+            if not isinstance(text, str):
+                raise TokenizerError(f"a segment's text must be a str, got {type(text).__name__}.")
+            if runs and runs[-1][1] == bool(control):
+                runs[-1][0] += text
+            else:
+                runs.append([text, bool(control)])
+        parts: list[str | SplitToken] = [SPIECE_UNDERLINE]
+        for text, control in runs:
+            text = text.replace(SPIECE_UNDERLINE, " ")
+            for part in (_split(text, self._added, self._pattern) if control else [text]):
+                if isinstance(part, str) and isinstance(parts[-1], str):
+                    parts[-1] += part
+                else:
+                    parts.append(part)
         ids = [self.bos_id] if add_bos else []
-        for part in split_on_added(text, self._added, self._pattern):
+        for part in strip_around(parts):
             ids += [part.id] if isinstance(part, SplitToken) else self._encode_chunk(part)
         return ids
 

@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nxc-eval: {e}", file=sys.stderr)
             return 2
     elif (target / "config.json").is_file():
-        chat = reference_chat(target, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
+        try:
+            chat = reference_chat(target, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
+        except ImportError as e:
+            print(f"nxc-eval: a checkpoint needs the export extra ({e.name} is not installed): pip install "
+                  "'nxc[export]' (a build directory from nxc-export runs without it)", file=sys.stderr)
+            return 2
     else:
         print(f"nxc-eval: {target} is neither a NExT-Chat checkpoint (config.json) nor a build directory "
               "(manifest.json).", file=sys.stderr)

@@ -19,15 +19,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from nxc import names
 from nxc.config import SAM_SIZES, VISION_SIZES, LlamaSizes, NextChatConfig
-from nxc.model.nextchat import NextChat
-from nxc.model.sam import nextchat_sam_decode
 from nxc.prompt import SLOT
-from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation, vision_targets
+
+try:                                # nxc-train-shapes imports this module: main() explains a runtime-only install
+    import torch
+    import torch.nn.functional as F
+
+    from nxc.model.nextchat import NextChat
+    from nxc.model.sam import nextchat_sam_decode
+    from nxc.shapes.batching import IGNORE, Batch, make_batch, sam_target, sample_conversation, vision_targets
+except ImportError as e:
+    _MISSING = e.name or "torch"
+else:
+    _MISSING = None
 
 SHAPES_VISION = VISION_SIZES["shapes"]
 SHAPES_SAM = SAM_SIZES["shapes"]
@@ -364,6 +371,10 @@ def _weights(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
+    if _MISSING:
+        print(f"nxc-train-shapes: needs the export extra ({_MISSING} is not installed): pip install 'nxc[export]'",
+              file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="nxc-train-shapes", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="checkpoint directory to write (official layout)")
     ap.add_argument("--seed", type=int, default=0)

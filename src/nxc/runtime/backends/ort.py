@@ -143,8 +143,23 @@ class OrtBackend:
                                    "may only read its own files. Re-export the build") from None
             raise BackendError(f"{path}: ONNX Runtime cannot load this graph ({str(e).splitlines()[0][:300]}); "
                                "re-export the build") from None
-        got = [i.name for i in sess.get_inputs()]
-        if got != spec.input_names:
-            raise BackendError(f"{path}: graph inputs {got} differ from the manifest's {spec.input_names}; "
-                               "the graph does not belong to this build, re-export it")
+        # names, element types, ranks and fixed dims against the manifest: a swapped graph file with matching hashes
+        # (a crafted or hand-edited build) is refused here, not by a wrong answer or a shape error mid-reply. A fixed
+        # dim of the graph must be the manifest's; a symbolic one ("?") takes any length.
+        for kind, args, tensors in (("input", sess.get_inputs(), spec.inputs),
+                                    ("output", sess.get_outputs(), spec.outputs)):
+            got, want = [a.name for a in args], [t.name for t in tensors]
+            if got != want:
+                raise BackendError(f"{path}: graph {kind}s {got} differ from the manifest's {want}; "
+                                   "the graph does not belong to this build, re-export it")
+            for a, t in zip(args, tensors):
+                dtype = {"tensor(float)": "float32", "tensor(double)": "float64"}.get(a.type, a.type)
+                dtype = dtype[len("tensor("):-1] if dtype.startswith("tensor(") else dtype
+                shape = list(a.shape or [])
+                if dtype != t.dtype or len(shape) != len(t.shape) or any(
+                        isinstance(g, int) and g != w for g, w in zip(shape, t.shape)):
+                    dims = ", ".join(str(g) if isinstance(g, int) else "?" for g in shape)
+                    raise BackendError(f"{path}: {kind} {a.name!r} is {dtype} [{dims}] but the manifest says {t.dtype} "
+                                       f"[{', '.join(str(w) for w in t.shape)}]; the graph does not belong to this "
+                                       "build, re-export it")
         return OrtRunner(sess, spec)
