@@ -5,7 +5,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_sp_dir(tmp_path_factory):
     """A directory with the official tokenizer files (tokenizer.model seed 0, added_tokens.json, configs)."""
-    from nxc.model.sp_tokenizer import train_tiny_sentencepiece, write_tokenizer_files
+    from nxc.model.sp_files import train_tiny_sentencepiece, write_tokenizer_files
     d = tmp_path_factory.mktemp("tiny_sp")
     return write_tokenizer_files(d, train_tiny_sentencepiece(d, seed=0))
 

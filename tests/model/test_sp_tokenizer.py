@@ -6,8 +6,8 @@ import time
 import pytest
 
 from nxc import names
-from nxc.model.sp_tokenizer import (SentencePieceOracle, train_tiny_sentencepiece, tiny_corpus,
-                                    write_tokenizer_files)
+from nxc.model.sp_files import tiny_corpus, train_tiny_sentencepiece, write_tokenizer_files
+from nxc.model.sp_tokenizer import SentencePieceOracle
 from nxc.runtime.tokenizer import TokenizerError
 
 

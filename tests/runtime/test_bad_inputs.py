@@ -298,3 +298,16 @@ def test_an_unfinished_stream_holds_its_conversation_until_closed(embedded_pipe)
         conv.ask("And the blue square?", max_new_tokens=4)
     events.close()
     assert conv.ask("And the blue square?", max_new_tokens=4).token_ids
+
+
+@pytest.mark.parametrize("text,message", [
+    ("where is \udcff it?", r"^the prompt is not valid Unicode text \(surrogates not allowed at character 9\); pass the "
+                            r"question as UTF-8 text$"),
+    (b"where is it?", r"^the prompt must be text \(str\), got bytes$"),
+])
+def test_a_prompt_that_is_not_text_is_one_line(embedded_pipe, text, message):
+    from PIL import Image
+
+    from nxc.prompt import PromptError
+    with pytest.raises(PromptError, match=message):
+        embedded_pipe.chat(Image.new("RGB", (32, 32)), text)

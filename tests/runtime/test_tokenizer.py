@@ -236,7 +236,7 @@ def test_decode_rejects_out_of_range_ids(tiny_tokenizer):
 def test_export_refuses_a_non_llama_sentencepiece_model(tmp_path):
     import sentencepiece as spm
     from nxc.export.tokenizer_json import build_tokenizer_json
-    from nxc.model.sp_tokenizer import tiny_corpus, write_tokenizer_files
+    from nxc.model.sp_files import tiny_corpus, write_tokenizer_files
     model = tmp_path / "unigram.model"
     with open(model, "wb") as f, open("/dev/null", "w") as quiet:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(tiny_corpus(0)), model_writer=f, logstream=quiet,

@@ -137,8 +137,10 @@ def test_pope_near_share_controls_absent_objects():
                                       ("foo=1", False), ("rec=-1,pope=2", False), ("rec=0", False)])
 def test_task_weight_flag(text, ok):
     import argparse
+
+    from nxc.shapes.train_cli import _weights
     if ok:
-        assert sum(T._weights(text).values()) > 0
+        assert sum(_weights(text).values()) > 0
     else:
         with pytest.raises(argparse.ArgumentTypeError):
-            T._weights(text)
+            _weights(text)

@@ -46,15 +46,18 @@ def collect_feeds(model, tokenizer, images, prompts, *, log=print, detections: b
     of the reference's replies, one detection per feed; a prompt without detections adds none."""
     import torch
 
+    from nxc.model import processing
     from nxc.model.reference import ReferenceChat
-    from nxc.runtime import preprocess as pp
     from nxc.prompt import PromptError
+    from nxc.runtime import preprocess as pp
 
     cfg = model.config
+    clip = processing.clip_preprocess_of(model)       # the CLIP directory's preprocessor config, when it has one
     ref = ReferenceChat(model=model, tokenizer=tokenizer)
     feeds: dict[str, list[dict]] = {g: [] for g in STATIC_GRAPHS + WEIGHT_ONLY_GRAPHS}
     for i, im in enumerate(images):
-        feeds[names.GRAPH_VISION].append({"pixel_values": pp.clip_pixels(im, cfg.vision.image_size)})
+        feeds[names.GRAPH_VISION].append({"pixel_values": pp.clip_pixels(im, clip.size, mean=clip.mean, std=clip.std,
+                                                                         resample=clip.resample)})
         feeds[names.GRAPH_SAM_ENCODER].append({"image": pp.sam_pixels(im, cfg.sam.image_size)})
         if detections:
             prompt = prompts[i % len(prompts)]

@@ -45,7 +45,7 @@ def official_state_dict(model: NextChat) -> dict[str, torch.Tensor]:
 def save_nextchat(model: NextChat, out_dir: str | Path, *, tokenizer_model: str | Path,
                   safetensors: bool = False, shard_bytes: int | None = None, clip_dir: str | None = None) -> Path:
     """Write `model` to `out_dir` in the official layout. CLIP goes to `out_dir/clip` unless `clip_dir` is given."""
-    from nxc.model.sp_tokenizer import write_tokenizer_files
+    from nxc.model.sp_files import write_tokenizer_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,7 +102,8 @@ def tiny_config(vocab_size: int) -> NextChatConfig:
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, config: NextChatConfig | None = None,
                          safetensors: bool = False, shard_bytes: int | None = None) -> Path:
     """A tiny random NExT-Chat in the official layout. Same seed -> same weights and tokenizer."""
-    from nxc.model.sp_tokenizer import SentencePieceOracle, train_tiny_sentencepiece
+    from nxc.model.sp_files import train_tiny_sentencepiece
+    from nxc.model.sp_tokenizer import SentencePieceOracle
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

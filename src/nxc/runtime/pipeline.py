@@ -223,6 +223,13 @@ class Conversation:
     def _prompt(self, text: str, boxes, special_tokens_in_text: bool = False) -> tuple[list[int], np.ndarray, str]:
         """(conversation ids, this turn's normalised region boxes in slot order, the turn's user text as typed).
         Special-token strings in user texts and replies are plain text unless special_tokens_in_text (nxc.prompt)."""
+        if not isinstance(text, str):
+            raise PromptError(f"the prompt must be text (str), got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise PromptError(f"the prompt is not valid Unicode text ({e.reason} at character {e.start}); pass the "
+                              "question as UTF-8 text") from None
         boxes_px = self._check_boxes(boxes)
         segments, order = prompt_segments(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
                                           num_boxes=len(boxes_px), history=self.history,
