@@ -75,16 +75,15 @@ class KVCache:
         return {"inputs_embeds": embeds, "attention_mask": self._ones[:, :p + t],
                 "position_ids": self._positions[:, p:p + t]}
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """Host caches only: the valid rows of each buffer, [1, length, kv, D] views (tests, inspection)."""
-        if self.device != "cpu":
-            raise TypeError(f"the cache lives in {self.device} memory; it has no numpy view")
-        return {n: b[:, :self.length] for n, b in self._owners.items()}
-
     def arrays_full(self) -> dict[str, np.ndarray]:
         """Host caches only: the whole [1, capacity, kv, D] buffers (to fill a cache for a benchmark or a test)."""
-        self.arrays()
+        if self.device != "cpu":
+            raise TypeError(f"the cache lives in {self.device} memory; it has no numpy view")
         return dict(self._owners)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Host caches only: the valid rows of each buffer, [1, length, kv, D] views (tests, inspection)."""
+        return {n: b[:, :self.length] for n, b in self.arrays_full().items()}
 
     def room(self) -> int:
         return self.capacity - self.length

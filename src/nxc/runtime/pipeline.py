@@ -220,6 +220,10 @@ class Conversation:
                 raise PromptError(f"box [{k}] {b[k].tolist()} lies outside the {self.width}x{self.height} image")
         return b.astype(np.float32)
 
+    def _region(self, boxes_px: np.ndarray, order: list[int]) -> np.ndarray:
+        """Region-input boxes in the order their slots appear, normalised to the padded square: [K,4]."""
+        return pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
+
     def _prompt(self, text: str, boxes, special_tokens_in_text: bool = False) -> tuple[list[int], np.ndarray, str]:
         """(conversation ids, this turn's normalised region boxes in slot order, the turn's user text as typed).
         Special-token strings in user texts and replies are plain text unless special_tokens_in_text (nxc.prompt)."""
@@ -234,7 +238,7 @@ class Conversation:
         segments, order = prompt_segments(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
                                           num_boxes=len(boxes_px), history=self.history,
                                           special_tokens_in_text=special_tokens_in_text)
-        region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
+        region = self._region(boxes_px, order)
         ids = self.pipe.tokenizer.encode_segments(segments)
         cap = self.cache.capacity
         if len(ids) >= cap:
@@ -368,7 +372,7 @@ class Conversation:
         if reply_raw.count(SLOT) != len(reply_boxes):
             raise PromptError(f"an earlier reply has {reply_raw.count(SLOT)} grounded phrase(s) but "
                               f"{len(reply_boxes)} box(es) came with it; send earlier replies back with their boxes")
-        region = pp.normalise_boxes(boxes_px[order], self.width, self.height) if order else np.zeros((0, 4), np.float32)
+        region = self._region(boxes_px, order)
         self.history.append(Turn(user_text, reply_raw))
         self.history_slots += list(region) + list(reply_boxes)
 

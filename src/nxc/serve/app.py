@@ -59,7 +59,7 @@ class ReplyText:
 def _error(e: Exception) -> proto.ApiError:
     if isinstance(e, proto.ApiError):
         return e
-    if isinstance(e, (PromptError, ImageError, ValueError, TypeError)):
+    if isinstance(e, (PromptError, ImageError, ValueError)):
         return proto.ApiError(400, str(e).splitlines()[0] if str(e) else type(e).__name__)
     log.exception("nxc-serve: request failed")
     return proto.ApiError(500, f"internal error ({type(e).__name__}: {str(e)[:200]}); the server keeps serving",

@@ -30,9 +30,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from nxc.runtime.images import ImageError, load_image
-from nxc.runtime.pipeline import Box, ChatResult, Detection, Done, Pipeline, Token
+from nxc.runtime.pipeline import Box, ChatResult, Done, Pipeline, Token
 from nxc.prompt import PromptError
-from nxc.serve import rle
+from nxc.serve.protocol import detection_json
 
 CHAT_MODEL = "nxc_chat"
 EVENT = "event"
@@ -104,12 +104,6 @@ def _floats(v) -> list[float]:
     return [float(x) for x in np.asarray(v).reshape(-1)]
 
 
-def grounding(k: int, d: Detection) -> dict:
-    """One detection as nxc-serve's "grounding" entry."""
-    return {"index": k, "box": _floats(d.box), "box_norm": _floats(d.box_norm), "phrase": d.phrase,
-            "score": d.score, "mask": rle.encode(d.mask) if d.mask is not None else None}
-
-
 def event(ev: Token | Box | Done) -> dict:
     """A Pipeline.stream event -> the JSON object of one response."""
     if isinstance(ev, Token):
@@ -120,7 +114,7 @@ def event(ev: Token | Box | Done) -> dict:
                 "phrase": d.phrase}
     r: ChatResult = ev.result
     return {"type": "done", "text": r.text, "raw_text": r.raw_text, "token_ids": [int(t) for t in r.token_ids],
-            "finish_reason": r.finish_reason, "grounding": [grounding(k, d) for k, d in enumerate(r.detections)]}
+            "finish_reason": r.finish_reason, "grounding": [detection_json(k, d) for k, d in enumerate(r.detections)]}
 
 
 def chat_events(pipe: Pipeline, get: Callable[[str], np.ndarray | None]) -> Iterator[dict]:
