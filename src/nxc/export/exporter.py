@@ -53,6 +53,26 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+@dataclass(frozen=True)
+class LlmWeights:
+    """Where the llm graph's weights come from: `source` for the writer (official names, one tensor at a time) and
+    `reference(precision)`, the parity check's own reader of the same weights (nxc.export.llm_check)."""
+    source: object
+    reference: object
+
+    @classmethod
+    def of_checkpoint(cls, ckpt: Path) -> "LlmWeights":
+        from nxc.export.llm_check import ReferenceWeights
+        from nxc.model.lazy import LazyCheckpoint
+        return cls(LazyCheckpoint(ckpt), lambda p: ReferenceWeights.from_checkpoint(ckpt, precision=p))
+
+    @classmethod
+    def of_module(cls, llm) -> "LlmWeights":
+        from nxc.export.llm_check import ReferenceWeights
+        from nxc.export.llm_writer import ModelWeights
+        return cls(ModelWeights(llm), lambda p: ReferenceWeights.from_module(llm, precision=p))
+
+
 def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
     from nxc.export.llm import LlmGraph
     from nxc.export.wrappers import LocHeadsGraph, SamDecoderGraph, SamEncoderGraph, VisionGraph
@@ -157,7 +177,8 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
-        return load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file)
+        model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
+        return model, tokenizer, LlmWeights.of_checkpoint(checkpoint)
 
     source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
     return _export(load, out, tokenizer_dir=checkpoint, options=options, source=source, embedded=embedded)
@@ -166,8 +187,8 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
 def export_model(model, tokenizer, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions = ExportOptions(),
                  source: dict | None = None, embedded: bool = False) -> Path:
     """Export a loaded reference model (+ its tokenizer files in `tokenizer_dir`) into the build directory `out`."""
-    return _export(lambda: (model, tokenizer), out, tokenizer_dir=Path(tokenizer_dir), options=options,
-                   source=source or {}, embedded=embedded)
+    return _export(lambda: (model, tokenizer, LlmWeights.of_module(model.llm)), out, tokenizer_dir=Path(tokenizer_dir),
+                   options=options, source=source or {}, embedded=embedded)
 
 
 def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOptions, source: dict,
@@ -182,8 +203,8 @@ def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOption
         tmp = outdir.prepare(out)
         try:
             _convert_tokenizer(tokenizer_dir, tmp / "tokenizer.json")
-            model, tokenizer = load()
-            _write_build(model, tokenizer, tmp, out, options, source, embedded)
+            model, tokenizer, llm_weights = load()
+            _write_build(model, tokenizer, llm_weights, tmp, out, options, source, embedded)
             outdir.publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -204,15 +225,13 @@ def _convert_tokenizer(tokenizer_dir: Path, path: Path) -> None:
 
 def _fp32_reference_graphs(model, scratch: Path, options: ExportOptions) -> Path:
     """The requested graphs exported in fp32 to `scratch` (inside the partial build, removed before the manifest is
-    written): what an fp16 build is measured against. An llm over EXTERNAL_DATA_BYTES is left out (a second
-    full-size copy of a 7B LLaMA is not worth a report line)."""
+    written): what an fp16 build is measured against. Not the llm: its accuracy against float32 torch comes from
+    its streamed parity check (nxc.export.llm_check), at any size."""
     scratch.mkdir()
     fp32 = ExportOptions(precision="fp32", opset=options.opset)
     specs = graph_specs(model.config)
-    llm_bytes = sum(p.numel() * 4 for p in model.llm.parameters())
     for g in options.graphs:
-        if g == names.GRAPH_LLM and llm_bytes > EXTERNAL_DATA_BYTES:
-            _log(f"[nxc-export] llm: no fp32 reference for the accuracy report ({llm_bytes / 1e9:.1f} GB)")
+        if g == names.GRAPH_LLM:
             continue
         _log(f"[nxc-export] {g}: fp32 reference for the accuracy report")
         export_graph(wrapper_for(model, g, fp32), specs[g], model.config, scratch / f"{g}.onnx", fp32)
@@ -258,9 +277,12 @@ def _graph_mb(tmp: Path, record: dict) -> float:
     return sum((tmp / f).stat().st_size for f in [record["file"], *record["external_data"]]) / 1e6
 
 
-def _export_graphs(model, tmp: Path, specs: dict, options: ExportOptions) -> dict:
+def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, options: ExportOptions,
+                   accuracy: dict) -> dict:
     """Per graph: export, TensorRT lint, ONNX Runtime parity against torch, one progress line each; writes
-    reports/parity.json and returns the manifest's per-graph records."""
+    reports/parity.json and returns the manifest's per-graph records. The llm is written by nxc.export.llm_writer
+    in the build's precision and checked by nxc.export.llm_check (its accuracy against float32 goes to
+    `accuracy`)."""
     import onnx
 
     from nxc.export.parity import check_graph
@@ -274,6 +296,11 @@ def _export_graphs(model, tmp: Path, specs: dict, options: ExportOptions) -> dic
     for i, g in enumerate(options.graphs, 1):
         tg = time.perf_counter()
         _log(f"[nxc-export] [{i}/{n}] {g}: exporting")
+        if g == names.GRAPH_LLM:
+            graphs[g], parity[g] = _write_llm(llm_weights, cfg, tmp, specs[g], options, f"[{i}/{n}]", accuracy)
+            _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, "
+                 f"{_lint_summary(graphs[g]['tensorrt_lint'])}, {time.perf_counter() - tg:.1f} s")
+            continue
         wrapper = wrapper_for(model, g, options)
         path = tmp / "graphs" / f"{g}.onnx"
         external = export_graph(wrapper, specs[g], cfg, path, options)
@@ -296,8 +323,51 @@ def _export_graphs(model, tmp: Path, specs: dict, options: ExportOptions) -> dic
     return graphs
 
 
-def _write_build(model, tokenizer, tmp: Path, out: Path, options: ExportOptions, source: dict,
-                 embedded: bool) -> None:
+def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options: ExportOptions, step: str,
+               accuracy: dict) -> tuple[dict, dict]:
+    """The llm graph written in the build's precision from the checkpoint (one tensor at a time), linted, and
+    checked against transformers' layers streamed from the same checkpoint. Returns (manifest record, parity)."""
+    import onnx
+
+    from nxc.export.llm_check import check_llm
+    from nxc.export.llm_writer import WeightError, write_llm_graph
+    from nxc.export.trt_lint import lint
+
+    path = tmp / "graphs" / "llm.onnx"
+    prec = options.precision
+    try:
+        external = write_llm_graph(
+            llm_weights.source, cfg.llm, path, spec, precision=prec, opset=options.opset,
+            inline_bytes=EXTERNAL_DATA_BYTES, doc=f"nxc {__version__} graph llm ({prec})",
+            log=lambda i, n, msg: _log(f"[nxc-export] {step} llm: layer {i}/{n}, {msg}"))
+    except WeightError as e:
+        raise ExportError(f"llm: {e}") from None
+    record = {"file": "graphs/llm.onnx", "external_data": [f"graphs/{e}" for e in external],
+              "precision": prec, "opset": options.opset, **spec.to_dict(),
+              "tensorrt_lint": lint(onnx.load(str(path), load_external_data=False))}
+    if prec in ("int8", "int4"):
+        bits = 8 if prec == "int8" else 4
+        record["precision"] = f"int{bits}-weight-only"
+        record["quantization"] = {"scheme": f"MatMulNBits, {bits}-bit symmetric, block 32, accuracy_level 4"}
+    if not options.parity:
+        return record, {}
+    _log(f"[nxc-export] {step} llm: checking against transformers' layers streamed from the checkpoint")
+    kv = np.float16 if spec.inputs[3].dtype == "float16" else np.float32
+    report = check_llm(path, llm_weights.reference(prec), cfg.llm, precision=prec, kv_dtype=kv,
+                       accuracy_reference=llm_weights.reference("fp32") if prec != "fp32" else None,
+                       log=lambda m: _log(f"[nxc-export] {step} llm: {m}"))
+    if prec != "fp32":
+        accuracy[names.GRAPH_LLM] = report.pop("accuracy")
+    if not report["ok"]:
+        bad = {r["run"]: (r["worst"], f"{r['worst_rel_l2']:.3g}") for r in report["checks"] if not r["ok"]}
+        raise ExportError(f"graph llm does not match transformers' LLaMA layers built from the checkpoint "
+                          f"(relative L2 error above {report['tolerance_rel_l2']}): {bad}; the weights were mapped "
+                          "wrongly or the checkpoint's tensors do not belong together")
+    return record, report
+
+
+def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path, options: ExportOptions,
+                 source: dict, embedded: bool) -> None:
     """Everything but tokenizer.json into the partial directory `tmp`; the manifest last, checked to load."""
     from nxc.manifest import BuildError, load_manifest, write_manifest
 
@@ -312,7 +382,8 @@ def _write_build(model, tokenizer, tmp: Path, out: Path, options: ExportOptions,
         from nxc.export.fp16 import float32_nodes, to_fp16
         reference = _fp32_reference_graphs(model, tmp / ".fp32ref", options)    # for reports/accuracy.json
         model = to_fp16(model)
-    graphs = _export_graphs(model, tmp, specs, options)
+    llm_accuracy: dict = {}
+    graphs = _export_graphs(model, llm_weights, tmp, specs, options, llm_accuracy)
     if options.precision == "fp16":
         for g in graphs:
             graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
@@ -324,9 +395,11 @@ def _write_build(model, tokenizer, tmp: Path, out: Path, options: ExportOptions,
         for g, rec in graphs.items():                   # the lint of what ships: the quantized graphs
             _log(f"[nxc-export] {g}: {rec['precision']}, {_graph_mb(tmp, rec):.1f} MB, "
                  f"{_lint_summary(rec['tensorrt_lint'])}")
+    if accuracy is not None and llm_accuracy:
+        accuracy["graphs"].update(llm_accuracy)
     if accuracy is not None:
         (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
-    np.save(tmp / "embeddings.npy", model.llm.model.embed_tokens.weight.detach().float().numpy())
+    np.save(tmp / "embeddings.npy", llm_weights.source.numpy("model.embed_tokens.weight", np.float32))
     body = manifest_body(model, tokenizer, options, max_context, source)
     body["graphs"] = graphs
     write_manifest(tmp, body)

@@ -252,10 +252,10 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
                                       g.op("Unsqueeze", [query_pos, "c.ax_last"])])                   # [T*nH,P+T]
         valid = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "c.i1_vec"])
         g.const("c.i1_vec", np.array([1], np.int64))
-        mask = g.op("Where", [g.op("And", [causal, valid]), "c.zero_f", "c.fmin"], "attn.mask")        # [B,T*nH,P+T]
-        past_shape = g.op("Concat", [g.op("Unsqueeze", [b, "c.ax0"]), g.op("Unsqueeze", [p, "c.ax0"]), "shape.kvd"],
+        g.op("Where", [g.op("And", [causal, valid]), "c.zero_f", "c.fmin"], "attn.mask")        # [B,T*nH,P+T]
+        g.op("Concat", [g.op("Unsqueeze", [b, "c.ax0"]), g.op("Unsqueeze", [p, "c.ax0"]), "shape.kvd"],
                           "shape.past", axis=0)
-        p_vec = g.op("Unsqueeze", [p, "c.ax0"], "len.past_vec")
+        g.op("Unsqueeze", [p, "c.ax0"], "len.past_vec")
         h = g.op("Cast", ["inputs_embeds"], "h.0", to=_F16) if dt == _F16 else \
             g.op("Identity", ["inputs_embeds"], "h.0")
 
@@ -303,7 +303,8 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
             h = g.op("Add", [h, down], f"h.{i + 1}")
             if log is not None:
                 done = time.perf_counter() - t0
-                log(i + 1, nl, f"{data.offset / 1e9:.2f} GB written, eta {done / (i + 1) * (nl - i - 1):.0f} s")
+                log(i + 1, nl, f"{data.offset / 1e6:,.0f} MB written, {done:.0f} s, "
+                           f"eta {done / (i + 1) * (nl - i - 1):.0f} s")
 
         # -- the last position: final norm, lm_head --------------------------------------------------------
         last = g.op("Gather", [h, "c.last_pos"], axis=1)                                               # [B,H]

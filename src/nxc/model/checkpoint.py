@@ -206,49 +206,76 @@ def read_clip_preprocess(clip_dir: Path, image_size: int) -> ClipPreprocess:
                           std=_triple(cfg, "image_std", CLIP_STD, bad, positive=True), resample=_PIL_RESAMPLE[resample])
 
 
-def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None,
-                  sam_file: str | Path | None = None) -> tuple[NextChat, "SentencePieceOracle"]:
-    """Build the reference model and its tokenizer from an official-layout checkpoint."""
+def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_file: str | Path | None = None,
+                  llm: bool = True) -> tuple[NextChat, "SentencePieceOracle"]:
+    """Build the reference model and its tokenizer from an official-layout checkpoint.
+
+    llm=False (the export): the LLaMA is built on the meta device (names and shapes, no storage) and its tensors
+    are only checked against the checkpoint's names and shapes, never read; everything else is read one tensor at
+    a time (nxc.model.lazy), so no whole shard is ever in memory."""
     from transformers import CLIPVisionModel
 
     from nxc.model.sp_tokenizer import SentencePieceOracle
 
     ckpt = Path(ckpt)
     cfg = read_config(ckpt)
-    llm = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
+    llm_sizes = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
     tokenizer = SentencePieceOracle.from_dir(ckpt)
-    if tokenizer.vocab_size != llm.vocab_size:
+    if tokenizer.vocab_size != llm_sizes.vocab_size:
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
-                              f"{llm.vocab_size}: the tokenizer files do not belong to these weights.")
+                              f"{llm_sizes.vocab_size}: the tokenizer files do not belong to these weights.")
     clip_path = resolve_clip_dir(ckpt, cfg, clip_dir)
     clip = CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, attn_implementation="eager")
     clip_preprocess = read_clip_preprocess(clip_path, int(clip.config.image_size))
-    sd = load_state_dict(ckpt)
+    if llm:
+        sd = load_state_dict(ckpt)
+        shapes = None
+    else:
+        from nxc.model.lazy import LazyCheckpoint
+        lazy = LazyCheckpoint(ckpt)
+        sd = {k: (lambda k=k: lazy.get(k)) for k in lazy.keys()}     # read when loaded, one at a time
+        shapes = {k: lazy.shape(k) for k in lazy.keys()}
     sam_sd = {k[len("sam.model."):]: v for k, v in sd.items() if k.startswith("sam.model.")}
     if sam_file is not None:   # like the original: the separate file first, then the checkpoint's tensors
-        sam_sd = {**load_sam_file(Path(sam_file)), **sam_sd}
+        extra = load_sam_file(Path(sam_file))
+        sam_sd = {**(extra if llm else {k: (lambda v=v: v) for k, v in extra.items()}), **sam_sd}
     if not sam_sd:
         raise CheckpointError(f"no SAM weights: {ckpt} has no sam.model.* tensors; pass --sam FILE "
                               "(e.g. sam_vit_h_4b8939.pth).")
-    config = NextChatConfig(llm=llm, vision=vision_sizes_from_clip(clip.config), sam=infer_sam_sizes(sam_sd),
+    sam_shapes = None if llm else {k: tuple(v().shape) for k, v in sam_sd.items()}     # mapped, not read
+    config = NextChatConfig(llm=llm_sizes, vision=vision_sizes_from_clip(clip.config),
+                            sam=infer_sam_sizes(sam_sd if llm else {k: _Shaped(s) for k, s in sam_shapes.items()}),
                             mm_hidden_size=int(cfg["mm_hidden_size"]), mm_depth=int(cfg["mm_depth"]),
                             mm_vision_select_layer=int(cfg["mm_vision_select_layer"]),
                             mm_use_im_start_end=bool(cfg["mm_use_im_start_end"]))
     if config.mm_hidden_size != config.vision.hidden_size:
         raise ConfigError(f"mm_hidden_size is {config.mm_hidden_size} but the CLIP tower's width is "
                           f"{config.vision.hidden_size}: the CLIP directory does not match this checkpoint.")
-    model = NextChat(config=config)
+    model = NextChat(config=config, llm_device=None if llm else "meta")
     model.vision_tower.load_state_dict(clip.state_dict())
+    del clip
     mapped = {internal_key(k): v for k, v in sd.items() if not k.startswith("sam.model.")}
     mapped.pop(None, None)
     mapped.update({"sam." + k: v for k, v in sam_sd.items()})
-    _load_strict(model, mapped, ckpt)
+    if shapes is not None:
+        shapes = {internal_key(k): s for k, s in shapes.items() if not k.startswith("sam.model.")}
+        shapes.update({"sam." + k: s for k, s in sam_shapes.items()})
+    _load_strict(model, mapped, ckpt, shapes=shapes)
     model.clip_preprocess = clip_preprocess      # read by processing.clip_preprocess_of
     model.eval()
     return model, tokenizer
 
 
-def _load_strict(model: NextChat, sd: dict[str, torch.Tensor], ckpt: Path) -> None:
+class _Shaped:
+    """A tensor's shape without its data (infer_sam_sizes reads only shapes)."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+
+def _load_strict(model: NextChat, sd: dict, ckpt: Path, *, shapes: dict | None = None) -> None:
+    """Every weight present, none unexpected, every shape right; then load. With `shapes` (a lazy load) the values of
+    `sd` are callables read one at a time, and the LLaMA's (on the meta device) are checked but not read."""
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("vision_tower.")}
     missing = [k for k in own if k not in sd]
     if missing:
@@ -259,7 +286,15 @@ def _load_strict(model: NextChat, sd: dict[str, torch.Tensor], ckpt: Path) -> No
         raise CheckpointError(f"{ckpt}: unexpected weight {official_key(unexpected[0])} "
                               f"({len(unexpected)} in all); the config does not describe these weights.")
     for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(f"{ckpt}: weight {official_key(k)} has shape {tuple(sd[k].shape)}, the config "
+        got = shapes[k] if shapes is not None else tuple(sd[k].shape)
+        if tuple(got) != tuple(v.shape):
+            raise CheckpointError(f"{ckpt}: weight {official_key(k)} has shape {tuple(got)}, the config "
                                   f"implies {tuple(v.shape)}. config.json and the weights disagree.")
-    model.load_state_dict({**sd, **{k: v for k, v in model.state_dict().items() if k.startswith("vision_tower.")}})
+    if shapes is None:
+        model.load_state_dict({**sd, **{k: v for k, v in model.state_dict().items()
+                                        if k.startswith("vision_tower.")}})
+        return
+    with torch.no_grad():
+        for k, p in own.items():
+            if not k.startswith("llm.") and p.device.type != "meta":
+                p.copy_(sd[k]().to(p.dtype))

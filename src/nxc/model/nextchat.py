@@ -5,6 +5,8 @@ compared with). All sizes come from `NextChatConfig`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel, DynamicCache, LlamaConfig, LlamaForCausalLM
@@ -57,13 +59,16 @@ def build_projector(d_in: int, d_out: int, depth: int) -> nn.Sequential:
 class NextChat(nn.Module):
     """NExT-Chat for inference. Submodule names map 1:1 to official keys (see `checkpoint.official_key`)."""
 
-    def __init__(self, *, config: NextChatConfig):
+    def __init__(self, *, config: NextChatConfig, llm_device: str | None = None):
+        """llm_device="meta": the LLaMA has names and shapes but no storage (the export writes its graph from the
+        checkpoint one tensor at a time, nxc.export.llm_writer); the other modules are real."""
         super().__init__()
         self.config = config
         h = config.llm.hidden_size
         self.vision_tower = CLIPVisionModel(clip_config(config.vision))
         self.mm_projector = build_projector(config.mm_hidden_size, h, config.mm_depth)
-        self.llm = LlamaForCausalLM(llama_config(config.llm))
+        with torch.device(llm_device) if llm_device else contextlib.nullcontext():
+            self.llm = LlamaForCausalLM(llama_config(config.llm))
         self.loc_encoder = mlp2(4, h // 2, h)
         self.loc_decoder = mlp2(h, h // 2, 4)
         self.seg_prompt_mlp = mlp2(h, h, 4 * config.sam.prompt_embed_dim)
