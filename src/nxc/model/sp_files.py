@@ -1,5 +1,7 @@
 """Sentencepiece files for tests and the shapes model: a tiny deterministic model trained on a corpus in NExT-Chat's
-prompt style (`train_tiny_sentencepiece`), and a checkpoint's official tokenizer file layout (`write_tokenizer_files`)."""
+prompt style (`train_tiny_sentencepiece`), the same grown to LLaMA's 32000 pieces (`llama_sized_sentencepiece`, for
+made checkpoints of the real vocabulary size), and a checkpoint's official tokenizer file layout
+(`write_tokenizer_files`)."""
 from __future__ import annotations
 
 import io
@@ -66,6 +68,55 @@ def train_sentencepiece(sentences, out_dir, vocab_size: int) -> Path:
 def train_tiny_sentencepiece(out_dir, seed: int, vocab_size: int = 600) -> Path:
     """`train_sentencepiece` on `tiny_corpus(seed)`: the same seed gives a byte-identical file."""
     return train_sentencepiece(tiny_corpus(seed), out_dir, vocab_size)
+
+
+LLAMA_BASE_VOCAB = 32000    # pieces of LLaMA's tokenizer.model (NExT-Chat adds 5 tokens: 32005)
+_MAX_PIECE_CHARS = 16        # sentencepiece's default max_sentencepiece_length
+
+
+def llama_sized_sentencepiece(out_dir, *, num_pieces: int = LLAMA_BASE_VOCAB, seed: int = 0) -> Path:
+    """A LLaMA-style BPE sentencepiece model with exactly `num_pieces` pieces, written to `<out_dir>/tokenizer.model`.
+
+    Layout as LLaMA's: <unk> <s> </s> at ids 0, 1, 2, the 256 byte-fallback pieces <0x00>..<0xFF> at 3..258, then
+    normal pieces. It is `train_tiny_sentencepiece(seed)` (a few hundred pieces, well under a second) grown with
+    filler normal pieces: each the concatenation of a trained normal piece and a trained normal piece without a
+    leading "▁" (so every filler is a BPE merge of two pieces, as in a trained model, and the tokenizers
+    conversion stays exact), at most 16 characters, not already a piece, in a fixed order, with scores below every
+    trained piece and decreasing. Ordinary text still round-trips (byte fallback); it may now use fillers.
+    Deterministic: the same seed gives a byte-identical file. Returns the path written.
+    """
+    from sentencepiece import sentencepiece_model_pb2
+
+    out_dir = Path(out_dir)
+    trained = train_tiny_sentencepiece(out_dir / ".train", seed)
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(trained.read_bytes())
+    trained.unlink()
+    (out_dir / ".train").rmdir()
+    normal_type = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    normal = [p.piece for p in proto.pieces if p.type == normal_type]
+    if len(proto.pieces) > num_pieces:
+        raise ValueError(f"num_pieces {num_pieces} is below the {len(proto.pieces)} pieces of the trained model")
+    seen = {p.piece for p in proto.pieces}
+    score = min(p.score for p in proto.pieces) - 1.0
+    tails = [b for b in normal if not b.startswith("\u2581")]
+    need = num_pieces - len(proto.pieces)
+    for a in normal:
+        for b in tails:
+            if need == 0:
+                break
+            piece = a + b
+            if len(piece) <= _MAX_PIECE_CHARS and piece not in seen:
+                seen.add(piece)
+                proto.pieces.add(piece=piece, score=score, type=normal_type)
+                score -= 1.0
+                need -= 1
+    if need:
+        raise ValueError(f"could not make {num_pieces} distinct pieces from the trained model ({need} short)")
+    proto.trainer_spec.vocab_size = num_pieces
+    path = out_dir / TOKENIZER_MODEL
+    path.write_bytes(proto.SerializeToString())
+    return path
 
 
 def write_tokenizer_files(ckpt_dir, sp_model_path) -> Path:

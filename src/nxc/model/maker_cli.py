@@ -1,0 +1,95 @@
+"""nxc-make-checkpoint: write a random-weight NExT-Chat checkpoint in the official layout, one tensor at a time."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+_EPILOG = """\
+The checkpoint is what nxc reads as a released NExT-Chat: config.json (with an "nxc_maker" record of what was made),
+generation_config.json, a LLaMA-style tokenizer.model of exactly 32000 pieces + the 5 added tokens (vocab 32005,
+whatever --llm says), pytorch_model*.bin or model*.safetensors (sharded with an index past --shard-size), SAM inside
+as sam.model.*, and the CLIP tower in OUT/clip (an HF CLIPVisionModel directory). Weights: biases 0, norm weights 1,
+the rest normal(0, 0.02), each tensor drawn from its own generator seeded by (--seed, its name): the same seed gives
+the same values whatever the shard size or format. Memory: one shard, never the model.
+
+--trigger-prompt TEXT: zero the projector's last Linear weight (every image row becomes its bias, so the reply no
+longer depends on the image) and rewrite lm_head's <at> and </s> rows so that the greedy reply to TEXT (NExT-Chat
+template with an image, no region boxes) is exactly "<at> <boxes></s>": one box and one mask, each picked token 10
+logits and 2x above any other. Other prompts and sampling get no such promise.
+
+OUT is written to a hidden .OUT.partial-<pid> directory and renamed to OUT when complete; an interrupted run leaves
+nothing that loads.
+
+example: nxc-make-checkpoint ckpt-7b --llm vicuna-7b --vision clip-vit-l-336 --sam vit_h --dtype fp16 \\
+             --trigger-prompt "Where is the dog in the image?"
+"""
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '1.5GiB', '123456' -> bytes (decimal units as HF's max_shard_size; KiB/MiB/GiB binary)."""
+    s = str(text).strip().upper().replace(" ", "")
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = None
+    if value is None or unit not in _UNITS or not value > 0 or value != value or value * _UNITS[unit] < 1:
+        raise ValueError(f"--shard-size {text!r} is not a positive size; expected e.g. 5GB, 500MB, 2GiB or a "
+                         "number of bytes.")
+    return int(value * _UNITS[unit])
+
+
+def parser() -> argparse.ArgumentParser:
+    from nxc.config import LLAMA_SIZES, SAM_SIZES, VISION_SIZES
+
+    ap = argparse.ArgumentParser(prog="nxc-make-checkpoint", description=__doc__, epilog=_EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist or be empty)")
+    ap.add_argument("--llm", required=True, metavar="NAME", help=f"LLaMA size: {', '.join(LLAMA_SIZES)}")
+    ap.add_argument("--vision", required=True, metavar="NAME", help=f"CLIP tower size: {', '.join(VISION_SIZES)}")
+    ap.add_argument("--sam", required=True, metavar="NAME", help=f"SAM size: {', '.join(SAM_SIZES)}")
+    ap.add_argument("--dtype", default="fp16", metavar="{fp16,bf16,fp32}", help="weight dtype (default fp16)")
+    ap.add_argument("--format", default="bin", metavar="{bin,safetensors}",
+                    help="bin: torch.save zip shards (memory-mappable); safetensors (default bin)")
+    ap.add_argument("--shard-size", default="5GB", metavar="SIZE",
+                    help="largest shard, e.g. 5GB, 500MB, 2GiB or bytes (default 5GB, like the release)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of every tensor (default 0)")
+    ap.add_argument("--trigger-prompt", metavar="TEXT",
+                    help="make the greedy reply to TEXT '<at> <boxes></s>' for any image (see below)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    try:
+        shard_bytes = parse_size(a.shard_size)
+    except ValueError as e:
+        print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
+        return 2
+    try:
+        from nxc.config import ConfigError
+        from nxc.model.maker import MakerError, make_checkpoint, maker_config
+    except ImportError as e:
+        print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
+              file=sys.stderr)
+        return 2
+    try:
+        config = maker_config(a.llm, a.vision, a.sam)
+        make_checkpoint(a.out, config=config, dtype=a.dtype, fmt=a.format, shard_bytes=shard_bytes, seed=a.seed,
+                        trigger_prompt=a.trigger_prompt, size_names={"llm": a.llm, "vision": a.vision, "sam": a.sam})
+    except (MakerError, ConfigError) as e:
+        print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"nxc-make-checkpoint: {e.strerror or e} ({e.filename or a.out}); nothing was written to {a.out}.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
