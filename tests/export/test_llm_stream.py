@@ -103,21 +103,26 @@ def test_streamed_build_decodes_the_traced_builds_ids(embedded, tmp_path, precis
     assert grounded > 0                    # the trigger path (box head fed back) ran
 
 
-def test_check_runs_the_written_graph_in_pieces(embedded, tmp_path):
-    """Cut into one-layer pieces (as a 7B graph is), the graph gives the whole graph's numbers."""
+@pytest.mark.parametrize("precision", ("fp32", "int4"))
+def test_graph_run_layer_by_layer_equals_the_whole_graph(embedded, tmp_path, precision):
+    """Cut into one-layer pieces (how the check runs a 7B graph), the written graph gives the whole graph's outputs,
+    and the check passes with every layer compared."""
+    from nxc.export.llm_check import run_layers
     model, _ = embedded
     spec = graph_specs(model.config)["llm"]
-    write_llm_graph(ModelWeights(model.llm), model.config.llm, tmp_path / "llm.onnx", spec)
-    ref = ReferenceWeights.from_module(model.llm)
-    whole = check_llm(tmp_path / "llm.onnx", ref, model.config.llm, precision="fp32", chunk_bytes=1e12)
+    write_llm_graph(ModelWeights(model.llm), model.config.llm, tmp_path / "llm.onnx", spec, precision=precision)
+    feeds = random_inputs(spec, SHAPES[1], np.random.default_rng(0))
+    whole = ort.InferenceSession(str(tmp_path / "llm.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
     logs = []
-    pieces = check_llm(tmp_path / "llm.onnx", ref, model.config.llm, precision="fp32", chunk_bytes=1, log=logs.append)
-    assert whole["ok"] and pieces["ok"]
-    assert sum("piece" in m for m in logs) == 2 * model.config.llm.num_layers        # prefill and decode
-    for a, b in zip(whole["checks"], pieces["checks"]):
-        assert a["rel_l2"].keys() == b["rel_l2"].keys()
-        assert max(abs(a["rel_l2"][k] - b["rel_l2"][k]) for k in a["rel_l2"]) < 1e-6
-    assert not list(tmp_path.glob(".llm.piece*"))
+    chained, _ = run_layers(tmp_path / "llm.onnx", model.config.llm.num_layers, {"r": feeds}, log=logs.append)
+    for name, x in zip(spec.output_names, whole):
+        np.testing.assert_allclose(chained["r"][name], x, rtol=1e-5, atol=1e-5, err_msg=name)
+    assert len(logs) == model.config.llm.num_layers and not list(tmp_path.glob(".llm.piece*"))
+    report = check_llm(tmp_path / "llm.onnx", ReferenceWeights.from_module(model.llm, precision=precision),
+                       model.config.llm, precision=precision)
+    assert report["ok"], report
+    L = model.config.llm.num_layers
+    assert all(len(c["rel_l2"]) == 2 + 2 * L + L - 1 for c in report["checks"])   # logits, hidden, K, V, h per layer
 
 
 def test_fake_quantize_is_what_matmulnbits_computes():
@@ -199,7 +204,7 @@ def test_mha_checkpoint_exports_cleanly(mha_ckpt, tmp_path):
         out = export_build(a, tmp_path / precision, options=ExportOptions(precision=precision, graphs=("llm",)))
         parity = json.loads((out / "reports" / "parity.json").read_text())["llm"]
         assert parity["ok"] and [c["run"] for c in parity["checks"]] == ["prefill", "decode"]
-        assert len(parity["checks"][0]["rel_l2"]) == 2 + 2 * 4                   # logits, hidden, every K and V
+        assert len(parity["checks"][0]["rel_l2"]) == 2 + 2 * 4 + 3               # logits, hidden, every K, V, h
 
 
 @pytest.mark.parametrize("precision", ("fp32", "int4"))
@@ -210,5 +215,7 @@ def test_planted_mapping_mistake_is_refused(mha_ckpt, tmp_path, monkeypatch, cap
     with pytest.raises(ExportError, match="does not match transformers' LLaMA layers") as e:
         export_build(a, tmp_path / "out", options=ExportOptions(precision=precision, graphs=("llm",)))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
-    worst = str(e.value)
-    assert "present." in worst or "logits" in worst or "hidden" in worst, worst
+    where = {"swapped q/k": "'present.3.key'", "layers out of order": "'present.2.key'",
+             "transposed matrix": "'h.3'",                   # layer 2's output: the layer whose o_proj was planted
+             "wrong shard": "'"}[mistake]
+    assert where in str(e.value), str(e.value)

@@ -27,6 +27,8 @@ from nxc.specs import GraphSpec, axis_ranges, graph_specs
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 EXTERNAL_DATA_BYTES = 1 << 30      # graphs whose weights exceed this are written with ONNX external data (< 2 GB)
+# the llm keeps its streamed external-data file above this: inlining it would hold the weights twice in memory
+LLM_INLINE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,14 @@ def dummy_inputs(spec: GraphSpec, config: NextChatConfig) -> tuple[torch.Tensor,
 
 
 def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConfig, path: Path, opts: ExportOptions) -> list[str]:
-    """torch -> ONNX at `path`; returns the external-data file names written beside it (empty if none)."""
+    """torch -> ONNX at `path`; returns the external-data file names written beside it (empty if none).
+
+        torch.onnx.export ─▶ .<g>-scratch/<g>.onnx (weights inline under 2 GB, one file per tensor over it)
+          ─ structure (onnx.load without external data) ─ graph_files.write_weights ─▶ <g>.onnx (+ <g>.onnx.data
+            when the weights exceed EXTERNAL_DATA_BYTES: one tensor at a time, never the whole graph loaded)"""
     import onnx
+
+    from nxc.export.graph_files import weight_bytes, write_weights
     scratch = path.parent / f".{path.stem}-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / path.name
@@ -108,16 +116,12 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
         torch.onnx.export(wrapper, dummy_inputs(spec, config), str(raw), dynamo=False, opset_version=opts.opset,
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=spec.dynamic_axes(), do_constant_folding=True)
-    model = onnx.load(str(raw), load_external_data=True)
-    weight_bytes = sum(t.ByteSize() for t in model.graph.initializer)
+    model = onnx.load(str(raw), load_external_data=False)
     model.producer_name, model.doc_string = "nxc", f"nxc {__version__} graph {spec.name} ({opts.precision})"
-    external: list[str] = []
-    if weight_bytes > EXTERNAL_DATA_BYTES:
-        external = [path.name + ".data"]
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=external[0], size_threshold=1024)
-    else:
-        onnx.save_model(model, str(path))
+    external = [path.name + ".data"] if weight_bytes(model, scratch) > EXTERNAL_DATA_BYTES else []
+    write_weights(model, scratch, path.parent / external[0] if external else None)
+    onnx.save_model(model, str(path))
+    del model
     shutil.rmtree(scratch)
     return external
 
@@ -338,7 +342,7 @@ def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options
     try:
         external = write_llm_graph(
             llm_weights.source, cfg.llm, path, spec, precision=prec, opset=options.opset,
-            inline_bytes=EXTERNAL_DATA_BYTES, doc=f"nxc {__version__} graph llm ({prec})",
+            inline_bytes=LLM_INLINE_BYTES, doc=f"nxc {__version__} graph llm ({prec})",
             log=lambda i, n, msg: _log(f"[nxc-export] {step} llm: layer {i}/{n}, {msg}"))
     except WeightError as e:
         raise ExportError(f"llm: {e}") from None

@@ -136,24 +136,34 @@ class _Weights:
         return w
 
 
+def quantize_blocks(w_kn: np.ndarray, bits: int, *, columns: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """W [K,N] -> MatMulNBits' packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32] float32 (symmetric, blocks of
+    32 along K), by ONNX Runtime's own block quantizer, `columns` output columns at a time (each column's blocks
+    are independent), so the only float copy is one slice of W."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+    k, n = w_kn.shape
+    kb = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
+    packed = np.zeros((n, kb, BLOCK_SIZE * bits // 8), np.uint8)
+    scales = np.zeros((n, kb), np.float32)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    for a in range(0, n, columns):
+        b = min(a + columns, n)
+        w = np.zeros((kb * BLOCK_SIZE, b - a), np.float32)
+        w[:k] = w_kn[:, a:b]
+        zero_points = np.zeros((b - a, (kb + 8 // bits - 1) // (8 // bits)), np.uint8)
+        p, sc = np.zeros((b - a,) + packed.shape[1:], np.uint8), np.zeros((b - a, kb), np.float32)
+        quantize(p, w, sc, zero_points, BLOCK_SIZE, b - a, k, True)
+        packed[a:b], scales[a:b] = p, sc
+    return packed, scales
+
+
 def _matmul(g: _Graph, x: str, w_kn: np.ndarray, name: str, prec: LlmPrecision) -> str:
     """x [.., K] @ W [K, N]: a MatMul with a float initializer, or MatMulNBits (bits 4 / 8, symmetric, blocks of
     32 along K, accuracy_level 4) with the weight quantized here, one tensor at a time."""
     k, n = w_kn.shape
     if prec.bits is None:
         return g.op("MatMul", [x, g.weight(name, w_kn.astype(_NP[prec.dtype]))])
-    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
-    w = np.ascontiguousarray(w_kn, dtype=np.float32)
-    k_blocks = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
-    if k_blocks * BLOCK_SIZE != k:
-        w = np.pad(w, ((0, k_blocks * BLOCK_SIZE - k), (0, 0)))
-    blob = BLOCK_SIZE * prec.bits // 8
-    packed = np.zeros((n, k_blocks, blob), np.uint8)
-    scales = np.zeros((n, k_blocks), np.float32)
-    zero_points = np.zeros((n, (k_blocks + 8 // prec.bits - 1) // (8 // prec.bits)), np.uint8)
-    (quantize_matmul_4bits if prec.bits == 4 else quantize_matmul_8bits)(
-        packed, w, scales, zero_points, BLOCK_SIZE, n, k, True)
-    del w
+    packed, scales = quantize_blocks(w_kn, prec.bits)
     q = g.weight(f"{name}_Q{prec.bits}", packed)
     s = g.weight(f"{name}_scales", scales)
     return g.op("MatMulNBits", [x, q, s], domain="com.microsoft", K=k, N=n, bits=prec.bits, block_size=BLOCK_SIZE,

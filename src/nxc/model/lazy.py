@@ -1,23 +1,110 @@
 """Read a checkpoint's tensors one at a time, never the whole file (issue 17: true size in bounded memory).
 
     checkpoint dir ─ index json / file names ─▶ {official name: shard}
-        *.safetensors ─ safe_open (memory map) ─▶ one tensor on request
-        *.bin (zip)   ─ torch.load(mmap=True, weights_only=True) ─▶ tensors backed by the mapped file
+        *.safetensors ─ header parsed here, the tensor's bytes read with pread ─▶ one tensor on request
+        *.bin (zip)   ─ torch.load(mmap=True, weights_only=True) ─▶ the tensor copied out of the mapping, whose
+                        pages are then given back (madvise MADV_DONTNEED)
 
-A `LazyCheckpoint` maps official key names to shards and hands out one tensor at a time; the pages it touches are
-the file's (clean, droppable), and a caller that converts a tensor and lets it go holds only what it converted.
+A `LazyCheckpoint` maps official key names to shards and hands out one tensor at a time as a tensor of its own:
+no page of the file stays mapped in the process once a tensor is read, so reading a 13.5 GB checkpoint from end
+to end never counts 13.5 GB of file pages in the reader's resident set (ru_maxrss counts mapped file pages).
 `.bin` files in the legacy (non-zip) torch format cannot be memory-mapped: they are refused with what to do.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from nxc.model.checkpoint import CheckpointError, weight_files
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+class SafetensorsFile:
+    """A safetensors file read by offsets: the header once, then each tensor's bytes with one pread."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n > 100_000_000:
+                    raise ValueError(f"header of {n} bytes")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}).") from None
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._meta = header
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._meta[key]["shape"])
+
+    def read(self, key: str) -> torch.Tensor:
+        m = self._meta[key]
+        if m["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {key} has dtype {m['dtype']}, which nxc does not read.")
+        a, b = m["data_offsets"]
+        buf = bytearray(b - a)
+        with open(self.path, "rb") as f:
+            got = os.preadv(f.fileno(), [buf], self._start + a)
+        if got != b - a:
+            raise CheckpointError(f"{self.path}: tensor {key} is cut short ({got} of {b - a} bytes); the file is "
+                                  "truncated. Re-copy it.")
+        if not buf:
+            return torch.empty(m["shape"], dtype=_ST_DTYPES[m["dtype"]])
+        return torch.frombuffer(buf, dtype=_ST_DTYPES[m["dtype"]]).reshape(m["shape"])
+
+
+class BinFile:
+    """A zip-format torch weight file, memory-mapped; each tensor is copied out and its pages given back."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._d = _mmap_bin(path)
+
+    def keys(self) -> list[str]:
+        return list(self._d)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._d[key].shape)
+
+    def read(self, key: str) -> torch.Tensor:
+        view = self._d[key]
+        out = view.clone()
+        _give_back(view)
+        return out
+
+
+_libc = ctypes.CDLL(None, use_errno=True) if hasattr(ctypes, "CDLL") else None
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4
+
+
+def _give_back(view: torch.Tensor) -> None:
+    """Drop the mapped file pages under `view` from this process (they stay in the page cache); best effort."""
+    if _libc is None or view.numel() == 0:
+        return
+    start = view.data_ptr()
+    end = start + view.numel() * view.element_size()
+    lo, hi = start - start % _PAGE, end + (-end % _PAGE)
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def open_weight_file(path: Path) -> SafetensorsFile | BinFile:
+    return SafetensorsFile(path) if path.suffix == ".safetensors" else BinFile(path)
 
 
 class LazyCheckpoint:
@@ -48,19 +135,11 @@ class LazyCheckpoint:
     # -- opening shards ----------------------------------------------------------------------------------
     def _handle(self, f: Path):
         if f not in self._open:
-            if f.suffix == ".safetensors":
-                from safetensors import safe_open
-                try:
-                    self._open[f] = safe_open(str(f), framework="pt")
-                except Exception as e:    # safetensors raises its own types for a damaged header
-                    raise CheckpointError(f"{f} is not a readable safetensors file ({e}).") from None
-            else:
-                self._open[f] = _mmap_bin(f)
+            self._open[f] = open_weight_file(f)
         return self._open[f]
 
     def _keys_of(self, f: Path) -> list[str]:
-        h = self._handle(f)
-        return list(h.keys())
+        return self._handle(f).keys()
 
     # -- the mapping -------------------------------------------------------------------------------------
     def keys(self) -> list[str]:
@@ -73,27 +152,22 @@ class LazyCheckpoint:
         return self._shard[key]
 
     def get(self, key: str) -> torch.Tensor:
-        """One tensor as stored (dtype of the file), backed by the mapped file where possible."""
+        """One tensor as stored (dtype of the file), a tensor of its own (no mapped pages kept)."""
         if key not in self._shard:
             raise CheckpointError(f"{self.path}: weight {key} is missing; the checkpoint is incomplete or is not "
                                   "NExT-Chat.")
-        f = self._shard[key]
-        h = self._handle(f)
-        return h.get_tensor(key) if f.suffix == ".safetensors" else h[key]
+        return self._handle(self._shard[key]).read(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        f = self._shard[key]
-        h = self._handle(f)
-        if f.suffix == ".safetensors":
-            return tuple(h.get_slice(key).get_shape())
-        return tuple(h[key].shape)
+        return self._handle(self._shard[key]).shape(key)
 
     def numpy(self, key: str, dtype=np.float32) -> np.ndarray:
         """One tensor as a new numpy array of `dtype` (the mapped pages are not kept)."""
         t = self.get(key)
         if dtype == np.float16:
-            return t.to(torch.float16).numpy().copy()
-        return t.to(torch.float32).numpy().astype(dtype, copy=True)
+            return t.to(torch.float16).numpy()
+        t = t.to(torch.float32)
+        return t.numpy() if dtype == np.float32 else t.numpy().astype(dtype)
 
     def nbytes(self) -> int:
         return sum(f.stat().st_size for f in set(self._shard.values()))

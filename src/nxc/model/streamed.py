@@ -23,6 +23,7 @@ class StreamedOutput:
     hidden: torch.Tensor                      # [B,T,H] after the final RMSNorm, float32
     keys: list[torch.Tensor] = field(default_factory=list)     # per layer [B,T,kv,D], after RoPE
     values: list[torch.Tensor] = field(default_factory=list)   # per layer [B,T,kv,D]
+    inputs: list[torch.Tensor] = field(default_factory=list)   # per layer, the hidden entering it [B,T,H]
 
 
 def _layer_tensors(source, prefix: str) -> dict[str, torch.Tensor]:
@@ -33,7 +34,8 @@ def llama_hidden(source, sizes: LlamaSizes, inputs_embeds: torch.Tensor, *, num_
                  keep_cache: bool = False, log=None) -> StreamedOutput:
     """Final-norm hidden states of `inputs_embeds` [B,T,H] (positions 0..T-1, causal, no padding) through the first
     `num_layers` layers (default all) of the LLaMA in `source` (a `nxc.model.lazy.LazyCheckpoint`, official names).
-    keep_cache: also return every layer's keys (after RoPE) and values, [B,T,kv,D]."""
+    keep_cache: also return every layer's keys (after RoPE) and values, [B,T,kv,D], and the hidden entering each
+    layer (`inputs`, with the final norm's input last)."""
     from transformers import DynamicCache
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
@@ -56,6 +58,8 @@ def llama_hidden(source, sizes: LlamaSizes, inputs_embeds: torch.Tensor, *, num_
             sd = _layer_tensors(source, f"model.layers.{i}.")
             layer.load_state_dict(sd, strict=True, assign=True)
             layer.eval()
+            if keep_cache:
+                out.inputs.append(h)
             r = layer(h, attention_mask=mask, position_ids=pos, cache=cache, use_cache=keep_cache,
                       position_embeddings=cos_sin)
             h = r[0] if isinstance(r, tuple) else r
@@ -65,6 +69,8 @@ def llama_hidden(source, sizes: LlamaSizes, inputs_embeds: torch.Tensor, *, num_
         with torch.device("meta"):
             norm = LlamaRMSNorm(sizes.hidden_size, eps=sizes.rms_norm_eps)
         norm.load_state_dict({"weight": source.get("model.norm.weight").to(torch.float32)}, assign=True)
+        if keep_cache:
+            out.inputs.append(h)
         out.hidden = norm(h)
     if keep_cache:
         for i in range(n):
