@@ -108,6 +108,8 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     import onnx
 
     from nxc.export.graph_files import weight_bytes, write_weights
+    from nxc.export.memory import mmap_large_allocations
+    mmap_large_allocations()                    # the trace's freed activations go back to the OS (nxc.export.memory)
     scratch = path.parent / f".{path.stem}-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / path.name
@@ -121,7 +123,6 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     external = [path.name + ".data"] if weight_bytes(model, scratch) > EXTERNAL_DATA_BYTES else []
     write_weights(model, scratch, path.parent / external[0] if external else None)
     onnx.save_model(model, str(path))
-    del model
     shutil.rmtree(scratch)
     return external
 
@@ -213,7 +214,7 @@ def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOption
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s")
+    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s{_peak()}")
     return out
 
 
@@ -234,11 +235,16 @@ def _fp32_reference_graphs(model, scratch: Path, options: ExportOptions) -> Path
     scratch.mkdir()
     fp32 = ExportOptions(precision="fp32", opset=options.opset)
     specs = graph_specs(model.config)
-    for g in options.graphs:
+    parts = getattr(model, "parts", None)
+    for i, g in enumerate(options.graphs):
         if g == names.GRAPH_LLM:
             continue
         _log(f"[nxc-export] {g}: fp32 reference for the accuracy report")
+        if parts is not None:
+            parts.load(g)
         export_graph(wrapper_for(model, g, fp32), specs[g], model.config, scratch / f"{g}.onnx", fp32)
+        if parts is not None:
+            parts.release(g, keep=options.graphs[i + 1:])
     return scratch
 
 
@@ -277,6 +283,12 @@ def _lint_summary(findings: dict) -> str:
     return f"TensorRT lint: {n} problem(s): {findings['problems'][0]}{more}"
 
 
+def _peak() -> str:
+    """", peak RSS so far x GB" for a progress line (ru_maxrss of this process: what a machine must have)."""
+    import resource
+    return f", peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB"
+
+
 def _graph_mb(tmp: Path, record: dict) -> float:
     return sum((tmp / f).stat().st_size for f in [record["file"], *record["external_data"]]) / 1e6
 
@@ -303,8 +315,11 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         if g == names.GRAPH_LLM:
             graphs[g], parity[g] = _write_llm(llm_weights, cfg, tmp, specs[g], options, f"[{i}/{n}]", accuracy)
             _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, "
-                 f"{_lint_summary(graphs[g]['tensorrt_lint'])}, {time.perf_counter() - tg:.1f} s")
+                 f"{_lint_summary(graphs[g]['tensorrt_lint'])}, {time.perf_counter() - tg:.1f} s{_peak()}")
             continue
+        parts = getattr(model, "parts", None)          # modules made real for this graph only (nxc.model.parts)
+        if parts is not None:
+            parts.load(g)
         wrapper = wrapper_for(model, g, options)
         path = tmp / "graphs" / f"{g}.onnx"
         external = export_graph(wrapper, specs[g], cfg, path, options)
@@ -320,9 +335,12 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
                 (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
                 raise ExportError(f"graph {g} does not match torch in ONNX Runtime: "
                                   f"{json.dumps(parity[g]['checks'], default=str)[:600]}")
+        del wrapper
+        if parts is not None:
+            parts.release(g, keep=options.graphs[i:])
         lint_msg = "fp32 before quantization" if quantized else _lint_summary(findings)
         _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, {lint_msg}, "
-             f"{time.perf_counter() - tg:.1f} s")
+             f"{time.perf_counter() - tg:.1f} s{_peak()}")
     (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     return graphs
 
@@ -385,7 +403,10 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
     if options.precision == "fp16":
         from nxc.export.fp16 import float32_nodes, to_fp16
         reference = _fp32_reference_graphs(model, tmp / ".fp32ref", options)    # for reports/accuracy.json
-        model = to_fp16(model)
+        if getattr(model, "parts", None) is not None:
+            model.parts.convert = to_fp16              # each module as it is made real
+        else:
+            model = to_fp16(model)
     llm_accuracy: dict = {}
     graphs = _export_graphs(model, llm_weights, tmp, specs, options, llm_accuracy)
     if options.precision == "fp16":

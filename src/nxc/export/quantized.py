@@ -80,17 +80,18 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
         (calib_dir / "calib.json").write_text(json.dumps({**key, "reused": reuse}, indent=2) + "\n")
         for g in static:
             fp32 = scratch / f"{g}.onnx"
-            shutil.move(tmp / graphs[g]["file"], fp32)
+            _move_graph(tmp, graphs[g], scratch)
             log(f"[nxc-export] {g}: int8 QDQ ({options.calib_method})")
-            quantize_static_graph(fp32, tmp / graphs[g]["file"], feeds.get(g), method=options.calib_method,
-                                  cache=calib_dir / f"{g}.json")
+            external = quantize_static_graph(fp32, tmp / graphs[g]["file"], feeds.get(g), method=options.calib_method,
+                                             cache=calib_dir / f"{g}.json")
+            graphs[g]["external_data"] = [str(Path(graphs[g]["file"]).parent / e) for e in external]
             report["graphs"][g] = compare_graphs(fp32, tmp / graphs[g]["file"], fresh[g])
             graphs[g]["precision"] = "int8"
             graphs[g]["quantization"] = {"scheme": "QDQ static, symmetric int8, per-channel weights",
                                          "calibration": options.calib_method, "ranges": f"calib/{g}.json"}
     for g in weight_only:
         fp32 = scratch / f"{g}.onnx"
-        shutil.move(tmp / graphs[g]["file"], fp32)
+        _move_graph(tmp, graphs[g], scratch)
         log(f"[nxc-export] {g}: int8 weight-only (DequantizeLinear)")
         quantize_weights_int8(fp32, tmp / graphs[g]["file"])
         feeds_g = fresh.get(g) or [random_inputs(_spec(graphs, g), {**a, "batch": 1}, np.random.default_rng(i))
@@ -106,6 +107,13 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
         worst = min(v["cosine"] for v in rep.values())
         log(f"[nxc-export] {g}: cosine vs fp32 >= {worst:.5f}")
     return report
+
+
+def _move_graph(tmp: Path, record: dict, scratch: Path) -> None:
+    """The fp32 graph and its external-data files (their locations are relative: they move together) to scratch."""
+    for f in [record["file"], *record["external_data"]]:
+        shutil.move(tmp / f, scratch / Path(f).name)
+    record["external_data"] = []
 
 
 def _spec(graphs: dict, name: str):

@@ -210,10 +210,10 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
                   llm: bool = True) -> tuple[NextChat, "SentencePieceOracle"]:
     """Build the reference model and its tokenizer from an official-layout checkpoint.
 
-    llm=False (the export): the LLaMA is built on the meta device (names and shapes, no storage) and its tensors
-    are only checked against the checkpoint's names and shapes, never read; everything else is read one tensor at
-    a time (nxc.model.lazy), so no whole shard is ever in memory."""
-    from transformers import CLIPVisionModel
+    llm=False (the export): the whole model is built on the meta device (names and shapes, checked against the
+    checkpoint's, no storage); the LLaMA's tensors are never read here, the other modules are made real per graph
+    by `model.parts` (nxc.model.parts.LazyParts), reading tensors one at a time (nxc.model.lazy)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from nxc.model.sp_tokenizer import SentencePieceOracle
 
@@ -225,8 +225,10 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
                               f"{llm_sizes.vocab_size}: the tokenizer files do not belong to these weights.")
     clip_path = resolve_clip_dir(ckpt, cfg, clip_dir)
-    clip = CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, attn_implementation="eager")
-    clip_preprocess = read_clip_preprocess(clip_path, int(clip.config.image_size))
+    clip = (CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, attn_implementation="eager")
+            if llm else None)
+    clip_cfg = clip.config if llm else CLIPVisionConfig.from_pretrained(str(clip_path), local_files_only=True)
+    clip_preprocess = read_clip_preprocess(clip_path, int(clip_cfg.image_size))
     if llm:
         sd = load_state_dict(ckpt)
         shapes = None
@@ -243,7 +245,7 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
         raise CheckpointError(f"no SAM weights: {ckpt} has no sam.model.* tensors; pass --sam FILE "
                               "(e.g. sam_vit_h_4b8939.pth).")
     sam_shapes = None if llm else {k: tuple(v().shape) for k, v in sam_sd.items()}     # mapped, not read
-    config = NextChatConfig(llm=llm_sizes, vision=vision_sizes_from_clip(clip.config),
+    config = NextChatConfig(llm=llm_sizes, vision=vision_sizes_from_clip(clip_cfg),
                             sam=infer_sam_sizes(sam_sd if llm else {k: _Shaped(s) for k, s in sam_shapes.items()}),
                             mm_hidden_size=int(cfg["mm_hidden_size"]), mm_depth=int(cfg["mm_depth"]),
                             mm_vision_select_layer=int(cfg["mm_vision_select_layer"]),
@@ -251,8 +253,9 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
     if config.mm_hidden_size != config.vision.hidden_size:
         raise ConfigError(f"mm_hidden_size is {config.mm_hidden_size} but the CLIP tower's width is "
                           f"{config.vision.hidden_size}: the CLIP directory does not match this checkpoint.")
-    model = NextChat(config=config, llm_device=None if llm else "meta")
-    model.vision_tower.load_state_dict(clip.state_dict())
+    model = NextChat(config=config, llm_device=None if llm else "meta", parts_device=None if llm else "meta")
+    if llm:
+        model.vision_tower.load_state_dict(clip.state_dict())
     del clip
     mapped = {internal_key(k): v for k, v in sd.items() if not k.startswith("sam.model.")}
     mapped.pop(None, None)
@@ -261,6 +264,9 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
         shapes = {internal_key(k): s for k, s in shapes.items() if not k.startswith("sam.model.")}
         shapes.update({"sam." + k: s for k, s in sam_shapes.items()})
     _load_strict(model, mapped, ckpt, shapes=shapes)
+    if not llm:
+        from nxc.model.parts import LazyParts
+        model.parts = LazyParts(model, {k: v for k, v in mapped.items() if not k.startswith("llm.")}, clip_path)
     model.clip_preprocess = clip_preprocess      # read by processing.clip_preprocess_of
     model.eval()
     return model, tokenizer

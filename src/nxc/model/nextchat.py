@@ -59,20 +59,23 @@ def build_projector(d_in: int, d_out: int, depth: int) -> nn.Sequential:
 class NextChat(nn.Module):
     """NExT-Chat for inference. Submodule names map 1:1 to official keys (see `checkpoint.official_key`)."""
 
-    def __init__(self, *, config: NextChatConfig, llm_device: str | None = None):
+    def __init__(self, *, config: NextChatConfig, llm_device: str | None = None, parts_device: str | None = None):
         """llm_device="meta": the LLaMA has names and shapes but no storage (the export writes its graph from the
-        checkpoint one tensor at a time, nxc.export.llm_writer); the other modules are real."""
+        checkpoint one tensor at a time, nxc.export.llm_writer); parts_device="meta": likewise the other modules,
+        made real per graph by nxc.model.parts.LazyParts."""
         super().__init__()
         self.config = config
         h = config.llm.hidden_size
-        self.vision_tower = CLIPVisionModel(clip_config(config.vision))
-        self.mm_projector = build_projector(config.mm_hidden_size, h, config.mm_depth)
+        with torch.device(parts_device) if parts_device else contextlib.nullcontext():
+            self.vision_tower = CLIPVisionModel(clip_config(config.vision))
+            self.mm_projector = build_projector(config.mm_hidden_size, h, config.mm_depth)
         with torch.device(llm_device) if llm_device else contextlib.nullcontext():
             self.llm = LlamaForCausalLM(llama_config(config.llm))
-        self.loc_encoder = mlp2(4, h // 2, h)
-        self.loc_decoder = mlp2(h, h // 2, 4)
-        self.seg_prompt_mlp = mlp2(h, h, 4 * config.sam.prompt_embed_dim)
-        self.sam = build_sam(config.sam)
+        with torch.device(parts_device) if parts_device else contextlib.nullcontext():
+            self.loc_encoder = mlp2(4, h // 2, h)
+            self.loc_decoder = mlp2(h, h // 2, 4)
+            self.seg_prompt_mlp = mlp2(h, h, 4 * config.sam.prompt_embed_dim)
+            self.sam = build_sam(config.sam)
 
     # -- vision --------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
