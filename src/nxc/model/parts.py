@@ -41,7 +41,7 @@ class LazyParts:
         if name == "vision_tower":
             from transformers import CLIPVisionModel
             return CLIPVisionModel.from_pretrained(str(self.clip_dir), local_files_only=True,
-                                                   attn_implementation="eager")
+                                                   attn_implementation="eager").float()    # the float32 reference
         module = {"mm_projector": lambda: build_projector(cfg.mm_hidden_size, h, cfg.mm_depth),
                   "loc_encoder": lambda: mlp2(4, h // 2, h), "loc_decoder": lambda: mlp2(h, h // 2, 4),
                   "seg_prompt_mlp": lambda: mlp2(h, h, 4 * cfg.sam.prompt_embed_dim),
