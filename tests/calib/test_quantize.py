@@ -88,3 +88,14 @@ def test_fp16_manifest_records_float32_nodes(tmp_path):
     assert set(acc) == {"vision", "llm"}
     assert all(v["cosine"] > 0.99 for g in acc.values() for v in g.values()), acc
     assert not list(tmp_path.glob(".fp32ref-*"))
+
+
+def test_float_graphs_keeps_an_encoder_float32_in_an_int4_build(tmp_path, capsys):
+    """--float-graphs sam_encoder: no calibration and no QDQ for it (a SAM ViT-H's calibration is the largest step
+    of a true-size int4 export); the other encoders are quantized as usual."""
+    out = export_build(None, tmp_path / "int4", options=ExportOptions(
+        precision="int4", calib_samples=2, graphs=("vision", "sam_encoder"), float_graphs=("sam_encoder",)))
+    m = load_manifest(out)
+    assert m.graphs["vision"].precision == "int8" and m.graphs["sam_encoder"].precision == "fp32"
+    assert "sam_encoder: int8 QDQ" not in capsys.readouterr().err
+    assert not (out / "calib" / "sam_encoder.json").exists()

@@ -36,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     ap.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration images to use (32)")
     ap.add_argument("--recalibrate", action="store_true", help="measure ranges again even if <out>/calib has them")
+    ap.add_argument("--float-graphs", nargs="+", default=[], choices=("vision", "sam_encoder"), metavar="GRAPH",
+                    help="with --int8/--int4: keep these encoders float32 (no calibration), e.g. sam_encoder")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the ONNX Runtime vs torch check")
     ap.add_argument("--triton", metavar="REPO", help="then write a Triton model repository of the build to REPO "
                     "(nxc-triton's ngc variant: onnxruntime graph models and the nxc_chat streaming model)")
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or f"build/{a.precision}"
     opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
                          parity=not a.skip_parity, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
-                         calib_method=a.calib_method, calib_samples=a.calib_samples, recalibrate=a.recalibrate)
+                         calib_method=a.calib_method, calib_samples=a.calib_samples, recalibrate=a.recalibrate,
+                         float_graphs=tuple(a.float_graphs))
     try:
         build = export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
     except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:

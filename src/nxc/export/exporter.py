@@ -44,6 +44,7 @@ class ExportOptions:
     calib_method: str = "minmax"
     calib_samples: int = 32
     recalibrate: bool = False          # ignore ranges cached in <out>/calib
+    float_graphs: tuple[str, ...] = ()  # int8 / int4: encoders kept float32 (not calibrated), e.g. ("sam_encoder",)
 
     @property
     def graph_precision(self) -> str:

@@ -41,7 +41,7 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
     from nxc.export.parity import SHAPES, random_inputs
     from nxc.export.trt_lint import lint
 
-    static = [g for g in STATIC_GRAPHS if g in graphs]
+    static = [g for g in STATIC_GRAPHS if g in graphs and g not in options.float_graphs]
     weight_only = [g for g in WEIGHT_ONLY_GRAPHS if g in graphs]
     calib_dir = tmp / "calib"
     calib_dir.mkdir()
