@@ -94,19 +94,76 @@ class _Reader:
         return item
 
 
-def quantize_static_graph(src: Path, dst: Path, feeds: list[dict] | None, *, method: str, cache: Path) -> None:
-    """QDQ int8 of `src` into `dst`; ranges from `cache` if it exists, else calibrated on `feeds` and cached."""
+INLINE_BYTES = 1 << 30      # an int8 graph whose weights exceed this is written with external data (as the exporter)
+
+
+def _external_files(path: Path) -> list[str]:
+    """Names of the external-data files a graph's .onnx points to (read without the data)."""
+    import onnx
+    locations = {e.value for t in onnx.load(str(path), load_external_data=False).graph.initializer
+                 for e in t.external_data if e.key == "location"}
+    return sorted(locations)
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of a graph's weights: the .onnx plus its external data files."""
+    return path.stat().st_size + sum((path.parent / f).stat().st_size for f in _external_files(path))
+
+
+def _calibrate(src: Path, feeds: list[dict], calib, cache: Path) -> None:
+    """The ranges quantize_static measures itself (same calibrator, operator types and options), measured first and
+    written to `cache` in ONNX Runtime's format; the calibrator's copy of the graph and its session are freed
+    before quantize_static loads the graph (cache hit), so the two never share the peak. The augmented graph is
+    written with external data (beside a temporary copy in dst's folder) whenever `src` has any."""
+    import gc
+    import tempfile
+
+    from onnxruntime.quantization import create_calibrator, save_tensors_data
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+    ops = list(set(list(QLinearOpsRegistry.keys()) + list(QDQRegistry.keys())))     # quantize_static's default
+    with tempfile.TemporaryDirectory(prefix=".nxc-calib-", dir=cache.parent) as tmp:
+        calibrator = create_calibrator(src, ops, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=calib, use_external_data_format=bool(_external_files(src)))
+        calibrator.collect_data(_Reader(feeds))
+        ranges = calibrator.compute_data()
+        del calibrator
+        gc.collect()
+    save_tensors_data(ranges, cache)
+
+
+def quantize_static_graph(src: Path, dst: Path, feeds: list[dict] | None, *, method: str, cache: Path,
+                          inline_bytes: int = INLINE_BYTES) -> list[str]:
+    """QDQ int8 of `src` into `dst`; ranges from `cache` if it exists, else calibrated on `feeds` and cached.
+    Returns the external-data file names written beside `dst` ([] when its weights, about a quarter of src's,
+    are under `inline_bytes`; else [dst.name + ".data"]).
+
+        src (+ src.data) ─ calibrator (augmented graph, one session per run) ─▶ cache ─ freed
+                         ─ quantize_static(cache) ─▶ dst (+ dst.data)
+    Memory: the larger of the calibration (the graph once in onnx, once in the session) and the quantization
+    (the graph once plus its int8 weights), never both: a SAM ViT-H encoder (2.5 GB) stays under 8 GB."""
+    import gc
+
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     if method not in METHODS:
         raise CalibrationError(f"--calib-method must be one of {', '.join(METHODS)}, got {method!r}")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
              "percentile": CalibrationMethod.Percentile}[method]
-    reader = None if cache.is_file() else _Reader(feeds or [])
+    external = _weight_bytes(src) / 4 > inline_bytes
+    data = dst.parent / (dst.name + ".data")
+    if external and data.exists():
+        if data.resolve() in {(src.parent / f).resolve() for f in _external_files(src)}:
+            raise CalibrationError(f"{dst}: its external data {data.name} would overwrite {src}'s; write the int8 "
+                                   "graph to another folder or name")
+        data.unlink()              # onnx appends to an existing data file
     with _quiet():
-        quantize_static(str(src), str(dst), reader, quant_format=QuantFormat.QDQ, per_channel=True,
+        if not cache.is_file():
+            _calibrate(src, feeds or [], calib, cache)
+        gc.collect()
+        quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-                        calibration_cache_path=str(cache))
+                        calibration_cache_path=str(cache), use_external_data_format=external)
+    return [data.name] if external else []
 
 
 def quantize_llm_weights(src: Path, dst: Path, *, bits: int, external_data: bool) -> None:
@@ -121,22 +178,30 @@ def quantize_llm_weights(src: Path, dst: Path, *, bits: int, external_data: bool
         q.model.save_model_to_file(str(dst), use_external_data_format=external_data)
 
 
-def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
-    """Per output: cosine similarity and max abs error of `test_path` against `ref_path` over `feeds`."""
+def _run_all(path: Path, feeds: list[dict]) -> tuple[list[str], list[list[np.ndarray]]]:
+    """(output names, outputs per feed) of one graph in ONNX Runtime; the session is gone when this returns. Each
+    graph gets its inputs in the dtype it declares (an fp16 build keeps its KV cache in float16)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    a = ort.InferenceSession(str(ref_path), so, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(str(test_path), so, providers=["CPUExecutionProvider"])
-    names_out = [o.name for o in a.get_outputs()]
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in sess.get_inputs()}
+    outs = [sess.run(None, {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in f.items()})
+            for f in feeds]
+    return [o.name for o in sess.get_outputs()], outs
+
+
+def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
+    """Per output: cosine similarity and max abs error of `test_path` against `ref_path` over `feeds`. One session
+    at a time (the reference's outputs are kept, never two graphs' weights): a 2.5 GB SAM ViT-H encoder against its
+    int8 or fp16 version fits where both would not."""
+    import gc
+    names_out, ref = _run_all(ref_path, feeds)
+    gc.collect()
+    _, test = _run_all(test_path, feeds)
     acc: dict[str, dict] = {n: {"dot": 0.0, "aa": 0.0, "bb": 0.0, "max_abs": 0.0} for n in names_out}
-
-    def cast(sess, f):    # an fp16 build keeps its KV cache in float16: give each graph the dtype it declares
-        types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in sess.get_inputs()}
-        return {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in f.items()}
-
-    for f in feeds:
-        for n, x, y in zip(names_out, a.run(None, cast(a, f)), b.run(None, cast(b, f))):
+    for xs, ys in zip(ref, test):
+        for n, x, y in zip(names_out, xs, ys):
             x, y = x.astype(np.float64).ravel(), y.astype(np.float64).ravel()
             s = acc[n]
             s["dot"] += float(x @ y)

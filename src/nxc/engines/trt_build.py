@@ -1,7 +1,8 @@
 """Build TensorRT engines from a build directory's ONNX graphs (TensorRT 10 Python API).
 
     build/graphs/<graph>.onnx (+ <graph>.onnx.data)
-          |  trt.OnnxParser(network, logger).parse_from_file()    (reads external data beside the .onnx)
+          |  trt.OnnxParser(network, logger).parse_from_file(path)  (resolves external data beside the .onnx;
+          |  parse(bytes) would need the path too, and a graph over 2 GB cannot be read into one protobuf at all)
           v
     INetworkDefinition  +  one IOptimizationProfile    <- manifest["axes"] through profile_shapes()
           |  IBuilderConfig: precision flags, workspace limit, shared timing cache
@@ -34,7 +35,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TextIO
 
 from nxc import __version__
@@ -154,9 +155,30 @@ def _timing_cache(builder, path: Path | None, stream: TextIO):
     return cache
 
 
+def external_data_problem(m: Manifest, graph: str) -> str | None:
+    """Why TensorRT would not find a graph's external data, or None. The parser resolves each tensor's location
+    relative to the .onnx's folder, so every data file must sit beside it, and the files the export's lint found
+    in the graph (tensorrt_lint.external_data.files, plain names) must be the ones the manifest lists."""
+    g = m.graphs[graph]
+    folder = PurePosixPath(g.file).parent
+    away = [e for e in g.external_data if PurePosixPath(e).parent != folder]
+    if away:
+        return (f"{m.graph_path(graph)}: its external data {away[0]} is not in the graph's folder {folder}/, where "
+                "TensorRT looks for it; re-export the build")
+    found = (g.extra.get("tensorrt_lint") or {}).get("external_data")
+    if found is not None:
+        named = {str(folder / f) for f in found.get("files", [])}
+        if named != set(g.external_data):
+            return (f"{m.graph_path(graph)}: the graph points to external data {sorted(named)} but the manifest lists "
+                    f"{sorted(g.external_data)}; re-export the build")
+    return None
+
+
 def _build_one(trt, builder, logger, *, onnx: Path, profile: Profile, precision: str, workspace_mb: int | None,
                cache, out: Path) -> None:
-    """Parse `onnx`, add its profile, build, write the plan to `out`. EngineBuildError naming `onnx` on failure."""
+    """Parse `onnx` from its file (so that external data beside it resolves), add its profile, build, write the plan
+    to `out`. EngineBuildError naming `onnx` on failure. The parser owns the weights it read: it stays alive until
+    the engine is built."""
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
@@ -261,6 +283,9 @@ def build_engines(build: str | Path, *, options: EngineOptions = EngineOptions()
             raise BuildError(f"{m.graph_path(g)}: the export's TensorRT lint found {lint.get('problem_count')} "
                              f"problem(s), first: {lint['problems'][0]}. Build the other graphs (--graphs ...) and "
                              "run this one in ONNX Runtime, or export it at fp16")
+        problem = external_data_problem(m, g)
+        if problem:
+            raise BuildError(problem)
     try:
         profiles = {g: profile_shapes(m.graph_spec(g), m.axes) for g in graphs}
     except ValueError as e:

@@ -54,11 +54,27 @@ class Float32IO(nn.Module):
         return res if len(res) > 1 else res[0]
 
 
+def _types_only(model) -> None:
+    """Drop the values of float initializers of 1 KiB or more, keeping names, types and dims (as a graph with
+    external data loaded without it): shape inference reads types and small integer tensors (shapes, axes), never
+    weight values, so its result is the same without holding the weights (three times, as infer_shapes copies)."""
+    import onnx
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)
+    for t in model.graph.initializer:
+        if t.data_type in floats and t.HasField("raw_data") and len(t.raw_data) >= 1024:
+            t.ClearField("raw_data")
+            t.data_location = onnx.TensorProto.EXTERNAL
+            entry = t.external_data.add()
+            entry.key, entry.value = "location", "(not loaded)"
+
+
 def float32_nodes(path) -> dict:
     """Which nodes of an fp16 graph still compute in float32 (norms, softmax, casts at the boundary), for the
     manifest: {"count", "ops": {op type: count}, "nodes": first 40 names}."""
     import onnx
-    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    model = onnx.load(str(path), load_external_data=False)
+    _types_only(model)
+    model = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in list(model.graph.value_info) + list(model.graph.output)}
     hits = [n for n in model.graph.node
             if any(types.get(o) == onnx.TensorProto.FLOAT for o in n.output) and n.op_type not in ("Constant", "Shape")]

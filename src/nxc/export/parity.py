@@ -1,8 +1,12 @@
 """Every export ends with a check run: each graph in ONNX Runtime against its torch wrapper, on fresh random
-inputs at two shapes. The result goes to reports/parity.json in the build; a graph that cannot run fails the
-export loudly.
+inputs at two shapes (one for a graph without dynamic axes, sam_encoder). The result goes to reports/parity.json in
+the build; a graph that cannot run fails the export loudly.
 """
 from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,6 +16,7 @@ from nxc.specs import GraphSpec
 # (axis lengths) per check; the two shapes differ in every dynamic axis a graph has
 SHAPES = ({"batch": 1, "sequence": 5, "past": 0, "detections": 1, "boxes": 2},
           {"batch": 2, "sequence": 1, "past": 7, "detections": 3, "boxes": 1})
+OFFLOAD_BYTES = 256 << 20      # a wrapper with more weights than this waits on disk while ONNX Runtime runs
 # |ort - torch| <= atol * max(1, max|torch|) + rtol * |torch|: fp16 rounding is relative to the tensor's scale
 TOLERANCE = {"fp32": {"rtol": 1e-4, "atol": 1e-4}, "fp16": {"rtol": 1e-2, "atol": 1e-2}}
 
@@ -55,22 +60,81 @@ def compare(torch_out: list[np.ndarray], ort_out: list[np.ndarray], names: list[
     return {"ok": ok, "outputs": out, **tol}
 
 
+def _checked_axes(spec: GraphSpec, axes: dict[str, int]) -> dict[str, int]:
+    """The axis lengths a check of `spec` runs at: SAM's graphs and loc_heads take one image / batch 1; only the
+    axes the graph's tensors use."""
+    if spec.name in ("sam_encoder", "sam_decoder", "loc_heads"):
+        axes = {**axes, "batch": 1}
+    return {k: v for k, v in axes.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
+
+
+@contextlib.contextmanager
+def weights_on_disk(module: torch.nn.Module, folder):
+    """For the duration, `module`'s parameters and buffers live in files in `folder` and their memory is released;
+    they come back bit for bit (same Parameter objects) when the block ends, also on an error. Tensors that share
+    or view storage with another are left in memory. SAM ViT-H: 2.5 GB the check's ONNX Runtime half does not hold
+    twice."""
+    moved, seen = [], set()
+    for t in list(module.parameters()) + list(module.buffers()):
+        s = t.untyped_storage()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and s.nbytes() == t.numel() * t.element_size()
+        if not whole or s.data_ptr() in seen or t.numel() == 0:
+            seen.add(s.data_ptr())
+            continue
+        seen.add(s.data_ptr())
+        path = Path(folder) / f"{len(moved)}.bin"
+        t.detach().reshape(-1).view(torch.uint8).numpy().tofile(path)
+        moved.append((t, path, t.dtype, t.shape))
+        t.data = torch.empty(0, dtype=t.dtype)
+    try:
+        yield len(moved)
+    finally:
+        for t, path, dtype, shape in moved:
+            t.data = torch.from_numpy(np.fromfile(path, np.uint8)).view(dtype).reshape(shape)
+            path.unlink()
+
+
 def check_graph(wrapper: torch.nn.Module, onnx_path, spec: GraphSpec, *, precision: str = "fp32",
                 seed: int = 0, sam_size: int = 1024, shapes=SHAPES) -> dict:
+    """Run `wrapper` (torch) and the graph at `onnx_path` (ONNX Runtime, CPU) on the same random inputs at each of
+    `shapes` and compare (TOLERANCE). A shape that resolves to the same axis lengths as an earlier one is skipped
+    (sam_encoder has no dynamic axis: its second shape would only repeat a 1024 px ViT-H run).
+
+        shapes ─ random_inputs ─▶ torch wrapper ─▶ reference outputs (every shape first)
+        weights to disk (over OFFLOAD_BYTES) ─▶ ONNX Runtime session ─▶ outputs ─ compare ─▶ weights back
+    torch and ONNX Runtime never hold their activations, nor a large graph's weights, at the same time: SAM ViT-H's
+    check peaks at about 7 GB instead of 10."""
+    import gc
+
     import onnxruntime as ort
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+
+    from nxc.export.memory import mmap_large_allocations
+    mmap_large_allocations()
     rng = np.random.default_rng(seed)
-    report = {"ok": True, "checks": []}
+    runs, seen = [], []
     for axes in shapes:
-        if spec.name in ("sam_encoder", "sam_decoder", "loc_heads"):
-            axes = {**axes, "batch": 1}
-        feeds = random_inputs(spec, axes, rng, sam_size=sam_size)
+        checked = _checked_axes(spec, axes)
+        if checked in seen:
+            continue
+        seen.append(checked)
+        feeds = random_inputs(spec, {**axes, **checked}, rng, sam_size=sam_size)
         with torch.no_grad():
             ref = wrapper(*[torch.from_numpy(feeds[n]) for n in spec.input_names])
-        ref = [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]
-        got = sess.run(spec.output_names, feeds)
-        res = compare(ref, got, spec.output_names, precision)
-        res["axes"] = {k: v for k, v in axes.items() if any(k in t.shape for t in spec.inputs + spec.outputs)}
-        report["checks"].append(res)
-        report["ok"] &= res["ok"]
+        runs.append((checked, feeds, [r.numpy() for r in (ref if isinstance(ref, (tuple, list)) else (ref,))]))
+    gc.collect()
+    big = sum(t.numel() * t.element_size() for t in wrapper.parameters()) > OFFLOAD_BYTES
+    with contextlib.ExitStack() as stack:
+        if big:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=".torch-weights-",
+                                                                     dir=Path(onnx_path).parent))
+            stack.enter_context(weights_on_disk(wrapper, folder))
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        report = {"ok": True, "checks": []}
+        for checked, feeds, ref in runs:
+            got = sess.run(spec.output_names, feeds)
+            res = compare(ref, got, spec.output_names, precision)
+            res["axes"] = checked
+            report["checks"].append(res)
+            report["ok"] &= res["ok"]
+        del sess
     return report

@@ -1,0 +1,88 @@
+"""benchmarks/true_size.py's own machinery (the benchmark itself is not run in CI): the per-process peak-RSS
+wrapper, the streamed HF safetensors view of the LLaMA, the generated photos and the step arguments."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "true_size.py"
+
+
+@pytest.fixture(scope="module")
+def ts():
+    spec = importlib.util.spec_from_file_location("true_size", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_measured_reports_each_process_own_peak(ts, tmp_path):
+    big = ts.measured([sys.executable, "-c", "import numpy as np; a = np.ones(400 * 2**20 // 8); print('done')"],
+                      tmp_path, "big")
+    small = ts.measured([sys.executable, "-c", "print('small')"], tmp_path, "small")
+    assert big["ok"] and small["ok"]
+    assert big["peak_rss_gb"] >= 0.4
+    assert small["peak_rss_gb"] < 0.2           # a fresh wrapper per command: the big one does not leak in
+    assert (tmp_path / "logs" / "big.log").read_text().strip() == "done"
+
+
+def test_measured_records_a_failure_with_its_output(ts, tmp_path):
+    rec = ts.measured([sys.executable, "-c", "import sys; print('it broke'); sys.exit(3)"], tmp_path, "bad")
+    assert rec["ok"] is False and rec["rc"] == 3
+    assert rec["error_tail"] == ["it broke"]
+    rec = ts.measured([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
+                      tmp_path, "killed")
+    assert rec["killed_by_signal"] == 9
+
+
+def test_hf_view_shards_hold_the_checkpoint_tensors(ts, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors import safe_open
+    g = torch.Generator().manual_seed(0)
+    tensors = {"model.embed_tokens.weight": torch.randn(10, 4, generator=g),
+               "model.layers.10.mlp.up_proj.weight": torch.randn(6, 4, generator=g).half(),
+               "model.layers.2.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+               "model.layers.2.self_attn.rotary_emb.inv_freq": torch.ones(2),
+               "model.norm.weight": torch.ones(4), "lm_head.weight": torch.randn(10, 4, generator=g),
+               "model.mm_projector.0.weight": torch.randn(4, 4, generator=g)}
+
+    class Lazy:
+        def get(self, k):
+            return tensors[k]
+
+    keys = ts._llama_keys(list(tensors))
+    assert keys == ["model.embed_tokens.weight", "model.layers.2.self_attn.q_proj.weight",
+                    "model.layers.10.mlp.up_proj.weight", "model.norm.weight", "lm_head.weight"]
+    path = tmp_path / "model.safetensors"
+    ts._write_safetensors(path, Lazy(), keys, {k: tuple(tensors[k].shape) for k in keys})
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys()) == sorted(keys)
+        for k in keys:
+            got = f.get_tensor(k)
+            assert got.dtype == torch.float16
+            assert torch.equal(got, tensors[k].half())
+
+
+def test_photo_is_a_deterministic_rgb_image(ts):
+    a, b = ts.photo(3, 64, 48), ts.photo(3, 64, 48)
+    assert a.size == (64, 48) and a.mode == "RGB"
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.asarray(a).std() > 5                                   # not a flat colour
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "make,bake"], "unknown step or precision 'bake'"),
+    (["--precisions", "fp8"], "unknown step or precision 'fp8'"),
+])
+def test_bad_steps_are_refused(ts, argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ts.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_arguments_default_to_the_true_sizes(ts):
+    a = ts.parse_args(["--steps", "run,genai"])
+    assert (a.llm, a.vision, a.sam, a.dtype) == ("vicuna-7b", "clip-vit-l-336", "vit_h", "fp16")
+    assert a.steps == ["run", "genai"] and a.image_size == (1280, 960)
