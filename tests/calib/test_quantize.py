@@ -99,3 +99,27 @@ def test_float_graphs_keeps_an_encoder_float32_in_an_int4_build(tmp_path, capsys
     assert m.graphs["vision"].precision == "int8" and m.graphs["sam_encoder"].precision == "fp32"
     assert "sam_encoder: int8 QDQ" not in capsys.readouterr().err
     assert not (out / "calib" / "sam_encoder.json").exists()
+
+
+def test_compare_graphs_counts_two_all_zero_outputs_as_equal(tmp_path):
+    """A projector whose last weight is zero (nxc-make-checkpoint --trigger-prompt) gives all-zero image rows in both
+    graphs: that is cosine 1, not 0; one zero output against a non-zero one stays 0."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from nxc.calib.quantize import compare_graphs
+
+    def graph(path, scale):
+        g = helper.make_graph([helper.make_node("Mul", ["x", "s"], ["y"])], "t",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [onnx.numpy_helper.from_array(np.full(2, scale, np.float32), "s")])
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 9
+        onnx.save(m, str(path))
+        return path
+    zero, one = graph(tmp_path / "z.onnx", 0.0), graph(tmp_path / "o.onnx", 1.0)
+    feeds = [{"x": np.ones(2, np.float32)}]
+    assert compare_graphs(zero, zero, feeds)["y"]["cosine"] == 1.0
+    assert compare_graphs(one, zero, feeds)["y"]["cosine"] == 0.0

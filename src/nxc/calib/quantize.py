@@ -124,6 +124,8 @@ def _calibrate(src: Path, feeds: list[dict], calib, cache: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=".nxc-calib-", dir=cache.parent) as tmp:
         calibrator = create_calibrator(src, ops, augmented_model_path=str(Path(tmp) / "augmented.onnx"),
                                        calibrate_method=calib, use_external_data_format=bool(_external_files(src)))
+        calibrator.model = None     # its loaded copy of the graph: only __init__ and augment_graph read it
+        gc.collect()
         calibrator.collect_data(_Reader(feeds))
         ranges = calibrator.compute_data()
         del calibrator
@@ -208,8 +210,9 @@ def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
             s["aa"] += float(x @ x)
             s["bb"] += float(y @ y)
             s["max_abs"] = max(s["max_abs"], float(np.abs(x - y).max()) if x.size else 0.0)
-    return {n: {"cosine": s["dot"] / max(1e-30, np.sqrt(s["aa"] * s["bb"])), "max_abs": s["max_abs"]}
-            for n, s in acc.items()}
+    # two all-zero outputs are the same output (cosine 1): e.g. a projector whose last weight is zero
+    return {n: {"cosine": 1.0 if s["aa"] == s["bb"] == 0 else s["dot"] / max(1e-30, np.sqrt(s["aa"] * s["bb"])),
+                "max_abs": s["max_abs"]} for n, s in acc.items()}
 
 
 def quantize_weights_int8(src: Path, dst: Path) -> int:
