@@ -152,13 +152,18 @@ def quantize_static_graph(src: Path, dst: Path, feeds: list[dict] | None, *, met
     Returns the external-data file names written beside `dst` ([] when its weights, about a quarter of src's,
     are under `inline_bytes`; else [dst.name + ".data"]).
 
-        src (+ src.data) ─ calibrator (augmented graph, one session per run) ─▶ cache ─ freed
-                         ─ quantize_static(cache) ─▶ dst (+ dst.data)
-    Memory: the larger of the calibration (the graph once in onnx, once in the session) and the quantization
-    (the graph once plus its int8 weights), never both: a SAM ViT-H encoder (2.5 GB) stays under 8 GB."""
+        src (+ src.data) ─ _calibrate: augmented graph, session in priority order ─▶ ranges ─▶ cache (freed)
+                         ─ quantize_static (cache hit) ─▶ dst (+ dst.data)
+    Memory: the larger of the calibration (its session and one run's live activations) and the quantization (the
+    graph once plus its int8 weights), never both: SAM ViT-H (2.5 GB) peaks at 7.8 GB, where one quantize_static
+    call went over 11. entropy and percentile keep every calibrated activation of every image (ONNX Runtime's
+    histogram calibrators): tens of GB at SAM ViT-H, where only minmax fits a machine of this size."""
     import gc
 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from nxc.memory import mmap_large_allocations
+    mmap_large_allocations()              # what the calibration frees goes back to the OS before quantize_static
     if method not in METHODS:
         raise CalibrationError(f"--calib-method must be one of {', '.join(METHODS)}, got {method!r}")
     calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -199,9 +204,11 @@ def _run_all(path: Path, feeds: list[dict]) -> tuple[list[str], list[list[np.nda
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.enable_cpu_mem_arena = False           # runs one after another: an arena would grow with each feed's layout
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in sess.get_inputs()}
-    outs = [sess.run(None, {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in f.items()})
+    outs = [[np.array(o, copy=True)           # a run's arrays keep its session's arena alive; copies do not
+             for o in sess.run(None, {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in f.items()})]
             for f in feeds]
     return [o.name for o in sess.get_outputs()], outs
 
@@ -211,6 +218,9 @@ def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
     at a time (the reference's outputs are kept, never two graphs' weights): a 2.5 GB SAM ViT-H encoder against its
     int8 or fp16 version fits where both would not."""
     import gc
+
+    from nxc.memory import mmap_large_allocations
+    mmap_large_allocations()
     names_out, ref = _run_all(ref_path, feeds)
     gc.collect()
     _, test = _run_all(test_path, feeds)

@@ -109,8 +109,8 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     import onnx
 
     from nxc.export.graph_files import weight_bytes, write_weights
-    from nxc.export.memory import mmap_large_allocations
-    mmap_large_allocations()                    # the trace's freed activations go back to the OS (nxc.export.memory)
+    from nxc.memory import mmap_large_allocations
+    mmap_large_allocations()                    # the trace's freed activations go back to the OS (nxc.memory)
     scratch = path.parent / f".{path.stem}-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     raw = scratch / path.name
