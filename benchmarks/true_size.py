@@ -31,6 +31,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -211,6 +212,15 @@ def step_run(a, work: Path, precision: str) -> dict:
     return rec
 
 
+def _vm() -> dict:
+    """This process's resident memory now and its peak so far (VmRSS, VmHWM), in GB."""
+    got = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            got["rss" if line.startswith("VmRSS") else "hwm"] = round(int(line.split()[1]) * 1024 / GB, 3)
+    return got
+
+
 def child_run(argv: list[str]) -> int:
     """In its own process: load the build, one grounded reply (profiler's run_once), then continued decode."""
     ap = argparse.ArgumentParser(prog="true_size.py _run")
@@ -232,10 +242,26 @@ def child_run(argv: list[str]) -> int:
         pipe.runner(g)
     t2 = time.perf_counter()
     print(f"[true-size] loaded {a.build.name}: manifest {t1 - t0:.1f} s, sessions {t2 - t1:.1f} s", file=sys.stderr)
+    memory = {"after_load": _vm()}
+    samples, sampling = [], threading.Event()
+
+    def sample():                                     # RSS every 20 ms, matched to the reply's stages below
+        while not sampling.wait(0.02):
+            samples.append((time.perf_counter(), _vm()["rss"]))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     conv = pipe.conversation(image)         # as the profiler's run_once, keeping the conversation (its KV cache)
     tl = Timeline()
     result = conv.ask(a.prompt, max_new_tokens=a.max_new_tokens, timeline=tl)
     tl.end = tl.end or time.perf_counter()
+    memory["after_reply"] = _vm()
+    sampling.set()
+    sampler.join()
+    memory["peak_rss_by_stage"] = {}
+    for e in tl.events:
+        inside = [r for t, r in samples if e.start <= t <= e.end]
+        if inside:
+            memory["peak_rss_by_stage"][e.stage] = max(memory["peak_rss_by_stage"].get(e.stage, 0), max(inside))
     stages = tl.totals()
     tokens = len(result.token_ids)
     dets = result.detections
@@ -276,6 +302,8 @@ def child_run(argv: list[str]) -> int:
     rec["decode_step_bytes"] = int(decode_step_bytes(m, start + steps / 2))
     rec["build_file_bytes"] = sum(f.bytes for f in m.files.values())
     rec["kv_cache_capacity"] = cache.capacity
+    memory["after_decode"] = _vm()
+    rec["memory_gb"] = memory              # rss: now; hwm: the process's peak so far (where the peak was reached)
     a.out.write_text(json.dumps(rec, indent=2))
     return 0
 

@@ -18,10 +18,17 @@ def scene():
 
 
 def test_stage_times_sum_to_end_to_end(embedded_pipe, scene):
+    # wall-clock gaps between stages grow when other processes take the cores, so a stage the timeline misses must
+    # show in each of three runs (it is the same missing time every run), a busy machine in one of them only
     for prompt in (PROMPT, "Is there a red circle in the image?"):
-        rec, tl, result = run_once(embedded_pipe, scene.image, prompt, 48)
-        total = sum(rec["stages"].values())
-        assert abs(total - rec["e2e"]) <= 0.10 * rec["e2e"], (rec["stages"], rec["e2e"])
+        gaps = []
+        for _ in range(3):
+            rec, tl, result = run_once(embedded_pipe, scene.image, prompt, 48)
+            total = sum(rec["stages"].values())
+            gaps.append((abs(total - rec["e2e"]) / rec["e2e"], rec["stages"], rec["e2e"]))
+            if gaps[-1][0] <= 0.10:
+                break
+        assert min(g[0] for g in gaps) <= 0.10, gaps
         assert rec["tokens"] == len(result.token_ids) and rec["triggers"] == len(result.detections)
         assert 0 < rec["ttft"] <= rec["e2e"]
 

@@ -18,25 +18,28 @@ current (170-node) graph (embedded model, ORT 1.32 CPU, 2 cores, median of 200 d
 Concat is cheaper only at short pasts (the in-place step binds 16 cache tensors by address); its cost grows with
 the cache. The concat variant stays exportable so the claim stays checkable: `LlmGraph(kv_mode="concat")`,
 which benchmarks/kv_cache.py exports by itself; a build always has the inplace cache, the only one the runtime reads.
-Two layout details were measured too: scores are laid out [B, T*heads, P+T] so softmax runs along the long last
-axis (with P on axis 1, ORT's broadcast Mul and Softmax walked length-1 rows: 1.9x from 16 to 1024), and the
-runtime binds its buffers by address (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
+Two layout details were measured too: scores have P+T on their last axis so softmax runs along the long axis
+(with P on axis 1, ORT's broadcast Mul and Softmax walked length-1 rows: 1.9x from 16 to 1024), and the runtime
+binds its buffers by address (InferenceSession.run copies numpy inputs: +0.18 ms at 1024).
 
-Attention without copying the cache. Per layer, with G = heads per KV head and query rows (t, head h):
+Attention over the cache where it lies. Per layer, with G = heads per KV head and query rows (head group g, t):
 
-    x ─RMSNorm─ MatMul [Wq;Wk;Wv] ─ RoPE (q also times D^-1/2; v: cos 1, sin 0) ─ Split ─┬─ k, v ─▶ present.{i}
+    x ─RMSNorm─ MatMul [Wq;Wk;Wv] ─ RoPE (q also times D^-1/2; v: cos 1, sin 0) ─ Split ─┬─ k, v [B,T,kv,D] ─▶ present.{i}
                                                                                         └─ q
-    Qbd [B,T*nH,kv*D] (block-diagonal: head h's q in KV block h//G)
-        ──MatMul(transB)── past K [B,P,kv*D] ─▶ [B,T*nH,P] ─┐
-        ──MatMul(transB)── new K  [B,T,kv*D] ─▶ [B,T*nH,T] ─┴─ concat ─▶ + mask ─▶ softmax (float32) ─▶ probs
-    probs[..., :P] ──MatMul── past V [B,P,kv*D] ─┐
-    probs[..., P:] ──MatMul── new V  [B,T,kv*D] ─┴─ ⊕ ─▶ [B,T,nH*kv*D] ─ Gather block h//G ─▶ [B,T,nH*D] ─▶ o_proj
+    Qh [B,kv,G*T,D] (q's heads grouped by their KV head: head kv*G+g is row block g of group kv)
+        ──MatMul── past K [B,P,kv,D] transposed [B,kv,D,P] ─▶ [B,kv,G*T,P] ─┐
+        ──MatMul── new K  [B,T,kv,D] transposed [B,kv,D,T] ─▶ [B,kv,G*T,T] ─┴─ concat ─▶ + mask ─▶ softmax (float32)
+    probs[..., :P] ──MatMul── past V transposed [B,kv,P,D] ─┐
+    probs[..., P:] ──MatMul── new V  transposed [B,kv,T,D] ─┴─ ⊕ ─▶ [B,kv,G*T,D] ─▶ [B,T,nH*D] ─▶ o_proj
 
-The past K/V enter only MatMuls in their stored layout (a free reshape; the transpose of K is fused into the
-GEMM), so a decode step reads the cache once and writes nothing of it. The block-diagonal trick spends kv x the
-attention FLOPs of the past part (for TinyLlama sizes, a few % of a step); the masks are exact 0/1, so the sums are
-the same numbers. (Giving every head all KV heads' keys and masking the foreign ones in the softmax instead saves
-3 nodes a layer, but its softmax rows are kv x longer: measured equal at past 64 and 15% slower at 512.)
+The past K/V stay in their stored layout [B,P,kv,D] in the cache (no step writes the cache but its new rows);
+ONNX Runtime 1.32 runs the transposes as copies into scratch memory (it does not fold them into its MatMul), which
+at decode is one more read and write of this layer's P rows, cheaper than any alternative measured (below; the
+explicit transposes ran as fast as FusedMatMul's transBatchB attribute, a com.microsoft op TensorRT cannot parse).
+This replaced a block-diagonal form (every query head against all kv heads' keys,
+masked by zeros), which costs kv x the attention FLOPs: little at TinyLlama's 4 KV heads, 32x at a 7B LLaMA's 32. Measured (ORT 1.32 CPU, 2 cores, 32 layers of 32 KV heads x 128, past 628, caches
+beyond L3): 123 ms of attention per decode step block-diagonal, 28 ms grouped (the cache's bytes at the copy
+bandwidth: 19 ms); at TinyLlama's sizes the two are equal (30.4 tok/s int4, 1.1B).
 
 Few nodes: at the embedded model's size a decode step is mostly per-operator overhead in ONNX Runtime, not
 arithmetic. So every reshape target is a constant (ONNX Reshape's 0 = keep that axis, `_reshape`) or, where a
@@ -111,10 +114,7 @@ class LlmGraph(nn.Module):
                              persistent=False)
         rot = torch.arange(heads)[:, None] * d + torch.cat([torch.arange(half, d), torch.arange(half)])
         self.register_buffer("rot", rot.reshape(-1), persistent=False)
-        block = (torch.arange(nh)[:, None] // group == torch.arange(kv)).float()[:, :, None]
-        self.register_buffer("block", block, persistent=False)                       # [nH,kv,1]: 1 where kv == h//G
-        own = torch.arange(nh)[:, None] * kv * d + (torch.arange(nh) // group)[:, None] * d + torch.arange(d)
-        self.register_buffer("own_block", own.reshape(-1), persistent=False)         # [nH*D] indices into [nH*kv*D]
+        self.group = group
 
     @staticmethod
     def _rms(x: torch.Tensor, norm: nn.Module, eps: float) -> torch.Tensor:
@@ -132,36 +132,37 @@ class LlmGraph(nn.Module):
         return nn.functional.linear(x, torch.cat([p.weight for p in projs]), bias)
 
     def _mask(self, attention_mask: torch.Tensor, t: int, p: int) -> torch.Tensor:
-        """Additive float32 mask [B, T*nH, P+T], row t*nH+h: 0 where the position is not padding and not after
-        query t (position <= P + t), float32 min elsewhere."""
+        """Additive float32 mask [B, 1, G*T, P+T], row g*T+t (query t of every head of a KV group): 0 where the
+        position is not padding and not after query t (position <= P + t), float32 min elsewhere."""
         dev = attention_mask.device
-        query_pos = torch.arange(t * self.n_heads, device=dev) // self.n_heads + p                  # [T*nH]
-        causal = torch.arange(attention_mask.shape[1], device=dev) <= query_pos[:, None]         # [T*nH,P+T]
-        return torch.where(causal & attention_mask.bool()[:, None, :], 0.0, torch.finfo(torch.float32).min)
+        query_pos = torch.arange(self.group * t, device=dev) % t + p                            # [G*T]
+        causal = torch.arange(attention_mask.shape[1], device=dev) <= query_pos[:, None]         # [G*T,P+T]
+        return torch.where(causal & attention_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
 
     @staticmethod
-    def _attention(qbd, k, v, past_k, past_v, add_mask, p: int):
-        """qbd [B,T*nH,kv*D] (block-diagonal, already scaled), new k/v [B,T,kv*D] or None (the past holds all keys),
-        past_k/v [B,P,kv*D], add_mask [B,T*nH,P(+T)] -> [B,T*nH,kv*D], head h's output in KV block h//G."""
-        scores = torch.matmul(qbd, past_k.transpose(1, 2))
+    def _attention(qh, k, v, past_k, past_v, add_mask, p: int):
+        """qh [B,kv,G*T,D] (already scaled), new k/v [B,T,kv,D] or None (the past holds all keys), past_k/v
+        [B,P,kv,D] in the cache's layout, add_mask [B,1,G*T,P(+T)] -> [B,kv,G*T,D]. The cache is read through
+        transposes that ONNX Runtime folds into its MatMul (FusedMatMul's batch transpose): no copy."""
+        scores = torch.matmul(qh, past_k.permute(0, 2, 3, 1))
         if k is not None:
-            scores = torch.cat([scores, torch.matmul(qbd, k.transpose(1, 2))], dim=2)
-        probs = torch.softmax(scores.float() + add_mask, dim=-1).to(qbd.dtype)                    # float32 softmax
+            scores = torch.cat([scores, torch.matmul(qh, k.permute(0, 2, 3, 1))], dim=-1)
+        probs = torch.softmax(scores.float() + add_mask, dim=-1).to(qh.dtype)                     # float32 softmax
         if k is None:
-            return torch.matmul(probs, past_v)
-        return torch.matmul(probs[..., :p], past_v) + torch.matmul(probs[..., p:], v)
+            return torch.matmul(probs, past_v.transpose(1, 2))
+        return torch.matmul(probs[..., :p], past_v.transpose(1, 2)) + torch.matmul(probs[..., p:], v.transpose(1, 2))
 
     def forward(self, inputs_embeds, attention_mask, position_ids, *past):
         """Shapes in the module docstring; past K/V come in the weights' dtype, everything else float32."""
         dtype = self.lm_head.weight.dtype
         nh, kv, d = self.n_heads, self.n_kv, self.head_dim
-        b, t = inputs_embeds.shape[0], inputs_embeds.shape[1]      # traced once; every dynamic shape reuses them
+        t = inputs_embeds.shape[1]                                  # traced once; every dynamic shape reuses it
         p = attention_mask.shape[1] - t
         angle = position_ids[..., None].float() * self.inv_freq                                 # [B,T,(nH+2kv)*D]
         cos = (angle.cos() * self.cos_scale).to(dtype)
         sin = (angle.sin() * self.sin_scale).to(dtype)
         add_mask = self._mask(attention_mask, t, p)
-        block = self.block.to(dtype)
+        g = self.group
         h = inputs_embeds.to(dtype)
         presents = []
         for i, layer in enumerate(self.layers):
@@ -169,17 +170,17 @@ class LlmGraph(nn.Module):
             qkv = self._qkv(att, self._rms(h, layer.input_layernorm, self.eps))
             qkv = qkv * cos + qkv[..., self.rot] * sin                                          # RoPE
             q, k, v = torch.split(qkv, [nh * d, kv * d, kv * d], dim=-1)                        # [B,T,heads*D]
-            qbd = _reshape(_reshape(q, 0, 0, -1, 1, d) * block, 0, -1, kv * d)                  # [B,T*nH,kv*D]
-            # the past may be empty (P = 0): its shape is built from the traced lengths, never from a -1
-            past_k, past_v = past[2 * i].reshape(b, p, kv * d), past[2 * i + 1].reshape(b, p, kv * d)
+            qh = _reshape(_reshape(q, 0, 0, kv, -1, d).permute(0, 2, 3, 1, 4), 0, kv, -1, d)     # [B,kv,G*T,D]
+            k, v = _reshape(k, 0, 0, -1, d), _reshape(v, 0, 0, -1, d)                           # [B,T,kv,D]
+            past_k, past_v = past[2 * i], past[2 * i + 1]                                       # [B,P,kv,D]
             if self.kv_mode == "concat":     # the measured alternative: the cache is copied every step
                 past_k, past_v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
-                presents += [_reshape(past_k, 0, -1, kv, d), _reshape(past_v, 0, -1, kv, d)]
-                o = self._attention(qbd, None, None, past_k, past_v, add_mask, p + t)
+                presents += [past_k, past_v]
+                o = self._attention(qh, None, None, past_k, past_v, add_mask, p + t)
             else:
-                presents += [_reshape(k, 0, 0, -1, d), _reshape(v, 0, 0, -1, d)]
-                o = self._attention(qbd, k, v, past_k, past_v, add_mask, p)
-            o = _reshape(o, 0, -1, nh * kv * d).index_select(2, self.own_block)                 # [B,T,nH*D]
+                presents += [k, v]
+                o = self._attention(qh, k, v, past_k, past_v, add_mask, p)
+            o = _reshape(_reshape(o, 0, kv, g, -1, d).permute(0, 3, 1, 2, 4), 0, 0, nh * d)      # [B,T,nH*D]
             h = h + att.o_proj(o)
             x = self._rms(h, layer.post_attention_layernorm, self.eps)
             h = h + layer.mlp.down_proj(nn.functional.silu(layer.mlp.gate_proj(x)) * layer.mlp.up_proj(x))

@@ -169,8 +169,7 @@ def _layer_pieces(model: onnx.ModelProto, num_layers: int):
     shared tensors (RoPE tables, mask, lengths) from the graph inputs; the last ends with logits and hidden."""
     dt = next(n for n in model.graph.node if n.output[0] == "h.0")
     act = TensorProto.FLOAT16 if dt.op_type == "Cast" else TensorProto.FLOAT
-    cut = {"rope.cos": act, "rope.sin": act, "attn.mask": TensorProto.FLOAT, "shape.past": TensorProto.INT64,
-           "len.past_vec": TensorProto.INT64}
+    cut = {"rope.cos": act, "rope.sin": act, "attn.mask": TensorProto.FLOAT, "len.past_vec": TensorProto.INT64}
     for j in range(num_layers):
         ins = {}
         if j:

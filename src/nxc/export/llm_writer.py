@@ -10,11 +10,10 @@ references into the data file, so the export's memory does not grow with the mod
 `inline_bytes` is rewritten with its weights inline (the layout small builds always had).
 
 The computation is `LlmGraph.forward` (nxc.export.llm, whose docstring has the why and the measurements): RMSNorm
-accumulated in float32, q|k|v as one MatMul, RoPE in one pass with q pre-scaled by D^-1/2, block-diagonal queries
-against the past keys in their stored layout, float32 softmax, the new K/V rows as the present outputs. The torch
-module stays as the oracle the tests trace; this writer is what `nxc-export` runs. Tensor names are stable
-(`h.{i}` enters layer i, `rope.cos`, `rope.sin`, `attn.mask`, `len.batch`, `len.past`), so a check can cut the
-written graph into pieces (nxc.export.llm_check).
+accumulated in float32, q|k|v as one MatMul, RoPE in one pass with q pre-scaled by D^-1/2, queries grouped per KV
+head against the past keys transposed from their stored layout, float32 softmax, the new K/V rows as the present
+outputs. The torch module stays as the oracle the tests trace; this writer is what `nxc-export` runs. Tensor names are stable (`h.{i}` enters layer i, `rope.cos`, `rope.sin`, `attn.mask`,
+`len.past`, `len.past_vec`), so a check can cut the written graph into pieces (nxc.export.llm_check).
 """
 from __future__ import annotations
 
@@ -227,26 +226,22 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
         g.const("c.ax0", np.array([0], np.int64))
         g.const("c.ax_last", np.array([-1], np.int64))
         g.const("c.last_pos", np.array(-1, np.int64))
-        g.const("c.nh", np.array(nh, np.int64))
         g.const("c.big", np.array([np.iinfo(np.int64).max], np.int64))
-        g.const("c.ax2", np.array([2], np.int64))
         inv_freq, cos_scale, sin_scale, rot = _rope_tables(sizes)
         g.const("rope.inv_freq", inv_freq)
         g.const("rope.cos_scale", cos_scale)
         g.const("rope.sin_scale", sin_scale)
         g.const("rope.rot", rot)
-        g.const("attn.block", (np.arange(nh)[:, None] // (nh // kv) == np.arange(kv)).astype(_NP[dt])[:, :, None])
-        own = (np.arange(nh)[:, None] * kv * d + (np.arange(nh) // (nh // kv))[:, None] * d + np.arange(d))
-        g.const("attn.own_block", own.reshape(-1).astype(np.int64))
-        g.const("shape.q5", np.array([0, 0, -1, 1, d], np.int64))
-        g.const("shape.qbd", np.array([0, -1, kv * d], np.int64))
+        grp = nh // kv
+        g.const("c.group", np.array(grp, np.int64))
+        g.const("shape.q5", np.array([0, 0, kv, -1, d], np.int64))
+        g.const("shape.qh", np.array([0, kv, -1, d], np.int64))
         g.const("shape.present", np.array([0, 0, -1, d], np.int64))
-        g.const("shape.heads", np.array([0, -1, nh * kv * d], np.int64))
-        g.const("shape.kvd", np.array([kv * d], np.int64))
+        g.const("shape.o5", np.array([0, kv, grp, -1, d], np.int64))
+        g.const("shape.o", np.array([0, 0, nh * d], np.int64))
 
         # -- lengths, RoPE tables, the additive mask (once per call) ----------------------------------------
         shape_e = g.op("Shape", ["inputs_embeds"])
-        b = g.op("Gather", [shape_e, "c.i0"], "len.batch", axis=0)
         t = g.op("Gather", [shape_e, "c.i1"], "len.sequence", axis=0)
         total = g.op("Gather", [g.op("Shape", ["attention_mask"]), "c.i1"], "len.total", axis=0)
         p = g.op("Sub", [total, t], "len.past")
@@ -256,15 +251,13 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
         sin = g.op("Mul", [g.op("Sin", [angle]), "rope.sin_scale"], None if dt == _F16 else "rope.sin")
         if dt == _F16:
             cos, sin = g.op("Cast", [cos], "rope.cos", to=_F16), g.op("Cast", [sin], "rope.sin", to=_F16)
-        rows = g.op("Range", ["c.i0", g.op("Mul", [t, "c.nh"]), "c.i1"])
-        query_pos = g.op("Add", [g.op("Div", [rows, "c.nh"]), p])                                     # [T*nH]
+        rows = g.op("Range", ["c.i0", g.op("Mul", [t, "c.group"]), "c.i1"])
+        query_pos = g.op("Add", [g.op("Mod", [rows, t]), p])                                          # [G*T]
         causal = g.op("LessOrEqual", [g.op("Range", ["c.i0", total, "c.i1"]),
-                                      g.op("Unsqueeze", [query_pos, "c.ax_last"])])                   # [T*nH,P+T]
-        valid = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "c.i1_vec"])
-        g.const("c.i1_vec", np.array([1], np.int64))
-        g.op("Where", [g.op("And", [causal, valid]), "c.zero_f", "c.fmin"], "attn.mask")        # [B,T*nH,P+T]
-        g.op("Concat", [g.op("Unsqueeze", [b, "c.ax0"]), g.op("Unsqueeze", [p, "c.ax0"]), "shape.kvd"],
-                          "shape.past", axis=0)
+                                      g.op("Unsqueeze", [query_pos, "c.ax_last"])])                   # [G*T,P+T]
+        valid = g.op("Unsqueeze", [g.op("Cast", ["attention_mask"], to=TensorProto.BOOL), "c.ax12"])
+        g.const("c.ax12", np.array([1, 2], np.int64))
+        g.op("Where", [g.op("And", [causal, valid]), "c.zero_f", "c.fmin"], "attn.mask")      # [B,1,G*T,P+T]
         g.op("Unsqueeze", [p, "c.ax0"], "len.past_vec")
         h = g.op("Cast", ["inputs_embeds"], "h.0", to=_F16) if dt == _F16 else \
             g.op("Identity", ["inputs_embeds"], "h.0")
@@ -283,27 +276,31 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
                                g.op("Mul", [g.op("Gather", [qkv, "rope.rot"], axis=2), "rope.sin"])])
             q, k, v = g.op("Split", [qkv, g.const(f"l{i}.split", np.array([nh * d, kv * d, kv * d], np.int64))],
                            n_out=3, axis=-1)
-            qbd = g.op("Reshape", [g.op("Mul", [g.op("Reshape", [q, "shape.q5"]), "attn.block"]), "shape.qbd"])
-            past_k = g.op("Reshape", [f"past_key_values.{i}.key", "shape.past"])
-            past_v = g.op("Reshape", [f"past_key_values.{i}.value", "shape.past"])
-            if kv_dt != dt:
-                past_k, past_v = g.op("Cast", [past_k], to=dt), g.op("Cast", [past_v], to=dt)
+            qh = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [q, "shape.q5"])], perm=[0, 2, 3, 1, 4]),
+                                  "shape.qh"])                                                   # [B,kv,G*T,D]
+            k4, v4 = g.op("Reshape", [k, "shape.present"]), g.op("Reshape", [v, "shape.present"])  # [B,T,kv,D]
+            past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"            # [B,P,kv,D]
             if kv_dt == dt:
-                g.op("Reshape", [k, "shape.present"], f"present.{i}.key")
-                g.op("Reshape", [v, "shape.present"], f"present.{i}.value")
+                g.op("Identity", [k4], f"present.{i}.key")
+                g.op("Identity", [v4], f"present.{i}.value")
             else:
-                g.op("Cast", [g.op("Reshape", [k, "shape.present"])], f"present.{i}.key", to=kv_dt)
-                g.op("Cast", [g.op("Reshape", [v, "shape.present"])], f"present.{i}.value", to=kv_dt)
-            scores = g.op("Concat", [g.op("MatMul", [qbd, g.op("Transpose", [past_k], perm=[0, 2, 1])]),
-                                     g.op("MatMul", [qbd, g.op("Transpose", [k], perm=[0, 2, 1])])], axis=2)
+                past_k, past_v = g.op("Cast", [past_k], to=dt), g.op("Cast", [past_v], to=dt)
+                g.op("Cast", [k4], f"present.{i}.key", to=kv_dt)
+                g.op("Cast", [v4], f"present.{i}.value", to=kv_dt)
+            # per-KV-head MatMuls over the cache in its stored layout (nxc.export.llm: why and the figures)
+            scores = g.op("Concat", [g.op("MatMul", [qh, g.op("Transpose", [past_k], perm=[0, 2, 3, 1])]),
+                                     g.op("MatMul", [qh, g.op("Transpose", [k4], perm=[0, 2, 3, 1])])], axis=-1)
             if dt == _F16:
                 scores = g.op("Cast", [scores], to=_F32)
             probs = g.op("Softmax", [g.op("Add", [scores, "attn.mask"])], axis=-1)
             if dt == _F16:
                 probs = g.op("Cast", [probs], to=_F16)
-            o = g.op("Add", [g.op("MatMul", [g.op("Slice", [probs, "c.ax0", "len.past_vec", "c.ax2"]), past_v]),
-                             g.op("MatMul", [g.op("Slice", [probs, "len.past_vec", "c.big", "c.ax2"]), v])])
-            o = g.op("Gather", [g.op("Reshape", [o, "shape.heads"]), "attn.own_block"], axis=2)
+            o = g.op("Add", [g.op("MatMul", [g.op("Slice", [probs, "c.ax0", "len.past_vec", "c.ax_last"]),
+                                             g.op("Transpose", [past_v], perm=[0, 2, 1, 3])]),
+                             g.op("MatMul", [g.op("Slice", [probs, "len.past_vec", "c.big", "c.ax_last"]),
+                                             g.op("Transpose", [v4], perm=[0, 2, 1, 3])])])          # [B,kv,G*T,D]
+            o = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [o, "shape.o5"])], perm=[0, 3, 1, 2, 4]),
+                                 "shape.o"])                                                     # [B,T,nH*D]
             h = g.op("Add", [h, _matmul(g, o, w.get(n["o"], (hsz, nh * d)).T, f"l{i}.o_proj", prec)])
             x = _rms(g, h, w.get(n["post_norm"], (hsz,)), sizes.rms_norm_eps, prec, out=f"l{i}.mlp_in")
             gate = _matmul(g, x, w.get(n["gate"], (sizes.intermediate_size, hsz)).T, f"l{i}.gate_proj", prec)
