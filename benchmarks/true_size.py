@@ -425,10 +425,14 @@ def step_genai(a, work: Path, results: dict) -> dict:
     if not (ckpt / "config.json").is_file():
         rec["skipped"] = f"no checkpoint in {ckpt}: run the make step first"
         return rec
-    for d in (hf, dst, work / "genai-cache"):
+    reuse = a.reuse_hf and (hf / "model.safetensors.index.json").is_file()
+    for d in ((dst, work / "genai-cache") if reuse else (hf, dst, work / "genai-cache")):
         shutil.rmtree(d, ignore_errors=True)
-    rec["hf_view"] = measured([sys.executable, __file__, "_hf_view", str(ckpt), str(hf), str(a.hf_shard_bytes)],
-                              work, "genai-hf-view")
+    if reuse:
+        rec["hf_view"] = {"ok": True, "reused": str(hf)}
+    else:
+        rec["hf_view"] = measured([sys.executable, __file__, "_hf_view", str(ckpt), str(hf), str(a.hf_shard_bytes)],
+                                  work, "genai-hf-view")
     if not rec["hf_view"]["ok"]:
         return rec
     rec["hf_view"]["gb_on_disk"] = gb(dir_bytes(hf))
@@ -511,6 +515,8 @@ def parse_args(argv):
     ap.add_argument("--image-size", default="1280x960", help="generated photos, WxH (1280x960)")
     ap.add_argument("--max-context", type=int, default=None, help="nxc-export --max-context (its default)")
     ap.add_argument("--hf-shard-bytes", type=float, default=2e9, help="shard size of the HF view (2e9)")
+    ap.add_argument("--reuse-hf", action="store_true",
+                    help="genai: keep WORK/hf if a finished one is there (made by `_hf_view CKPT WORK/hf BYTES`)")
     ap.add_argument("--genai-context", type=int, default=600,
                     help="genai prompt length when no nxc int4 decode result is there (600)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")

@@ -251,3 +251,13 @@ def test_hot_sampling_matches_reference(embedded_pipe, embedded_ref, seed):
     ref = embedded_ref.chat(scene.image, CAPTION, max_new_tokens=48,
                             sampling=SamplingParams(temperature=4.0, seed=seed))
     assert_same(r, ref, f"temperature 4, seed {seed}")
+
+
+def test_only_the_llm_keeps_an_arena(embedded_pipe):
+    """Graphs run once per image or trigger hand their activations back to the OS after each run (SAM ViT-H's are
+    GBs, docs/DESIGN.md "True size"); the llm, called every token, keeps ONNX Runtime's arena."""
+    if embedded_pipe.backend.name != "onnxruntime":
+        pytest.skip("ONNX Runtime session options")
+    for graph in embedded_pipe.manifest.graphs:
+        opts = embedded_pipe.runner(graph).session.get_session_options()
+        assert opts.enable_cpu_mem_arena is (graph == "llm"), graph

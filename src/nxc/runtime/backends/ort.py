@@ -14,6 +14,7 @@ import numpy as np
 
 from nxc.runtime.backends import BackendError
 from nxc.runtime.kv_cache import HostMemory
+from nxc import names
 from nxc.specs import GraphSpec
 
 PROVIDER_FLAGS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -135,6 +136,10 @@ class OrtBackend:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.threads:
             so.intra_op_num_threads = self.threads
+        if spec.name != names.GRAPH_LLM:
+            # a graph run once per image or trigger (vision, sam_encoder, ...): without the arena its activations go
+            # back to the OS after the run (SAM ViT-H's are GBs) instead of staying reserved next to the llm
+            so.enable_cpu_mem_arena = False
         try:
             sess = ort.InferenceSession(str(path), so, providers=self.providers)
         except Exception as e:  # ORT raises its own Fail/InvalidGraph types
