@@ -261,3 +261,15 @@ def test_only_the_llm_keeps_an_arena(embedded_pipe):
     for graph in embedded_pipe.manifest.graphs:
         opts = embedded_pipe.runner(graph).session.get_session_options()
         assert opts.enable_cpu_mem_arena is (graph == "llm"), graph
+
+
+@pytest.mark.parametrize("k", [0, 5, 10, 15])
+def test_prompts_fed_in_chunks_match_reference(embedded_pipe, embedded_ref, monkeypatch, k):
+    """A prompt longer than PREFILL_CHUNK enters the llm in chunks, each after the cache the one before wrote: the
+    reply is the reference's (here chunks of 7 rows, odd so that they cut image rows and text alike)."""
+    from nxc.runtime import pipeline
+    task, image, question, boxes = embedded_prompts()[k]
+    monkeypatch.setattr(pipeline, "PREFILL_CHUNK", 7)
+    r = embedded_pipe.chat(image, question, boxes=boxes, max_new_tokens=48)
+    assert len(r.prompt_ids) > 7
+    assert_same(r, embedded_ref.chat(image, question, boxes=boxes, max_new_tokens=48), f"{task}: {question}")
