@@ -26,20 +26,21 @@ Attention over the cache where it lies. Per layer, with G = heads per KV head an
 
     x ─RMSNorm─ MatMul [Wq;Wk;Wv] ─ RoPE (q also times D^-1/2; v: cos 1, sin 0) ─ Split ─┬─ k, v [B,T,kv,D] ─▶ present.{i}
                                                                                         └─ q
-    Qh [B,kv,G*T,D] (q's heads grouped by their KV head: head kv*G+g is row block g of group kv)
-        ──MatMul── past K [B,P,kv,D] transposed [B,kv,D,P] ─▶ [B,kv,G*T,P] ─┐
-        ──MatMul── new K  [B,T,kv,D] transposed [B,kv,D,T] ─▶ [B,kv,G*T,T] ─┴─ concat ─▶ + mask ─▶ softmax (float32)
-    probs[..., :P] ──MatMul── past V transposed [B,kv,P,D] ─┐
-    probs[..., P:] ──MatMul── new V  transposed [B,kv,T,D] ─┴─ ⊕ ─▶ [B,kv,G*T,D] ─▶ [B,T,nH*D] ─▶ o_proj
+    Qt [B,kv,D,G*T] (q's heads grouped by their KV head, head kv*G+g in column block g of group kv)
+    past K [B,P,kv,D] ─rows to [B,kv,P,D]─ MatMul Qt ─▶ [B,kv,P,G*T] ─┐
+    new K  [B,T,kv,D] ─rows to [B,kv,T,D]─ MatMul Qt ─▶ [B,kv,T,G*T] ─┴─ concat, transpose ─▶ + mask ─▶ softmax (fp32)
+    probs[..., :P] ──MatMul── past V rows to [B,kv,P,D] ─┐
+    probs[..., P:] ──MatMul── new V  rows to [B,kv,T,D] ─┴─ ⊕ ─▶ [B,kv,G*T,D] ─▶ [B,T,nH*D] ─▶ o_proj
 
-The past K/V stay in their stored layout [B,P,kv,D] in the cache (no step writes the cache but its new rows);
-ONNX Runtime 1.32 runs the transposes as copies into scratch memory (it does not fold them into its MatMul), which
-at decode is one more read and write of this layer's P rows, cheaper than any alternative measured (below; the
-explicit transposes ran as fast as FusedMatMul's transBatchB attribute, a com.microsoft op TensorRT cannot parse).
-This replaced a block-diagonal form (every query head against all kv heads' keys,
-masked by zeros), which costs kv x the attention FLOPs: little at TinyLlama's 4 KV heads, 32x at a 7B LLaMA's 32. Measured (ORT 1.32 CPU, 2 cores, 32 layers of 32 KV heads x 128, past 628, caches
-beyond L3): 123 ms of attention per decode step block-diagonal, 28 ms grouped (the cache's bytes at the copy
-bandwidth: 19 ms); at TinyLlama's sizes the two are equal (30.4 tok/s int4, 1.1B).
+The cache keeps its layout [B,P,kv,D] (no step writes it but its new rows). ONNX Runtime 1.32 runs each transpose
+as a copy (it does not fold a 4-D one into its MatMul), so the form is chosen by what the copies cost: moving whole
+D-rows ([B,P,kv,D] -> [B,kv,P,D]) is cheap, a full transpose of K to [B,kv,D,P] is not (4x slower: 44 vs 12 ms for
+32 layers' keys at 7B, past 628), hence the scores are computed transposed (K rows times Qt) and only the small
+[B,kv,P+T,G*T] result is turned. Measured at 7B sizes (ORT 1.32 CPU, 2 cores, 32 layers of 32 KV heads x 128, past
+628, one decode step's attention): 65 ms this form, 91 ms with K fully transposed, 123 ms the block-diagonal form
+this replaced (every query head against all KV heads' keys, masked by zeros: kv x the attention FLOPs, little at
+TinyLlama's 4 KV heads, 32x at 7B's 32); the cache's bytes at the copy bandwidth would be 19 ms. At TinyLlama's
+sizes the three are within 10% (1.1B int4 decode: 30.4 tok/s block-diagonal, 30.2 K fully transposed, 32.2 this).
 
 Few nodes: at the embedded model's size a decode step is mostly per-operator overhead in ONNX Runtime, not
 arithmetic. So every reshape target is a constant (ONNX Reshape's 0 = keep that axis, `_reshape`) or, where a
@@ -140,14 +141,15 @@ class LlmGraph(nn.Module):
         return torch.where(causal & attention_mask.bool()[:, None, None, :], 0.0, torch.finfo(torch.float32).min)
 
     @staticmethod
-    def _attention(qh, k, v, past_k, past_v, add_mask, p: int):
-        """qh [B,kv,G*T,D] (already scaled), new k/v [B,T,kv,D] or None (the past holds all keys), past_k/v
-        [B,P,kv,D] in the cache's layout, add_mask [B,1,G*T,P(+T)] -> [B,kv,G*T,D]. The cache is read through
-        transposes that ONNX Runtime folds into its MatMul (FusedMatMul's batch transpose): no copy."""
-        scores = torch.matmul(qh, past_k.permute(0, 2, 3, 1))
+    def _attention(qt, k, v, past_k, past_v, add_mask, p: int):
+        """qt [B,kv,D,G*T] (queries grouped per KV head, transposed, already scaled), new k/v [B,T,kv,D] or None
+        (the past holds all keys), past_k/v [B,P,kv,D] in the cache's layout, add_mask [B,1,G*T,P(+T)]
+        -> [B,kv,G*T,D]. Keys are moved by whole rows ([B,kv,P,D]) and the scores computed transposed: a full
+        transpose of K to [B,kv,D,P] is 4x slower in ONNX Runtime (module docstring)."""
+        scores = torch.matmul(past_k.transpose(1, 2), qt)                                       # [B,kv,P,G*T]
         if k is not None:
-            scores = torch.cat([scores, torch.matmul(qh, k.permute(0, 2, 3, 1))], dim=-1)
-        probs = torch.softmax(scores.float() + add_mask, dim=-1).to(qh.dtype)                     # float32 softmax
+            scores = torch.cat([scores, torch.matmul(k.transpose(1, 2), qt)], dim=2)
+        probs = torch.softmax(scores.transpose(2, 3).float() + add_mask, dim=-1).to(qt.dtype)   # float32 softmax
         if k is None:
             return torch.matmul(probs, past_v.transpose(1, 2))
         return torch.matmul(probs[..., :p], past_v.transpose(1, 2)) + torch.matmul(probs[..., p:], v.transpose(1, 2))
@@ -170,16 +172,16 @@ class LlmGraph(nn.Module):
             qkv = self._qkv(att, self._rms(h, layer.input_layernorm, self.eps))
             qkv = qkv * cos + qkv[..., self.rot] * sin                                          # RoPE
             q, k, v = torch.split(qkv, [nh * d, kv * d, kv * d], dim=-1)                        # [B,T,heads*D]
-            qh = _reshape(_reshape(q, 0, 0, kv, -1, d).permute(0, 2, 3, 1, 4), 0, kv, -1, d)     # [B,kv,G*T,D]
+            qt = _reshape(_reshape(q, 0, 0, kv, -1, d).permute(0, 2, 4, 3, 1), 0, kv, d, -1)     # [B,kv,D,G*T]
             k, v = _reshape(k, 0, 0, -1, d), _reshape(v, 0, 0, -1, d)                           # [B,T,kv,D]
             past_k, past_v = past[2 * i], past[2 * i + 1]                                       # [B,P,kv,D]
             if self.kv_mode == "concat":     # the measured alternative: the cache is copied every step
                 past_k, past_v = torch.cat([past_k, k], 1), torch.cat([past_v, v], 1)
                 presents += [past_k, past_v]
-                o = self._attention(qh, None, None, past_k, past_v, add_mask, p + t)
+                o = self._attention(qt, None, None, past_k, past_v, add_mask, p + t)
             else:
                 presents += [k, v]
-                o = self._attention(qh, k, v, past_k, past_v, add_mask, p)
+                o = self._attention(qt, k, v, past_k, past_v, add_mask, p)
             o = _reshape(_reshape(o, 0, kv, g, -1, d).permute(0, 3, 1, 2, 4), 0, 0, nh * d)      # [B,T,nH*D]
             h = h + att.o_proj(o)
             x = self._rms(h, layer.post_attention_layernorm, self.eps)

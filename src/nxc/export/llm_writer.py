@@ -235,7 +235,7 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
         grp = nh // kv
         g.const("c.group", np.array(grp, np.int64))
         g.const("shape.q5", np.array([0, 0, kv, -1, d], np.int64))
-        g.const("shape.qh", np.array([0, kv, -1, d], np.int64))
+        g.const("shape.qt", np.array([0, kv, d, -1], np.int64))
         g.const("shape.present", np.array([0, 0, -1, d], np.int64))
         g.const("shape.o5", np.array([0, kv, grp, -1, d], np.int64))
         g.const("shape.o", np.array([0, 0, nh * d], np.int64))
@@ -276,8 +276,8 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
                                g.op("Mul", [g.op("Gather", [qkv, "rope.rot"], axis=2), "rope.sin"])])
             q, k, v = g.op("Split", [qkv, g.const(f"l{i}.split", np.array([nh * d, kv * d, kv * d], np.int64))],
                            n_out=3, axis=-1)
-            qh = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [q, "shape.q5"])], perm=[0, 2, 3, 1, 4]),
-                                  "shape.qh"])                                                   # [B,kv,G*T,D]
+            qt = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [q, "shape.q5"])], perm=[0, 2, 4, 3, 1]),
+                                  "shape.qt"])                                                   # [B,kv,D,G*T]
             k4, v4 = g.op("Reshape", [k, "shape.present"]), g.op("Reshape", [v, "shape.present"])  # [B,T,kv,D]
             past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"            # [B,P,kv,D]
             if kv_dt == dt:
@@ -288,8 +288,9 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
                 g.op("Cast", [k4], f"present.{i}.key", to=kv_dt)
                 g.op("Cast", [v4], f"present.{i}.value", to=kv_dt)
             # per-KV-head MatMuls over the cache in its stored layout (nxc.export.llm: why and the figures)
-            scores = g.op("Concat", [g.op("MatMul", [qh, g.op("Transpose", [past_k], perm=[0, 2, 3, 1])]),
-                                     g.op("MatMul", [qh, g.op("Transpose", [k4], perm=[0, 2, 3, 1])])], axis=-1)
+            scores = g.op("Concat", [g.op("MatMul", [g.op("Transpose", [past_k], perm=[0, 2, 1, 3]), qt]),
+                                     g.op("MatMul", [g.op("Transpose", [k4], perm=[0, 2, 1, 3]), qt])], axis=2)
+            scores = g.op("Transpose", [scores], perm=[0, 1, 3, 2])                              # [B,kv,G*T,P+T]
             if dt == _F16:
                 scores = g.op("Cast", [scores], to=_F32)
             probs = g.op("Softmax", [g.op("Add", [scores, "attn.mask"])], axis=-1)
