@@ -131,3 +131,20 @@ def test_sam_encoder_and_decoder_match_reference(tiny_model, sessions):
                                                               "seg_prompt": seg})
         close(got_low, low, f"low_res_masks (K={k})")
         close(got_iou, iou, f"iou (K={k})")
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 10_000])
+def test_sam_encoder_global_attention_in_chunks_is_sams(tiny_model, monkeypatch, tokens):
+    """SamEncoderGraph takes a global-attention block's queries in chunks of image rows (SAM ViT-H's scores would
+    hold 3.2 GB at once); the embedding is segment_anything's own, for chunks of one row, a few rows, and all."""
+    import torch
+    from nxc.export import wrappers
+    model, _ = tiny_model
+    enc = model.sam.image_encoder
+    assert any(b.window_size == 0 for b in enc.blocks) and any(b.attn.use_rel_pos for b in enc.blocks)
+    monkeypatch.setattr(wrappers, "GLOBAL_ATTENTION_TOKENS", tokens)
+    size = enc.img_size
+    image = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = enc(image), wrappers.SamEncoderGraph(model)(image)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)

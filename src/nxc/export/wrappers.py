@@ -57,15 +57,61 @@ class LocHeadsGraph(nn.Module):
         return box, self.loc_encoder(box), seg, self.loc_encoder(boxes)
 
 
+GLOBAL_ATTENTION_TOKENS = 1024     # query tokens per chunk of a SAM global-attention block (SamEncoderGraph)
+
+
 class SamEncoderGraph(nn.Module):
-    """image [1,3,S,S] (SAM-normalised, centre-padded; reference §4.2) -> image_embedding [1,C,S/16,S/16]."""
+    """image [1,3,S,S] (SAM-normalised, centre-padded; reference §4.2) -> image_embedding [1,C,S/16,S/16].
+
+    segment_anything's ImageEncoderViT, but its global-attention blocks take their queries in chunks of whole image
+    rows (`_global_attention`): SAM ViT-H's 4 global blocks otherwise hold [16 heads, 4096, 4096] float32 scores
+    three times over (scores, + relative positions, softmax), 3.2 GB at once in ONNX Runtime; a chunk of 1024
+    queries holds a quarter. Same arithmetic per query row, so the same numbers."""
 
     def __init__(self, model: NextChat):
         super().__init__()
         self.encoder = model.sam.image_encoder
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(image)
+        enc = self.encoder
+        x = enc.patch_embed(image)
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for blk in enc.blocks:
+            if blk.window_size == 0 and x.shape[1] * x.shape[2] > GLOBAL_ATTENTION_TOKENS:
+                x = x + _global_attention(blk.attn, blk.norm1(x), GLOBAL_ATTENTION_TOKENS)
+                x = x + blk.mlp(blk.norm2(x))
+            else:
+                x = blk(x)
+        return enc.neck(x.permute(0, 3, 1, 2))
+
+
+def _global_attention(attn: nn.Module, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """segment_anything's Attention.forward (with add_decomposed_rel_pos) on x [B,H,W,C], the queries taken
+    `tokens // W` image rows at a time against all keys; each row's scores, softmax and output as in SAM."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+    b, h, w, _ = x.shape
+    heads = attn.num_heads
+    qkv = attn.qkv(x).reshape(b, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * heads, h * w, -1).unbind(0)
+    if attn.use_rel_pos:
+        rel_pos_h, rel_pos_w = get_rel_pos(h, h, attn.rel_pos_h), get_rel_pos(w, w, attn.rel_pos_w)
+    rows = max(1, tokens // w)
+    outs = []
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        qc = q[:, r0 * w:r1 * w]
+        scores = (qc * attn.scale) @ k.transpose(-2, -1)
+        if attn.use_rel_pos:
+            r_q = qc.reshape(b * heads, r1 - r0, w, -1)
+            rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_pos_h[r0:r1])
+            rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_pos_w)
+            scores = (scores.view(b * heads, r1 - r0, w, h, w) + rel_h[:, :, :, :, None]
+                      + rel_w[:, :, :, None, :]).view(b * heads, (r1 - r0) * w, h * w)
+        outs.append(scores.softmax(dim=-1) @ v)
+    out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+    out = out.view(b, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+    return attn.proj(out)
 
 
 class SamDecoderGraph(nn.Module):
