@@ -37,11 +37,15 @@ def test_second_export_reuses_calibration(int8_build, capsys):
     export_build(None, int8_build, options=ExportOptions(precision="int8", **FAST))
     err = capsys.readouterr().err
     assert "calibration: reusing the ranges" in err and "calibration inputs:" not in err
+    assert "calibration run" not in err                      # cached ranges: no calibration session
     assert json.loads((int8_build / "calib" / "calib.json").read_text())["reused"] is True
     assert (int8_build / "calib" / "vision.json").read_text() == before
     export_build(None, int8_build, options=ExportOptions(precision="int8", recalibrate=True, **FAST))
     err = capsys.readouterr().err
     assert "calibration: 4 images" in err and "reusing" not in err
+    # long steps show progress: each calibration run, the QDQ write, each run of the accuracy check
+    assert "vision: calibration run 4/4" in err and "vision: writing the int8 QDQ graph" in err
+    assert "vision: accuracy check, quantized run 1/" in err
     export_build(None, int8_build, options=ExportOptions(precision="int8", calib_method="percentile", **FAST))
     assert "reusing" not in capsys.readouterr().err          # another method: new ranges
 

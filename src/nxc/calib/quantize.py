@@ -76,13 +76,17 @@ def collect_feeds(model, tokenizer, images, prompts, *, log=print, detections: b
 
 
 class _Reader:
-    """onnxruntime.quantization CalibrationDataReader over a list of feeds."""
+    """onnxruntime.quantization CalibrationDataReader over a list of feeds; `log(message)` before each one."""
 
-    def __init__(self, feeds: list[dict]):
-        self._it = iter(feeds)
+    def __init__(self, feeds: list[dict], log=None):
+        self._it, self._n, self._i, self._log = iter(feeds), len(feeds), 0, log
 
     def get_next(self):
-        return next(self._it, None)
+        item = next(self._it, None)
+        if item is not None and self._log is not None:
+            self._i += 1
+            self._log(f"calibration run {self._i}/{self._n}")
+        return item
 
     def __iter__(self):
         return self
@@ -110,7 +114,7 @@ def _weight_bytes(path: Path) -> int:
     return path.stat().st_size + sum((path.parent / f).stat().st_size for f in _external_files(path))
 
 
-def _calibrate(src: Path, feeds: list[dict], calib, cache: Path) -> None:
+def _calibrate(src: Path, feeds: list[dict], calib, cache: Path, log=None) -> None:
     """The ranges quantize_static measures itself (same calibrator, operator types and options), measured first and
     written to `cache` in ONNX Runtime's format, so that quantize_static (cache hit) never holds its copy of the
     graph together with the calibration's. Two changes to how the calibrator runs, none to what it computes:
@@ -139,7 +143,7 @@ def _calibrate(src: Path, feeds: list[dict], calib, cache: Path) -> None:
         so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
         calibrator.infer_session = ort.InferenceSession(calibrator.augmented_model_path, so,
                                                         providers=calibrator.execution_providers)
-        calibrator.collect_data(_Reader(feeds))
+        calibrator.collect_data(_Reader(feeds, log))
         ranges = calibrator.compute_data()
         del calibrator
         gc.collect()
@@ -147,7 +151,7 @@ def _calibrate(src: Path, feeds: list[dict], calib, cache: Path) -> None:
 
 
 def quantize_static_graph(src: Path, dst: Path, feeds: list[dict] | None, *, method: str, cache: Path,
-                          inline_bytes: int = INLINE_BYTES) -> list[str]:
+                          inline_bytes: int = INLINE_BYTES, log=None) -> list[str]:
     """QDQ int8 of `src` into `dst`; ranges from `cache` if it exists, else calibrated on `feeds` and cached.
     Returns the external-data file names written beside `dst` ([] when its weights, about a quarter of src's,
     are under `inline_bytes`; else [dst.name + ".data"]).
@@ -177,8 +181,10 @@ def quantize_static_graph(src: Path, dst: Path, feeds: list[dict] | None, *, met
         data.unlink()              # onnx appends to an existing data file
     with _quiet():
         if not cache.is_file():
-            _calibrate(src, feeds or [], calib, cache)
+            _calibrate(src, feeds or [], calib, cache, log)
         gc.collect()
+        if log is not None:
+            log("writing the int8 QDQ graph")
         quantize_static(str(src), str(dst), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=calib,
                         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
@@ -198,7 +204,7 @@ def quantize_llm_weights(src: Path, dst: Path, *, bits: int, external_data: bool
         q.model.save_model_to_file(str(dst), use_external_data_format=external_data)
 
 
-def _run_all(path: Path, feeds: list[dict]) -> tuple[list[str], list[list[np.ndarray]]]:
+def _run_all(path: Path, feeds: list[dict], log=None, what: str = "") -> tuple[list[str], list[list[np.ndarray]]]:
     """(output names, outputs per feed) of one graph in ONNX Runtime; the session is gone when this returns. Each
     graph gets its inputs in the dtype it declares (an fp16 build keeps its KV cache in float16)."""
     import onnxruntime as ort
@@ -207,13 +213,17 @@ def _run_all(path: Path, feeds: list[dict]) -> tuple[list[str], list[list[np.nda
     so.enable_cpu_mem_arena = False           # runs one after another: an arena would grow with each feed's layout
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     types = {i.name: np.float16 if i.type == "tensor(float16)" else None for i in sess.get_inputs()}
-    outs = [[np.array(o, copy=True)           # a run's arrays keep its session's arena alive; copies do not
-             for o in sess.run(None, {k: v.astype(types[k]) if types.get(k) is not None else v for k, v in f.items()})]
-            for f in feeds]
+    outs = []
+    for i, f in enumerate(feeds):
+        if log is not None:
+            log(f"accuracy check, {what} run {i + 1}/{len(feeds)}")
+        outs.append([np.array(o, copy=True)   # a run's arrays keep its session's arena alive; copies do not
+                     for o in sess.run(None, {k: v.astype(types[k]) if types.get(k) is not None else v
+                                              for k, v in f.items()})])
     return [o.name for o in sess.get_outputs()], outs
 
 
-def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
+def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict], log=None) -> dict:
     """Per output: cosine similarity and max abs error of `test_path` against `ref_path` over `feeds`. One session
     at a time (the reference's outputs are kept, never two graphs' weights): a 2.5 GB SAM ViT-H encoder against its
     int8 or fp16 version fits where both would not."""
@@ -221,9 +231,9 @@ def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict]) -> dict:
 
     from nxc.memory import mmap_large_allocations
     mmap_large_allocations()
-    names_out, ref = _run_all(ref_path, feeds)
+    names_out, ref = _run_all(ref_path, feeds, log, "reference")
     gc.collect()
-    _, test = _run_all(test_path, feeds)
+    _, test = _run_all(test_path, feeds, log, "quantized")
     acc: dict[str, dict] = {n: {"dot": 0.0, "aa": 0.0, "bb": 0.0, "max_abs": 0.0} for n in names_out}
     for xs, ys in zip(ref, test):
         for n, x, y in zip(names_out, xs, ys):

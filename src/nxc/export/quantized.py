@@ -11,6 +11,8 @@ are nxc.calib's; this module is the export's use of them (nxc.calib never import
 """
 from __future__ import annotations
 
+import functools
+
 import json
 import shutil
 from pathlib import Path
@@ -82,10 +84,11 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
             fp32 = scratch / f"{g}.onnx"
             _move_graph(tmp, graphs[g], scratch)
             log(f"[nxc-export] {g}: int8 QDQ ({options.calib_method})")
+            progress = functools.partial(_progress, log, g)
             external = quantize_static_graph(fp32, tmp / graphs[g]["file"], feeds.get(g), method=options.calib_method,
-                                             cache=calib_dir / f"{g}.json")
+                                             cache=calib_dir / f"{g}.json", log=progress)
             graphs[g]["external_data"] = [str(Path(graphs[g]["file"]).parent / e) for e in external]
-            report["graphs"][g] = compare_graphs(fp32, tmp / graphs[g]["file"], fresh[g])
+            report["graphs"][g] = compare_graphs(fp32, tmp / graphs[g]["file"], fresh[g], log=progress)
             graphs[g]["precision"] = "int8"
             graphs[g]["quantization"] = {"scheme": "QDQ static, symmetric int8, per-channel weights",
                                          "calibration": options.calib_method, "ranges": f"calib/{g}.json"}
@@ -107,6 +110,10 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
         worst = min(v["cosine"] for v in rep.values())
         log(f"[nxc-export] {g}: cosine vs fp32 >= {worst:.5f}")
     return report
+
+
+def _progress(log, graph: str, message: str) -> None:
+    log(f"[nxc-export] {graph}: {message}")
 
 
 def _move_graph(tmp: Path, record: dict, scratch: Path) -> None:
