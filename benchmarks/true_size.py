@@ -238,11 +238,14 @@ def child_run(argv: list[str]) -> int:
     t0 = time.perf_counter()
     pipe = Pipeline.load(a.build)                     # verify=True: sha256 of every file, as a user loads it
     t1 = time.perf_counter()
+    loaded = {}
     for g in pipe.manifest.graphs:                    # sessions now, so that no stage below counts a session load
+        before = _vm()["rss"]
         pipe.runner(g)
+        loaded[g] = round(_vm()["rss"] - before, 3)   # what this graph's session adds (GB)
     t2 = time.perf_counter()
     print(f"[true-size] loaded {a.build.name}: manifest {t1 - t0:.1f} s, sessions {t2 - t1:.1f} s", file=sys.stderr)
-    memory = {"after_load": _vm()}
+    memory = {"after_load": _vm(), "session_rss_gb": loaded}
     samples, sampling = [], threading.Event()
 
     def sample():                                     # RSS every 20 ms, matched to the reply's stages below
