@@ -278,12 +278,11 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
                            n_out=3, axis=-1)
             qt = g.op("Reshape", [g.op("Transpose", [g.op("Reshape", [q, "shape.q5"])], perm=[0, 2, 4, 3, 1]),
                                   "shape.qt"])                                                   # [B,kv,D,G*T]
-            k4, v4 = g.op("Reshape", [k, "shape.present"]), g.op("Reshape", [v, "shape.present"])  # [B,T,kv,D]
+            same = kv_dt == dt                       # then the new rows are the present outputs themselves
+            k4 = g.op("Reshape", [k, "shape.present"], f"present.{i}.key" if same else None)     # [B,T,kv,D]
+            v4 = g.op("Reshape", [v, "shape.present"], f"present.{i}.value" if same else None)
             past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"            # [B,P,kv,D]
-            if kv_dt == dt:
-                g.op("Identity", [k4], f"present.{i}.key")
-                g.op("Identity", [v4], f"present.{i}.value")
-            else:
+            if not same:
                 past_k, past_v = g.op("Cast", [past_k], to=dt), g.op("Cast", [past_v], to=dt)
                 g.op("Cast", [k4], f"present.{i}.key", to=kv_dt)
                 g.op("Cast", [v4], f"present.{i}.value", to=kv_dt)

@@ -12,7 +12,6 @@ are nxc.calib's; this module is the export's use of them (nxc.calib never import
 from __future__ import annotations
 
 import functools
-
 import json
 import shutil
 from pathlib import Path

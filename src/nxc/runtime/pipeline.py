@@ -106,11 +106,8 @@ class Pipeline:
         the llm's activations, which ONNX Runtime's arena keeps after the call, then scale with the chunk rather
         than the prompt (7B, 614 rows: docs/DESIGN.md "True size"), at no cost in time."""
         runner = self.runner(names.GRAPH_LLM)
-        rows = embeds.shape[1]
-        for start in range(0, rows - PREFILL_CHUNK, PREFILL_CHUNK):
-            runner.run_cached(np.ascontiguousarray(embeds[:, start:start + PREFILL_CHUNK]), cache)
-        last = (rows - 1) // PREFILL_CHUNK * PREFILL_CHUNK if rows else 0
-        out = runner.run_cached(np.ascontiguousarray(embeds[:, last:]), cache)
+        for start in range(0, max(1, embeds.shape[1]), PREFILL_CHUNK):
+            out = runner.run_cached(np.ascontiguousarray(embeds[:, start:start + PREFILL_CHUNK]), cache)
         return out["logits"][0], out["hidden"]
 
     # -- the public calls ------------------------------------------------------------------------------

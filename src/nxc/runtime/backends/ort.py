@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nxc import names
 from nxc.runtime.backends import BackendError
 from nxc.runtime.kv_cache import HostMemory
-from nxc import names
 from nxc.specs import GraphSpec
 
 PROVIDER_FLAGS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
