@@ -243,3 +243,32 @@ def test_parity_with_the_torch_weights_on_disk(parts, tmp_path, monkeypatch):
     assert rep["ok"] and len(rep["checks"]) == 2
     assert all(torch.equal(v, state[k]) for k, v in wrapper.state_dict().items())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vision.onnx", "vision.onnx.data"]
+
+
+def test_fp16_reference_products_compute_in_float32_and_round():
+    """The fp16 check's torch reference (HalfProductsInFloat): each product of float16 CPU tensors equals the
+    float32 product rounded to float16, bit for bit; float32 tensors and elementwise ops pass through untouched."""
+    from nxc.export.parity import HalfProductsInFloat
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 16, 16, generator=g).half()
+    conv, lin = torch.nn.Conv2d(8, 4, 3).half(), torch.nn.Linear(16, 5).half()
+    a, b = torch.randn(2, 7, 16, generator=g).half(), torch.randn(2, 16, 9, generator=g).half()
+    cases = [(lambda: conv(x), lambda: conv.float()(x.float())),
+             (lambda: lin(a), lambda: lin.float()(a.float())),
+             (lambda: a @ b, lambda: a.float() @ b.float()),
+             (lambda: torch.einsum("bik,bkj->bij", a, b), lambda: torch.einsum("bik,bkj->bij", a.float(), b.float()))]
+    for i, (half, by_hand) in enumerate(cases):
+        mode = HalfProductsInFloat()
+        with torch.no_grad(), mode:
+            got = half()
+        conv.half(), lin.half()
+        with torch.no_grad():
+            want = by_hand().half()
+        conv.half(), lin.half()
+        assert mode.hits == 1, i
+        assert got.dtype == torch.float16 and torch.equal(got, want), i
+    mode = HalfProductsInFloat()
+    with mode:
+        y = a.float() @ b.float()
+        z = a + 1
+    assert mode.hits == 0 and y.dtype == torch.float32 and z.dtype == torch.float16
