@@ -21,7 +21,7 @@ def run(seed: int, max_new: int, capacity: int = 10_000):
         return rng.standard_normal(V), f"h{len(fed_log)}"
 
     def head(trigger):
-        return lambda hidden: (HEADS[trigger], f"feedback-{trigger}", (trigger, hidden))
+        return lambda hiddens: [(HEADS[trigger], f"feedback-{trigger}", (trigger, h)) for h in hiddens]
 
     out = list(decode_loop(logits=rng.standard_normal(V), hidden="h0", fed=0, step=step,
                            pick=lambda lg, n: int(np.argmax(lg)), heads={t: head(t) for t in HEADS},

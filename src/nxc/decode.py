@@ -17,7 +17,8 @@ trigger at the token limit still gets its emitted token.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -53,29 +54,83 @@ def assemble_prefill(ids: list[int], rows: np.ndarray, *, image_span: tuple[int,
     return emb
 
 
+class Row:
+    """One sequence's decode state: the logits and hidden of the token it was fed last, and how far it is.
+    The caller's `tag` (a request, a beam) travels with it."""
+
+    def __init__(self, *, logits, hidden, fed: int, pick: Callable[[object, int], int], max_new: int,
+                 room: Callable[[], int] | None = None, tag=None):
+        self.logits, self.hidden, self.fed, self.pick = logits, hidden, fed, pick
+        self.max_new, self.room, self.tag = max_new, room, tag
+        self.n = 0                  # tokens generated
+        self.ended = False          # no step follows: its last token (if any) was the reply's last
+
+    def feed(self, token: int, logits, hidden) -> None:
+        """The step that fed `token` gave these."""
+        self.fed, self.logits, self.hidden = token, logits, hidden
+
+
+@dataclass
+class Choice:
+    row: Row
+    token: int
+    x: object                   # the next input for the step (None: the token's embedding row)
+    found: object               # what the head found, or None
+
+
+def choose(rows: Sequence[Row], *, heads: Mapping[int, Callable], eos: int) -> list[Choice]:
+    """One decode step for every row not ended: the token each row says now. The rules of the loop, once, for
+    batch 1 (decode_loop) and batch B (nxc.runtime.batch, beam search):
+
+      fed token is a head's trigger? ──yes──▶ heads[trigger]([hidden of each such row]) ─▶ (emitted token,
+              │ no                                next input, found) per row: one call for all of them
+              ▼
+      context full or max_new reached? ──yes──▶ ended, no token
+              │ no
+              ▼
+      row.pick(logits, n) ─▶ token              (next input: its embedding row)
+
+    A row is marked ended with its token when no step should follow: `eos`, the limit reached (a trigger at the
+    limit still gets its head's token), or no room in the context."""
+    chosen: dict[int, Choice] = {}
+    by_head: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        if r.ended:
+            continue
+        if r.fed in heads:
+            by_head.setdefault(r.fed, []).append(i)
+        elif r.n >= r.max_new or (r.room is not None and r.room() == 0):
+            r.ended = True
+        else:
+            chosen[i] = Choice(r, r.pick(r.logits, r.n), None, None)
+    for trigger, idx in by_head.items():
+        for i, (token, x, found) in zip(idx, heads[trigger]([rows[i].hidden for i in idx])):
+            chosen[i] = Choice(rows[i], token, x, found)
+    out = [chosen[i] for i in sorted(chosen)]
+    for c in out:
+        r = c.row
+        r.n += 1
+        if c.token == eos or (r.n >= r.max_new and c.token not in heads) or (r.room is not None and r.room() == 0):
+            r.ended = True           # at the limit: no step for a token nobody reads (a trigger needs its hidden)
+    return out
+
+
 def decode_loop(*, logits, hidden, fed: int, step: Callable, pick: Callable[[object, int], int],
                 heads: Mapping[int, Callable], max_new: int, eos: int,
                 room: Callable[[], int] | None = None) -> Iterator[tuple[int, object]]:
-    """Yields (token, what its head found or None) per generated token.
+    """Batch 1: yields (token, what its head found or None) per generated token (the rules: `choose`).
 
     step(token, next input or None) -> (logits, hidden) after feeding the token (None: its embedding row);
-    pick(logits, n generated so far) -> token; heads[trigger](hidden) -> (emitted token, next input, found);
+    pick(logits, n generated so far) -> token; heads[trigger]([hidden]) -> [(emitted token, next input, found)];
     room() -> positions left in the context (None: unbounded). The reply ended with "stop" iff its last token
     is `eos`."""
-    n = 0
+    row = Row(logits=logits, hidden=hidden, fed=fed, pick=pick, max_new=max_new, room=room)
     while True:
-        head = heads.get(fed)
-        if head is not None:
-            token, x, found = head(hidden)
-        else:
-            if n >= max_new or (room is not None and room() == 0):
-                return
-            token, x, found = pick(logits, n), None, None
-        n += 1
-        yield token, found
-        if token == eos:
+        chosen = choose([row], heads=heads, eos=eos)
+        if not chosen:
             return
-        if (n >= max_new and token not in heads) or (room is not None and room() == 0):
-            return                       # at the limit: no step for a token nobody reads (a trigger needs its hidden)
-        logits, hidden = step(token, x)
-        fed = token
+        c = chosen[0]
+        yield c.token, c.found
+        if row.ended:
+            return
+        row.feed(c.token, *step(c.token, c.x))

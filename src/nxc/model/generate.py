@@ -107,11 +107,12 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
     def step(token, x):
         return model.llm_step(model.embed_tokens(torch.tensor([[token]])) if x is None else x, cache)
 
-    def loc_head(hidden):
+    def loc_head(rows):                    # batch 1: one row
+        hidden = rows[0]
         _, feedback = model.loc_feedback(hidden)
         hiddens.append(hidden[0])
         feedbacks.append(feedback[0])
-        return tok.boxes, feedback[:, None], None
+        return [(tok.boxes, feedback[:, None], None)]
 
     out = [t for t, _ in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, pick=pick,
                                      heads={tok.at: loc_head}, max_new=max_new_tokens, eos=tok.eos)]

@@ -9,7 +9,7 @@ the decode loop.
       feedback feedback ─▶ next input, emit <boxes>   reply ("sam_masks": SAM decoder for all its detections)
       encode  boxes ─▶ loc_embeds (the emitted slot's input rows for region boxes and earlier replies)
 
-    triggers = Dispatch(pipe).triggers          # {trigger id: BoundHead}; BoundHead(hidden) -> (emit, x, Found)
+    triggers = Dispatch(pipe).triggers          # {trigger id: BoundHead}; BoundHead([hidden]) -> [(emit, x, Found)]
 """
 from __future__ import annotations
 
@@ -131,13 +131,15 @@ class BoundHead:
         self._zeros = {t.name: np.zeros(t.resolve({a: 1 for a in t.dynamic_axes().values()}), t.dtype)
                        for t in spec.inputs}
 
-    def __call__(self, hidden: np.ndarray) -> tuple[int, np.ndarray, Found]:
-        """The fed token was this head's trigger and gave `hidden` [1,H]: (emitted token, next input [1,1,H],
-        what it found)."""
+    def __call__(self, hiddens: list[np.ndarray]) -> list[tuple[int, np.ndarray, Found]]:
+        """The fed token of each row was this head's trigger and gave its hidden [1,H]: one graph call for all the
+        rows -> per row (emitted token, next input [1,1,H], what it found)."""
         h = self.head
-        feeds = {name: hidden if source == "hidden" else self._zeros[name] for name, source in h.inputs.items()}
+        stacked = np.concatenate([np.asarray(x, np.float32).reshape(1, -1) for x in hiddens])
+        feeds = {name: stacked if source == "hidden" else self._zeros[name] for name, source in h.inputs.items()}
         outs = self.pipe.run(h.graph, **feeds)
-        return self.emit, outs[h.feedback][None], Found(self, {k: outs[k][0] for k in h.collect})
+        return [(self.emit, outs[h.feedback][i][None, None], Found(self, {k: outs[k][i] for k in h.collect}))
+                for i in range(len(hiddens))]
 
     def encode(self, values: np.ndarray) -> np.ndarray:
         """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies)."""
