@@ -130,6 +130,17 @@ class _Reply:
     found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
 
 
+@dataclass
+class _Turn:
+    """A turn's checked arguments and prompt."""
+    ids: list[int]
+    region: np.ndarray
+    user_text: str
+    max_new: int
+    sampling: SamplingParams
+    threshold: float | None
+
+
 def _one_turn(method):
     """Run a Conversation method (a generator: until it ends or is closed) holding the conversation's claim, so that
     a second turn started meanwhile is refused at once (Conversation._claim) instead of interleaving on its cache."""
@@ -254,9 +265,10 @@ class Conversation:
                               "--max-context")
         return ids, region, text
 
-    def _prefill(self, ids: list[int], region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Feed what the cache does not hold yet (a follow-up turn re-uses the earlier ones): image rows from the
-        vision graph (once), slot rows from the slot head's encode graph. -> last logits, hidden."""
+    def _prefill_rows(self, ids: list[int], region: np.ndarray) -> np.ndarray:
+        """[T,H]: the rows of what the cache does not hold yet (a follow-up turn re-uses the earlier ones): image
+        rows from the vision graph (once), slot rows from the slot head's encode graph. Truncates the cache to
+        what it keeps."""
         tok, m, head = self.pipe.tokens, self.pipe.manifest, self.pipe.dispatch.slot_head
         with self.timeline.stage("preprocess"):
             keep = 0
@@ -268,10 +280,14 @@ class Conversation:
         def slot_rows(ks: list[int]) -> np.ndarray:
             with self.timeline.stage(head.head.graph):
                 return head.encode(values[ks])
-        emb = assemble_prefill(ids, np.asarray(self.pipe.embeddings[ids], np.float32), first=keep,
-                               image_span=(tok[names.IM_START], tok[names.IM_END], m.prompt.num_image_tokens),
-                               image_features=self.features, slot=head.emit if head else -1,
-                               num_slot_values=len(values), slot_rows=slot_rows)
+        return assemble_prefill(ids, np.asarray(self.pipe.embeddings[ids], np.float32), first=keep,
+                                image_span=(tok[names.IM_START], tok[names.IM_END], m.prompt.num_image_tokens),
+                                image_features=self.features, slot=head.emit if head else -1,
+                                num_slot_values=len(values), slot_rows=slot_rows)
+
+    def _prefill(self, ids: list[int], region: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Feed what the cache does not hold yet. -> last logits, hidden."""
+        emb = self._prefill_rows(ids, region)
         with self.timeline.stage("prefill"):
             logits, hidden = self.pipe.llm_step(emb[None], self.cache)
         self.cached_ids = list(ids)
@@ -294,12 +310,12 @@ class Conversation:
                  ▼
           pick from logits ─▶ emit; next input = embeddings[token] ─▶ llm step (in-place cache) ─▶ logits, hidden
         """
-        tl, rng, tokenizer = self.timeline, sampling.rng(), self.pipe.tokenizer
+        tl, choose_token = self.timeline, self._picker(sampling)
         picked = []                     # when the last sampled token's choice began: its host-side decode event
 
         def pick(lg, n):
             picked.append(time.perf_counter())
-            return pick_token(np.asarray(lg, np.float32), sampling, rng, banned=self.pipe.dispatch.never_sampled)
+            return choose_token(lg, n)
 
         def timed(head):
             def fire(h):
@@ -311,20 +327,33 @@ class Conversation:
                                         heads=heads, max_new=max_new, eos=self.pipe.tokens[names.EOS],
                                         room=self.cache.room):
             t0 = picked.pop() if picked else time.perf_counter()
-            if found is not None:
-                record = found.head.kind.record(self, found.outputs, reply.text[reply.slot_end:])
-                reply.found.append((found.head, record))
-            reply.tokens.append(token)
-            text = tokenizer.decode(reply.tokens)
+            events = self._on_token(reply, token, found)
             tl.add("decode", t0, time.perf_counter())
             tl.mark_first_token()
-            yield Token(token, text[len(reply.text):])
-            reply.text = text
-            if found is not None:
-                reply.slot_end = len(text)
-                event = found.head.kind.event(len(reply.found) - 1, record)
-                if event is not None:
-                    yield event
+            yield from events
+
+    def _picker(self, sampling: SamplingParams):
+        """pick(logits, n) for the decode loop: the turn's sampling, its own generator, the ids never sampled."""
+        rng, banned = sampling.rng(), self.pipe.dispatch.never_sampled
+        return lambda lg, n: pick_token(np.asarray(lg, np.float32), sampling, rng, banned=banned)
+
+    def _on_token(self, reply: _Reply, token: int, found) -> list:
+        """A generated token joins the reply: its Token event, and the head's event when it closes a trigger
+        (batch 1 and nxc.runtime.batch alike)."""
+        events = []
+        if found is not None:
+            record = found.head.kind.record(self, found.outputs, reply.text[reply.slot_end:])
+            reply.found.append((found.head, record))
+        reply.tokens.append(token)
+        text = self.pipe.tokenizer.decode(reply.tokens)
+        events.append(Token(token, text[len(reply.text):]))
+        reply.text = text
+        if found is not None:
+            reply.slot_end = len(text)
+            event = found.head.kind.event(len(reply.found) - 1, record)
+            if event is not None:
+                events.append(event)
+        return events
 
     def _finish(self, reply: _Reply, ids: list[int], region: np.ndarray, user_text: str, threshold) -> ChatResult:
         """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
@@ -351,6 +380,20 @@ class Conversation:
         timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
         counted in any stage."""
         self.timeline = timeline or NO_TIMELINE
+        turn = self._begin(text, boxes=boxes, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                           top_k=top_k, seed=seed, iou_threshold=iou_threshold,
+                           special_tokens_in_text=special_tokens_in_text)
+        logits, hidden = self._prefill(turn.ids, turn.region)
+        reply = _Reply()
+        yield from self._decode(logits, hidden, turn.ids[-1], turn.max_new, turn.sampling, reply)
+        result = self._finish(reply, turn.ids, turn.region, turn.user_text, turn.threshold)
+        self.timeline.finish()
+        self.timeline = NO_TIMELINE
+        yield Done(result)
+
+    def _begin(self, text: str, *, boxes, max_new_tokens, temperature, top_p, top_k, seed, iou_threshold,
+               special_tokens_in_text) -> "_Turn":
+        """A turn's checked arguments and prompt (stream's, and nxc.runtime.batch's)."""
         gen = self.pipe.manifest.generation
         max_new = gen.max_new_tokens if max_new_tokens is None else max_new_tokens
         if isinstance(max_new, bool) or not isinstance(max_new, (int, np.integer)) or max_new < 1:
@@ -359,13 +402,8 @@ class Conversation:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         with self.timeline.stage("preprocess"):
             ids, region, user_text = self._prompt(text, boxes, special_tokens_in_text)
-        logits, hidden = self._prefill(ids, region)
-        reply = _Reply()
-        yield from self._decode(logits, hidden, ids[-1], max_new, sampling, reply)
-        result = self._finish(reply, ids, region, user_text, gen.iou_threshold if iou_threshold is ... else iou_threshold)
-        self.timeline.finish()
-        self.timeline = NO_TIMELINE
-        yield Done(result)
+        return _Turn(ids, region, user_text, int(max_new), sampling,
+                     gen.iou_threshold if iou_threshold is ... else iou_threshold)
 
     @_one_turn
     def add_turn(self, user_text: str, reply_raw: str, *, boxes=None, reply_boxes=()) -> None:

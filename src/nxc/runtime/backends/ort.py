@@ -94,6 +94,29 @@ class OrtRunner:
         return out
 
 
+    def run_rows(self, embeds: np.ndarray, batch, rows: int) -> dict[str, np.ndarray]:
+        """One decode step of rows 0..rows-1 of a BatchCache (embeds [B,1,H]): the past of all rows bound as one
+        [B, stride, kv, D] tensor, masked per row; the present rows go to the batch's scratch and then to each
+        row's length. -> {"logits" [B,V], "hidden" [B,H]}."""
+        bind = batch.bindings.get(self)
+        if bind is None:
+            bind = batch.bindings[self] = _Binding(self.session, "cpu")
+        feeds = batch.step_inputs(rows, np.ascontiguousarray(embeds, self._dtypes["inputs_embeds"]))
+        for name, x in feeds.items():
+            bind.input(name, x.dtype.type, x.shape, x.ctypes.data, on_host=True)
+        kv, shape = batch.dtype.type, (rows, batch.stride, *batch.row_shape)
+        for past, present in batch.pairs:
+            bind.input(past, kv, shape, batch.address(past, 0, 0))
+            bind.output(present, kv, (rows, 1, *batch.row_shape), batch.scratch[past].ctypes.data)
+        out = {}
+        for o in self._small_outputs:
+            out[o.name] = x = np.empty(o.resolve({"batch": rows}), o.dtype)
+            bind.output(o.name, x.dtype.type, x.shape, x.ctypes.data, on_host=True)
+        self.session.run_with_iobinding(bind.io)
+        batch.write_step(rows)
+        return out
+
+
 class _Binding:
     """An IOBinding whose binds by address reuse one device object each for host and cache memory. ORT's Python
     wrapper makes a new OrtDevice per bind call, which was half of a decode step's Python time (21 binds: 51 us);

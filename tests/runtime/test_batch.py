@@ -1,0 +1,116 @@
+"""Continuous batching (nxc.runtime.batch): each turn's answer equals Pipeline.chat's however turns interleave."""
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from nxc.runtime.batch import Batcher, Closed, QueueFull
+from nxc.runtime.kv_cache import BatchCache
+from nxc.runtime.pipeline import Box, Done, Token
+
+from test_pipeline import assert_same, embedded_prompts
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return embedded_prompts(n_per_task=3, seed=5)
+
+
+@pytest.fixture(scope="module")
+def alone(embedded_pipe, prompts):
+    """Each prompt answered alone (batch 1)."""
+    return [embedded_pipe.chat(img, q, boxes=b, max_new_tokens=40) for _, img, q, b in prompts]
+
+
+def test_batched_answers_equal_batch_1_with_staggered_arrivals(embedded_pipe, prompts, alone):
+    """16 turns, at most 4 rows at once, submitted from 3 threads at different times: triggers fire at different
+    steps, rows end early and free their slot for the next."""
+    b = Batcher(embedded_pipe, max_batch=4, max_queue=64)
+    handles = [None] * len(prompts)
+
+    def submit(ks, delay):
+        for k in ks:
+            time.sleep(delay)
+            _, img, q, boxes = prompts[k]
+            handles[k] = b.submit(embedded_pipe.conversation(img), q, boxes=boxes, max_new_tokens=40)
+    threads = [threading.Thread(target=submit, args=(range(j, len(prompts), 3), 0.05 * j)) for j in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    results = [h.result() for h in handles]
+    b.close()
+    for k, (r, q) in enumerate(zip(results, alone)):
+        assert_same(r, q, f"prompt {k}: {prompts[k][2]}")
+    assert any(r.detections for r in results) and any(not r.detections for r in results)
+    assert max(b.rows_per_step) > 1, "rows were decoded together"
+
+
+def test_stream_events_and_max_new_tokens(embedded_pipe, prompts, alone):
+    b = Batcher(embedded_pipe, max_batch=2)
+    k = next(i for i, r in enumerate(alone) if r.detections)
+    _, img, q, boxes = prompts[k]
+    events = list(b.submit(embedded_pipe.conversation(img), q, boxes=boxes, max_new_tokens=40))
+    one = list(embedded_pipe.stream(img, q, boxes=boxes, max_new_tokens=40))
+    assert [type(e) for e in events] == [type(e) for e in one]
+    assert "".join(e.text for e in events if isinstance(e, Token)) == "".join(e.text for e in one if isinstance(e, Token))
+    assert [e.index for e in events if isinstance(e, Box)] == [e.index for e in one if isinstance(e, Box)]
+    short = b.submit(embedded_pipe.conversation(img), q, max_new_tokens=3).result()
+    assert len(short.token_ids) <= 4 and short.finish_reason in ("length", "stop")
+    b.close()
+
+
+def test_a_cancelled_row_frees_its_slot_and_others_are_unchanged(embedded_pipe, prompts, alone):
+    b = Batcher(embedded_pipe, max_batch=2)
+    _, img, q, boxes = prompts[0]
+    gone = b.submit(embedded_pipe.conversation(img), "Describe the image.", max_new_tokens=40)
+    it = iter(gone)
+    next(it)                                       # it is decoding
+    gone.cancel()
+    keep = [b.submit(embedded_pipe.conversation(prompts[k][1]), prompts[k][2], boxes=prompts[k][3],
+                     max_new_tokens=40) for k in (1, 2, 3)]
+    assert not any(isinstance(e, Done) for e in it), "a cancelled turn ends without a result"
+    for k, h in zip((1, 2, 3), keep):
+        assert_same(h.result(), alone[k], f"prompt {k}")
+    b.close()
+    assert all(v is None for v in b.cache.views), "every slot was given back"
+
+
+def test_admission_limits_and_draining(embedded_pipe, prompts, alone):
+    b = Batcher(embedded_pipe, max_batch=1, max_queue=1)
+    _, img, q, boxes = prompts[0]
+    first = b.submit(embedded_pipe.conversation(img), q, boxes=boxes, max_new_tokens=40)
+    with pytest.raises(QueueFull, match="max_queue 1"):
+        for _ in range(5):                          # one waits; the row may or may not have taken the first yet
+            b.submit(embedded_pipe.conversation(img), q, boxes=boxes, max_new_tokens=40)
+    b.close(drain=True)
+    assert_same(first.result(), alone[0], "drained")
+    with pytest.raises(Closed):
+        b.submit(embedded_pipe.conversation(img), q, max_new_tokens=4)
+
+
+def test_bad_input_raises_in_the_caller(embedded_pipe, prompts):
+    b = Batcher(embedded_pipe, max_batch=1)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        b.submit(embedded_pipe.conversation(prompts[0][1]), "hi", max_new_tokens=0)
+    b.close()
+
+
+def test_batch_cache_moves_rows_and_grows_its_stride():
+    c = BatchCache(num_layers=1, num_kv_heads=2, head_dim=3, slots=3, capacity=300)
+    a, b = c.open(0), c.open(1)
+    for name, buf in c.buffers.items():
+        buf[0, :5] = 1.0
+        buf[1, :7] = 2.0
+    a.advance(5), b.advance(7)
+    c.reserve(200)
+    assert c.stride == 256 and all((buf[1, :7] == 2).all() for buf in c.buffers.values())
+    c.close(0)
+    c.move(1, 0)
+    assert b.slot == 0 and b.length == 7 and all((buf[0, :7] == 2).all() for buf in c.buffers.values())
+    with pytest.raises(Exception, match="context of 300"):
+        c.reserve(301)
+    x = c.step_inputs(1, np.zeros((1, 1, 4), np.float32))
+    assert x["attention_mask"].shape == (1, 257) and x["attention_mask"][0].sum() == 8
+    assert x["position_ids"].tolist() == [[7]]
