@@ -134,3 +134,94 @@ def decode_loop(*, logits, hidden, fed: int, step: Callable, pick: Callable[[obj
         if row.ended:
             return
         row.feed(c.token, *step(c.token, c.x))
+
+
+@dataclass
+class Hypothesis:
+    """A finished beam: its tokens, what its heads found (in order), its length-penalised score."""
+    tokens: list[int]
+    found: list
+    score: float
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    """float32, as transformers' beam search scores."""
+    x = np.asarray(x, np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def beam_search(*, logits, hidden, fed: int, step: Callable, heads: Mapping[int, Callable], num_beams: int,
+                max_new: int, eos: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                banned: Sequence[int] = (), room: Callable[[], int] | None = None) -> Hypothesis:
+    """Beam search with Hugging Face's semantics (transformers' `_beam_search`: 2 x num_beams candidates a step,
+    finished beams scored sum(log p) / generated_length ** length_penalty, early_stopping True / False / "never"),
+    and triggers per beam: a beam fed a head's trigger continues only with the head's emitted token (log p 0),
+    and the head's next input and what it found belong to that beam and move with it when beams reorder (the
+    original NExT-Chat keeps the trigger hiddens apart from its beams and can decode a box from another beam's).
+
+    logits, hidden: the prompt's last position. step(order, tokens, inputs) -> (logits [num_beams, V], hiddens
+    per beam): row i of the cache first takes row order[i]'s contents, then is fed tokens[i] (inputs[i], or its
+    embedding row when None). room() -> positions left in the context after the prompt and the fed tokens.
+    -> the best finished Hypothesis."""
+    nb, neg = num_beams, -1.0e9
+    lp = np.asarray(logits, np.float32).reshape(1, -1)
+    rows = [hidden] * nb
+    lp = np.repeat(lp, nb, axis=0)
+    beams = [([], []) for _ in range(nb)]                    # (tokens, found) per running beam
+    scores = np.full(nb, neg, np.float32)
+    scores[0] = 0.0                                           # the beams start as copies: only the first counts
+    feds = [fed] * nb
+    xs: list = [None] * nb
+    finished: list[Hypothesis] = []
+    improvable = True
+    n = 0
+    while True:
+        logp = _log_softmax(lp)
+        if len(banned):
+            logp[:, list(banned)] = -np.inf
+        head_out: dict[int, tuple] = {}
+        by_head: dict[int, list[int]] = {}
+        for i, f in enumerate(feds):
+            if f in heads:
+                by_head.setdefault(f, []).append(i)
+        for trigger, idx in by_head.items():
+            for i, out in zip(idx, heads[trigger]([rows[i] for i in idx])):
+                head_out[i] = out
+                logp[i] = -np.inf
+                logp[i, out[0]] = 0.0
+        acc = (logp + scores[:, None]).reshape(-1)
+        k = 2 * nb
+        top = np.argsort(-acc, kind="stable")[:k]
+        src, tok, cand = top // lp.shape[1], top % lp.shape[1], acc[top]
+        left = None if room is None else room()
+        hits = np.array([t == eos or (n + 1 >= max_new and t not in heads) or left == 0 for t in tok])
+        # the finished: only the first num_beams candidates may finish, scored by their generated length
+        norm = cand / np.float32(float(n + 1) ** length_penalty)
+        if improvable and not (len(finished) == nb and early_stopping is True):
+            for r in range(min(nb, k)):
+                if hits[r] and np.isfinite(cand[r]) and cand[r] > neg / 2:
+                    toks, found = beams[src[r]]
+                    extra = [head_out[src[r]][2]] if src[r] in head_out else []
+                    finished.append(Hypothesis(toks + [int(tok[r])], found + extra, float(norm[r])))
+            finished = sorted(finished, key=lambda h: -h.score)[:nb]
+        # the running: the best num_beams candidates that did not finish
+        run = (cand + hits * np.float32(neg)).astype(np.float32)
+        nxt = np.argsort(-run, kind="stable")[:nb]
+        order = [int(src[j]) for j in nxt]
+        beams = [(beams[s][0] + [int(tok[j])], beams[s][1] + ([head_out[s][2]] if s in head_out else []))
+                 for s, j in zip(order, nxt)]
+        xs = [head_out[s][1] if s in head_out else None for s in order]
+        scores = run[nxt].astype(np.float32)
+        feds = [int(tok[j]) for j in nxt]
+        n += 1
+        best_len = max_new if (early_stopping == "never" and length_penalty > 0) else n
+        if len(finished) == nb:
+            improvable = improvable and scores[0] / float(best_len) ** length_penalty > finished[-1].score
+        if not improvable or (len(finished) == nb and early_stopping is True) or hits.all():
+            break
+        lp, rows = step(order, feds, xs)
+        lp = np.asarray(lp, np.float32)
+    if not finished:                     # cannot happen: the last step's candidates all hit a limit
+        raise RuntimeError("beam search ended without a finished beam")
+    return finished[0]

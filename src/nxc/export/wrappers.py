@@ -57,7 +57,9 @@ class LocHeadsGraph(nn.Module):
         return box, self.loc_encoder(box), seg, self.loc_encoder(boxes)
 
 
-GLOBAL_ATTENTION_TOKENS = 1024     # query tokens per chunk of a SAM global-attention block (SamEncoderGraph)
+# query tokens per chunk of a SAM global-attention block (SamEncoderGraph). SAM ViT-H fp32 in ONNX Runtime, one
+# 1024 px image, RSS the run adds: 1.87 GB with chunks of 1024, 1.31 GB with 256 (2026-12-05, this 2-core machine)
+GLOBAL_ATTENTION_TOKENS = 256
 
 
 class SamEncoderGraph(nn.Module):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from nxc.decode import assemble_prefill, decode_loop
+from nxc.decode import assemble_prefill, beam_search, decode_loop
 from nxc.model.nextchat import NextChat
 from nxc.sampling import SamplingParams, pick_token
 
@@ -84,17 +84,20 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
              region_boxes: torch.Tensor | None = None, sam_pixels: Callable[[], torch.Tensor] | None = None,
              max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              keep_logits: bool = False,
-             logits_processor: Callable[[int, np.ndarray], np.ndarray] | None = None) -> Generation:
+             logits_processor: Callable[[int, np.ndarray], np.ndarray] | None = None,
+             num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False) -> Generation:
     """Greedy or seeded sampling with trigger feedback (the loop is nxc.decode's, shared with the runtime).
     `sam_pixels` is called only if a trigger fired.
 
     `logits_processor(step, logits[V]) -> logits[V]` may reshape the scores before the choice (as HF's
     logits processors do); `step` counts generated tokens.
+    num_beams > 1: beam search (nxc.decode.beam_search, Hugging Face's semantics), greedy only; each beam keeps
+    its own trigger hiddens.
     """
     rng = sampling.rng()
     cache = DynamicCache()
     logits, hidden = model.llm_step(prefill_embeds(model, ids, tok, image_features, region_boxes), cache)
-    hiddens, feedbacks, step_logits = [], [], []
+    step_logits = []
 
     def pick(logits, n):
         lg = logits[0].float().numpy()
@@ -107,15 +110,35 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
     def step(token, x):
         return model.llm_step(model.embed_tokens(torch.tensor([[token]])) if x is None else x, cache)
 
-    def loc_head(rows):                    # batch 1: one row
-        hidden = rows[0]
-        _, feedback = model.loc_feedback(hidden)
-        hiddens.append(hidden[0])
-        feedbacks.append(feedback[0])
-        return [(tok.boxes, feedback[:, None], None)]
+    def loc_head(rows):                    # every row fed <at> this step; found: (hidden, feedback) per row
+        out = []
+        for hidden in rows:
+            _, feedback = model.loc_feedback(hidden)
+            out.append((tok.boxes, feedback[:, None], (hidden[0], feedback[0])))
+        return out
 
-    out = [t for t, _ in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, pick=pick,
-                                     heads={tok.at: loc_head}, max_new=max_new_tokens, eos=tok.eos)]
+    if num_beams > 1:
+        if sampling.temperature > 0 or keep_logits or logits_processor is not None:
+            raise ValueError("beam search here is greedy: no sampling, kept logits or logits processor with it")
+
+        def step_beams(order, tokens, xs):
+            cache.reorder_cache(torch.tensor(order))
+            emb = torch.cat([model.embed_tokens(torch.tensor([[t]])) if x is None else x for t, x in zip(tokens, xs)])
+            lg, hid = model.llm_step(emb, cache)
+            return lg.float().numpy(), [hid[i:i + 1] for i in range(len(order))]
+
+        hyp = beam_search(logits=logits[0].float().numpy(), hidden=hidden, fed=ids[-1], step=step_beams,
+                          heads={tok.at: loc_head}, num_beams=num_beams, max_new=max_new_tokens, eos=tok.eos,
+                          length_penalty=length_penalty, early_stopping=early_stopping, banned=tok.never_sampled)
+        out, found = hyp.tokens, hyp.found
+    else:
+        out, found = [], []
+        for t, f in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, pick=pick,
+                                heads={tok.at: loc_head}, max_new=max_new_tokens, eos=tok.eos):
+            out.append(t)
+            if f is not None:
+                found.append(f)
+    hiddens, feedbacks = [f[0] for f in found], [f[1] for f in found]
     h = model.config.llm.hidden_size
     trig = torch.stack(hiddens) if hiddens else torch.zeros(0, h)
     boxes = model.loc_decoder(trig) if hiddens else torch.zeros(0, 4)

@@ -57,7 +57,8 @@ class ReferenceChat:
     def chat(self, image: Image.Image, text: str, *, boxes=None, history: list[Turn] | None = None,
              history_boxes=None, max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              iou_threshold: float | None = 0.3, keep_logits: bool = False,
-             logits_processor=None, special_tokens_in_text: bool = False) -> ChatResult:
+             logits_processor=None, special_tokens_in_text: bool = False, num_beams: int = 1,
+             length_penalty: float = 1.0, early_stopping: bool | str = False) -> ChatResult:
         """One turn. `boxes`: [M,4] region-input boxes in original pixels, referenced as [i] in `text`.
 
         `history` holds earlier turns (user texts as typed, with their [i] references; replies as decoded, with
@@ -79,7 +80,8 @@ class ReferenceChat:
         gen = generate(self.model, ids, self.token_ids, image_features=features, region_boxes=region,
                        sam_pixels=lambda: processing.sam_pixels(image, cfg.sam.image_size),
                        max_new_tokens=max_new_tokens, sampling=sampling, keep_logits=keep_logits,
-                       logits_processor=logits_processor)
+                       logits_processor=logits_processor, num_beams=num_beams, length_penalty=length_penalty,
+                       early_stopping=early_stopping)
         detections = []
         if len(gen.boxes):
             px = processing.boxes_to_pixels(gen.boxes, w, h).numpy()

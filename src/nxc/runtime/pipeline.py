@@ -25,13 +25,13 @@ import numpy as np
 from PIL import Image
 
 from nxc import names
-from nxc.decode import assemble_prefill, decode_loop
+from nxc.decode import assemble_prefill, beam_search, decode_loop
 from nxc.manifest import Manifest, load_manifest
 from nxc.prompt import (SLOT, PromptError, Turn, check_all_boxes_used, expand_region_refs, prompt_segments,
                         render_reply)
 from nxc.runtime import preprocess as pp
 from nxc.runtime.dispatch import Box, Detection, Dispatch
-from nxc.runtime.kv_cache import KVCache
+from nxc.runtime.kv_cache import BatchCache, KVCache
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.tokenizer import Tokenizer
 from nxc.sampling import SamplingParams, pick_token
@@ -128,6 +128,19 @@ class _Reply:
     text: str = ""                              # decoded so far, literal tokens kept
     slot_end: int = 0                           # len(text) after the last emitted slot
     found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
+
+
+def _check_beams(num_beams, length_penalty, early_stopping, sampling: SamplingParams) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"num_beams must be a whole number >= 1, got {num_beams!r}")
+    if early_stopping not in (True, False, "never"):
+        raise ValueError(f"early_stopping must be true, false or \"never\" (Hugging Face's meanings), got "
+                         f"{early_stopping!r}")
+    if not np.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
+    if num_beams > 1 and sampling.temperature > 0:
+        raise ValueError("beam search is deterministic here: use temperature 0 with num_beams > 1 (or one beam to "
+                         "sample)")
 
 
 @dataclass
@@ -332,6 +345,53 @@ class Conversation:
             tl.mark_first_token()
             yield from events
 
+    def _beams(self, logits, hidden, turn: "_Turn", reply: _Reply, num_beams: int, length_penalty: float,
+               early_stopping) -> Iterator[Token | object]:
+        """Beam search over a BatchCache of num_beams rows that starts as copies of this conversation's cache; the
+        conversation's own cache keeps the prompt (a next turn feeds the reply again, as any turn it did not
+        decode itself).
+
+            prompt rows (this cache) ─copy─▶ row 0 ─▶ per step: rows reordered to their beams (one copy of the
+            rows that change), one llm call for all beams, heads for the beams fed a trigger (nxc.decode)"""
+        pipe = self.pipe
+        runner = pipe.runner(names.GRAPH_LLM)
+        if not hasattr(runner, "run_rows") or self.cache.device != "cpu":
+            from nxc.runtime.backends import BackendError
+            raise BackendError(f"beam search runs on the onnxruntime backend with the KV cache in host memory, not "
+                               f"{pipe.backend.name} with its cache on {self.cache.device}; use num_beams=1")
+        llm = pipe.config.llm
+        batch = BatchCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
+                           head_dim=llm.hidden_size // llm.num_heads, slots=num_beams, capacity=self.cache.capacity,
+                           dtype=self.cache.dtype)
+        p = self.cache.length
+        batch.reserve(p + 1)
+        for name, rows in self.cache.arrays().items():
+            batch.buffers[name][0, :p] = rows[0]
+        batch.lengths[:] = p
+        identity = list(range(num_beams))
+
+        def step(order, tokens, xs):
+            with self.timeline.stage("decode"):
+                if order != identity:
+                    n = int(batch.lengths[0])
+                    moved = [i for i in identity if order[i] != i]
+                    for buf in batch.buffers.values():
+                        buf[moved, :n] = buf[[order[i] for i in moved], :n]
+                emb = np.concatenate([np.asarray(pipe.embeddings[[t]], np.float32)[None] if x is None
+                                      else np.asarray(x, np.float32).reshape(1, 1, -1) for t, x in zip(tokens, xs)])
+                out = runner.run_rows(emb, batch, num_beams)
+            return out["logits"], [out["hidden"][i:i + 1] for i in identity]
+
+        hyp = beam_search(logits=logits, hidden=hidden, fed=turn.ids[-1], step=step, heads=pipe.dispatch.triggers,
+                          num_beams=num_beams, max_new=turn.max_new, eos=pipe.tokens[names.EOS],
+                          length_penalty=length_penalty, early_stopping=early_stopping,
+                          banned=pipe.dispatch.never_sampled, room=lambda: batch.capacity - int(batch.lengths[0]))
+        found, prev = list(hyp.found), turn.ids[-1]
+        for token in hyp.tokens:
+            f = found.pop(0) if prev in pipe.dispatch.triggers else None
+            yield from self._on_token(reply, token, f)
+            prev = token
+
     def _picker(self, sampling: SamplingParams):
         """pick(logits, n) for the decode loop: the turn's sampling, its own generator, the ids never sampled."""
         rng, banned = sampling.rng(), self.pipe.dispatch.never_sampled
@@ -372,20 +432,27 @@ class Conversation:
     def stream(self, text: str, *, boxes=None, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                iou_threshold: float | None = ..., timeline: Timeline | None = None,
-               special_tokens_in_text: bool = False) -> Iterator[Token | Box | Done]:
+               special_tokens_in_text: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
+               early_stopping: bool | str = False) -> Iterator[Token | Box | Done]:
         """Yields Token per generated token, Box when a trigger's box is decoded, then Done with the result.
         iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all.
         special_tokens_in_text: `<at>`, `</s>`, `<im_start>`... typed in the text (and in earlier turns) become
         tokens, as in the original model; by default they are plain text (nxc.prompt).
         timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
-        counted in any stage."""
+        counted in any stage.
+        num_beams > 1: beam search (Hugging Face's length_penalty / early_stopping semantics, greedy, triggers per
+        beam; nxc.decode.beam_search); the events come when the search ends, from the winning beam."""
         self.timeline = timeline or NO_TIMELINE
         turn = self._begin(text, boxes=boxes, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, iou_threshold=iou_threshold,
                            special_tokens_in_text=special_tokens_in_text)
+        _check_beams(num_beams, length_penalty, early_stopping, turn.sampling)
         logits, hidden = self._prefill(turn.ids, turn.region)
         reply = _Reply()
-        yield from self._decode(logits, hidden, turn.ids[-1], turn.max_new, turn.sampling, reply)
+        if num_beams > 1:
+            yield from self._beams(logits, hidden, turn, reply, num_beams, length_penalty, early_stopping)
+        else:
+            yield from self._decode(logits, hidden, turn.ids[-1], turn.max_new, turn.sampling, reply)
         result = self._finish(reply, turn.ids, turn.region, turn.user_text, turn.threshold)
         self.timeline.finish()
         self.timeline = NO_TIMELINE
