@@ -114,3 +114,18 @@ def test_batch_cache_moves_rows_and_grows_its_stride():
     x = c.step_inputs(1, np.zeros((1, 1, 4), np.float32))
     assert x["attention_mask"].shape == (1, 257) and x["attention_mask"][0].sum() == 8
     assert x["position_ids"].tolist() == [[7]]
+
+
+def test_n_completions_from_one_prefill_equal_seeded_turns(embedded_pipe, prompts):
+    """n = 3 sampled completions of one prompt: completion i equals Pipeline.chat with seed + i."""
+    b = Batcher(embedded_pipe, max_batch=4)
+    img, q = prompts[4][1], "Describe the image with locations."
+    kw = dict(max_new_tokens=30, temperature=1.8, seed=7)
+    handles = b.submit_n(embedded_pipe.conversation(img), q, 3, **kw)
+    got = [h.result() for h in handles]
+    b.close()
+    for i, r in enumerate(got):
+        assert_same(r, embedded_pipe.chat(img, q, **{**kw, "seed": 7 + i}), f"completion {i}")
+    assert len({tuple(r.token_ids) for r in got}) > 1, "different seeds sample differently"
+    with pytest.raises(ValueError, match="n must be"):
+        Batcher(embedded_pipe, max_batch=2).submit_n(embedded_pipe.conversation(img), q, 3)

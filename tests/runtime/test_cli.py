@@ -41,6 +41,17 @@ def test_nxc_run_json_with_region_box(embedded_build, scene_png, capsys):
     assert data["finish_reason"] == "stop" and scene.objects[0].shape in data["text"]
 
 
+def test_nxc_run_num_beams_equals_the_pipelines_beams(embedded_build, embedded_pipe, scene_png, capsys):
+    from PIL import Image
+    path, scene = scene_png
+    q = "Where is the object in the image?"
+    assert run_main([str(embedded_build), "--image", str(path), "--prompt", q, "--json", "--num-beams", "3",
+                     "--early-stopping", "true"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    want = embedded_pipe.chat(Image.open(path), q, num_beams=3, early_stopping=True)
+    assert data["text"] == want.text
+
+
 @pytest.mark.parametrize("args,message", [
     (["--image", "/nonexistent.png", "--prompt", "hi"], "/nonexistent.png: no such file"),
     (["--image", "/dev/null", "--prompt", "hi"], "/dev/null: the file is empty (0 bytes); pass a PNG or JPEG"),
@@ -78,6 +89,7 @@ def usage_error(argv: list[str], capsys) -> str:
     ("--temperature", "nan", "expects a finite number >= 0, got 'nan'"),
     ("--top-p", "0", "expects a finite number > 0 and <= 1, got '0'"),
     ("--top-p", "1.5", "expects a finite number > 0 and <= 1, got '1.5'"),
+    ("--num-beams", "0", "expects a whole number >= 1, got '0'"),
     ("--out", "{tmp}", "{tmp} is a directory; name the image file to write, e.g. {tmp}/annotated.png"),
     ("--out", "{tmp}/annotated",
      "{tmp}/annotated has no extension, and Pillow takes the image format from it; end the name with .png or .jpg"),

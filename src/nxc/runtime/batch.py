@@ -22,7 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,6 +31,7 @@ from nxc.decode import Row, choose
 from nxc.runtime.backends import BackendError
 from nxc.runtime.kv_cache import BatchCache
 from nxc.runtime.pipeline import PREFILL_CHUNK, Conversation, Done, _Reply, _Turn
+from nxc.runtime.timing import NO_TIMELINE
 
 
 class QueueFull(RuntimeError):
@@ -52,6 +53,7 @@ class _Request:
     reply: _Reply = field(default_factory=_Reply)
     row: Row | None = None
     choice: object = None                 # this step's Choice, until the step feeds it
+    clones: list = field(default_factory=list)   # n > 1: the other completions, rows copied from this prefill
 
 
 class Handle:
@@ -76,6 +78,8 @@ class Handle:
                 conv = req.conv
                 result = conv._finish(req.reply, req.turn.ids, req.turn.region, req.turn.user_text,
                                       req.turn.threshold)
+                conv.timeline.finish()
+                conv.timeline = NO_TIMELINE
                 yield Done(result)
                 return
             elif kind == "error":
@@ -90,6 +94,14 @@ class Handle:
             if isinstance(ev, Done):
                 done = ev.result
         return done
+
+
+def _twin(conv: Conversation) -> Conversation:
+    """Another Conversation on the same image and history, sharing the image features already computed."""
+    twin = Conversation(conv.pipe, conv.image)
+    twin.history, twin.history_slots = list(conv.history), list(conv.history_slots)
+    twin._features, twin._sam_embedding = conv._features, conv._sam_embedding
+    return twin
 
 
 class Batcher:
@@ -125,6 +137,18 @@ class Batcher:
         """Check the turn and make its prompt rows here (errors raise in the caller), then queue it. kwargs as
         Conversation.stream's (boxes, max_new_tokens, temperature, top_p, top_k, seed, iou_threshold,
         special_tokens_in_text). Raises QueueFull or Closed."""
+        return self.submit_n(conv, text, 1, **kwargs)[0]
+
+    def submit_n(self, conv: Conversation, text: str, n: int, *, timelines: list | None = None,
+                 **kwargs) -> list[Handle]:
+        """n completions of one turn from one prefill: the prompt is fed once, then its rows are copied to n - 1
+        more rows, each sampling with its own generator (seed + i when a seed is given). timelines: one
+        nxc.runtime.timing.Timeline per completion, to record its stages (a batched step's time counts as decode
+        for every row in it)."""
+        timelines = list(timelines) if timelines is not None else [NO_TIMELINE] * n
+        conv.timeline = timelines[0]
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch:
+            raise ValueError(f"n must be a whole number from 1 to the batch's {self.max_batch} rows, got {n!r}")
         with self._cond:
             self._check_admission()
         turn = conv._begin(text, boxes=kwargs.pop("boxes", None), max_new_tokens=kwargs.pop("max_new_tokens", None),
@@ -138,11 +162,17 @@ class Batcher:
         conv.cache.truncate(0)
         rows = conv._prefill_rows(turn.ids, turn.region)
         req = _Request(conv, turn, rows, Handle())
+        for i in range(1, n):
+            seed = None if turn.sampling.seed is None else turn.sampling.seed + i
+            twin = _twin(conv)
+            twin.timeline = timelines[i]
+            req.clones.append(_Request(twin, replace(turn, sampling=replace(turn.sampling, seed=seed)), rows,
+                                       Handle()))
         with self._cond:
             self._check_admission()
             self._waiting.append(req)
             self._cond.notify()
-        return req.handle
+        return [req.handle] + [c.handle for c in req.clones]
 
     def _check_admission(self) -> None:
         if self._closing:
@@ -174,9 +204,12 @@ class Batcher:
                     self._cond.wait()
                 if self._closing and not (self._waiting or self._rows or self._prefilling):
                     return
-                if self._prefilling is None and self._waiting and len(self._rows) < self.max_batch:
+                if (self._prefilling is None and self._waiting
+                        and len(self._rows) + 1 + len(self._waiting[0].clones) <= self.max_batch):
                     self._prefilling = self._waiting.popleft()
-                    self._prefilling.handle.queue_wait = time.perf_counter() - self._prefilling.submitted
+                    wait = time.perf_counter() - self._prefilling.submitted
+                    for r in [self._prefilling, *self._prefilling.clones]:
+                        r.handle.queue_wait = wait
             try:
                 self._step()
             except Exception as e:  # a graph failure ends every row with the error, not a silent hang
@@ -190,31 +223,43 @@ class Batcher:
     def _step(self) -> None:
         p = self._prefilling
         if p is not None:
-            if p.handle.cancelled:
+            if p.handle.cancelled and all(c.handle.cancelled for c in p.clones):
                 self._prefilling = None
                 if p.fed:
                     self.cache.close(len(self._rows))
-                p.handle._events.put(("cancelled", None))
+                for r in [p, *p.clones]:
+                    r.handle._events.put(("cancelled", None))
             else:
                 if p.fed == 0:
                     p.conv.cache = self.cache.open(len(self._rows))
                 chunk = p.rows[p.fed:p.fed + PREFILL_CHUNK]
+                t0 = time.perf_counter()
                 out = self.runner.run_cached(np.ascontiguousarray(chunk[None]), p.conv.cache)
+                p.conv.timeline.add("prefill", t0, time.perf_counter())
                 p.fed += len(chunk)
                 if p.fed == len(p.rows):
-                    p.conv.cached_ids = list(p.turn.ids)
-                    p.row = Row(logits=out["logits"][0], hidden=out["hidden"], fed=p.turn.ids[-1],
-                                pick=p.conv._picker(p.turn.sampling), max_new=p.turn.max_new,
-                                room=p.conv.cache.room, tag=p)
-                    self._rows.append(p)
                     self._prefilling = None
+                    src = len(self._rows)
+                    for r in [p, *p.clones]:
+                        if r is not p:
+                            r.conv.cache = self.cache.open(len(self._rows))
+                            self.cache.copy(src, len(self._rows))
+                        r.conv.cached_ids = list(r.turn.ids)
+                        r.row = Row(logits=out["logits"][0], hidden=out["hidden"], fed=r.turn.ids[-1],
+                                    pick=r.conv._picker(r.turn.sampling), max_new=r.turn.max_new,
+                                    room=r.conv.cache.room, tag=r)
+                        self._rows.append(r)
         if not self._rows:
             return
         heads = self.pipe.dispatch.triggers
+        t0 = time.perf_counter()
         for c in choose([r.row for r in self._rows], heads=heads, eos=self._eos):
             req = c.row.tag
             req.choice = c
-            for ev in req.conv._on_token(req.reply, c.token, c.found):
+            events = req.conv._on_token(req.reply, c.token, c.found)
+            req.conv.timeline.add("loc_heads" if c.found is not None else "decode", t0, time.perf_counter())
+            req.conv.timeline.mark_first_token()
+            for ev in events:
                 req.handle._events.put(("event", ev))
         for i in reversed(range(len(self._rows))):
             req = self._rows[i]
@@ -227,7 +272,11 @@ class Batcher:
         emb = self.pipe.embeddings
         x = np.concatenate([np.asarray(emb[[r.choice.token]], np.float32)[None] if r.choice.x is None
                             else np.asarray(r.choice.x, np.float32).reshape(1, 1, -1) for r in self._rows])
+        t0 = time.perf_counter()
         out = self.runner.run_rows(x, self.cache, len(self._rows))
+        t1 = time.perf_counter()
+        for r in self._rows:
+            r.conv.timeline.add("decode", t0, t1)
         self.steps += 1
         self.rows_per_step.append(len(self._rows))
         for i, r in enumerate(self._rows):

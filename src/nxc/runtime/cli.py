@@ -99,6 +99,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--top-p", type=_number(0, 1, above=True), default=1.0, help="in (0, 1]; 1 = off (default)")
     ap.add_argument("--top-k", type=_whole(0), default=0, help="0 = off (default)")
     ap.add_argument("--seed", type=_whole(0))
+    ap.add_argument("--num-beams", type=_whole(1), default=1,
+                    help="beam search with this many beams (greedy; NExT-Chat's demo used 5); 1 = off (default)")
+    ap.add_argument("--length-penalty", type=_number(-1e6), default=1.0,
+                    help="with --num-beams: finished beams score sum(log p) / length ** this (default 1)")
+    ap.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
+                    help="with --num-beams, Hugging Face's meanings (default false)")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
     return ap
@@ -111,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         image = load_image(a.image)
         pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider)
         r = pipe.chat(image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
-                      top_p=a.top_p, top_k=a.top_k, seed=a.seed)
+                      top_p=a.top_p, top_k=a.top_k, seed=a.seed, num_beams=a.num_beams,
+                      length_penalty=a.length_penalty,
+                      early_stopping={"false": False, "true": True}.get(a.early_stopping, a.early_stopping))
     except (ImageError, BuildError, BackendError, PromptError, ValueError) as e:
         print(f"nxc-run: {e}", file=sys.stderr)
         return 2

@@ -183,6 +183,13 @@ class BatchCache:
         self.views[dst], self.views[src] = self.views[src], None
         self.views[dst].slot = dst
 
+    def copy(self, src: int, dst: int) -> None:
+        """Slot `dst` (open, empty) gets a copy of slot `src`'s rows (n completions of one prefill)."""
+        n = int(self.lengths[src])
+        for buf in self.buffers.values():
+            buf[dst, :n] = buf[src, :n]
+        self.lengths[dst] = n
+
     def step_inputs(self, rows: int, embeds: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs of one batched step of rows 0..rows-1 (embeds [B,1,H]): each row attends its own positions and
         the new one, at its own position."""

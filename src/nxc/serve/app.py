@@ -7,10 +7,13 @@ client got wrong is a 4xx JSON error with the runtime's one-line message, anythi
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -23,6 +26,8 @@ from starlette.staticfiles import StaticFiles
 from sse_starlette.sse import EventSourceResponse
 
 from nxc.manifest import BuildError
+from nxc.runtime.backends import BackendError
+from nxc.runtime.batch import Batcher, Closed, QueueFull
 from nxc.runtime.images import ImageError
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
 from nxc.prompt import SLOT, PromptError, render_reply
@@ -31,6 +36,14 @@ from nxc.serve import protocol as proto
 from nxc.serve.metrics import Metrics
 
 log = logging.getLogger("nxc.serve")
+
+
+@dataclass
+class _Turns:
+    """A request's turns: event sources (a batch Handle or a generator), their timelines, how to cancel them."""
+    sources: list
+    timelines: list
+    cancels: list
 STATIC = Path(__file__).parent / "static"
 
 
@@ -67,12 +80,24 @@ def _error(e: Exception) -> proto.ApiError:
 
 
 class Server:
-    """Request handling over one Pipeline; create_app wires its methods to routes."""
+    """Request handling over one Pipeline; create_app wires its methods to routes.
 
-    def __init__(self, pipe: Pipeline, model: str, limits: proto.Limits):
-        self.pipe, self.model, self.limits = pipe, model, limits
+    Turns decode on a continuous-batching scheduler (nxc.runtime.batch) when the backend allows it (ONNX Runtime,
+    KV cache in host memory): up to max_batch rows per llm step, max_queue turns waiting, beyond that 503 with
+    Retry-After; a client that goes away frees its row at the next step. Beam search, and backends that cannot
+    batch, run one turn per worker thread as before."""
+
+    def __init__(self, pipe: Pipeline, model: str, limits: proto.Limits, *, max_batch: int = 8, max_queue: int = 32,
+                 drain_seconds: float = 300.0):
+        self.pipe, self.model, self.limits, self.drain_seconds = pipe, model, limits, drain_seconds
         self.metrics = Metrics()
         self.slot = pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None
+        self.batcher = None
+        if max_batch > 0:
+            try:
+                self.batcher = Batcher(pipe, max_batch=max_batch, max_queue=max_queue)
+            except BackendError as e:
+                log.warning("nxc-serve: one turn per thread (%s)", e)
 
     # -- plumbing --------------------------------------------------------------------------------------------
     async def read_json(self, request: Request):
@@ -98,24 +123,68 @@ class Server:
             raise proto.ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model!r} "
                                       "(GET /v1/models)", "model_not_found")
 
-    def start(self, req: proto.ChatRequest):
-        """Rebuild the conversation from the request and start the turn: (event iterator, its timeline)."""
+    def start(self, req: proto.ChatRequest) -> "_Turns":
+        """Rebuild the conversation from the request and start the turn (n of them for n > 1). Prompt errors raise
+        here (400s); a full queue is a 503."""
         conv = self.pipe.conversation(req.image)
         for t in req.history:
             conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
-        timeline = Timeline()
-        events = conv.stream(req.question, boxes=req.boxes, timeline=timeline, **req.sampling)
-        first = next(events)                      # prefill happens here: prompt errors surface as 400s
-        return chain([first], events), timeline
+        if self.batcher is not None and not req.beams:
+            timelines = [Timeline() for _ in range(req.n)]
+            try:
+                handles = self.batcher.submit_n(conv, req.question, req.n, boxes=req.boxes, timelines=timelines,
+                                                **req.sampling)
+            except QueueFull as e:
+                raise proto.ApiError(503, f"the server is busy ({e})", "overloaded") from None
+            except Closed as e:
+                raise proto.ApiError(503, str(e), "shutting_down") from None
+            return _Turns(handles, timelines, [h.cancel for h in handles])
+        sources, timelines = [], []
+        for i in range(req.n):                   # one turn per thread: n turns one after the other
+            timeline = Timeline()
+            sampling = {**req.sampling, "seed": req.sampling["seed"] + i} if "seed" in req.sampling and i else req.sampling
+            events = conv.stream(req.question, boxes=req.boxes, timeline=timeline, **sampling, **req.beams)
+            first = next(events)                  # prefill happens here: prompt errors surface as 400s
+            sources.append(chain([first], events))
+            timelines.append(timeline)
+            if i + 1 < req.n:
+                sources[-1] = [ev for ev in sources[-1]]      # the conversation answers one turn at a time
+                conv = self.pipe.conversation(req.image)
+                for t in req.history:
+                    conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
+        return _Turns(sources, timelines, [])
 
-    def answer(self, req: proto.ChatRequest):
-        events, timeline = self.start(req)
-        result = None
-        for ev in events:
-            if isinstance(ev, Done):
-                result = ev.result
-        self.metrics.turn(len(result.prompt_ids), len(result.token_ids), len(result.detections), timeline)
-        return result
+    def collect(self, turns: "_Turns") -> list:
+        """Every turn's ChatResult (None for a cancelled one), metrics recorded."""
+        results = []
+        for source, timeline in zip(turns.sources, turns.timelines):
+            result = None
+            for ev in source:
+                if isinstance(ev, Done):
+                    result = ev.result
+            if result is not None:
+                self._record(result, timeline, source)
+            results.append(result)
+        return results
+
+    def _record(self, r, timeline, source) -> None:
+        self.metrics.turn(len(r.prompt_ids), len(r.token_ids), len(r.detections), timeline)
+        wait = getattr(source, "queue_wait", None)
+        if wait is not None:
+            self.metrics.waited(wait)
+
+    async def answer(self, request: Request, req: proto.ChatRequest) -> list:
+        """The results of a non-streamed request; if the client disconnects meanwhile, its rows are cancelled."""
+        turns = await run_in_threadpool(self.start, req)
+        work = asyncio.ensure_future(run_in_threadpool(self.collect, turns))
+        while True:
+            done, _ = await asyncio.wait({work}, timeout=0.25)
+            if done:
+                return work.result()
+            if turns.cancels and await request.is_disconnected():
+                for cancel in turns.cancels:
+                    cancel()
+                self.metrics.cancelled()
 
     async def handle(self, request: Request, work) -> Response:
         t0 = time.perf_counter()
@@ -129,7 +198,8 @@ class Server:
         except Exception as e:  # noqa: BLE001 -- every failure becomes a JSON error; the server goes on
             err = _error(e)
             status = err.status
-            response = JSONResponse(err.body(), status_code=err.status)
+            headers = {"Retry-After": "1"} if err.status == 503 else None
+            response = JSONResponse(err.body(), status_code=err.status, headers=headers)
         self.metrics.end(request.url.path, status, time.perf_counter() - t0)
         return response
 
@@ -143,11 +213,14 @@ class Server:
         req = await run_in_threadpool(proto.parse_chat, body, self.limits)
         if req.stream:
             return await self._stream(request, req)
-        result = await run_in_threadpool(self.answer, req)
-        return JSONResponse(proto.completion(proto.new_id(), self.model, result))
+        results = await self.answer(request, req)
+        if any(r is None for r in results):
+            raise proto.ApiError(499, "the client closed the request", "client_closed")
+        return JSONResponse(proto.completion(proto.new_id(), self.model, results))
 
     async def _stream(self, request: Request, req: proto.ChatRequest) -> EventSourceResponse:
-        events, timeline = await run_in_threadpool(self.start, req)
+        turns = await run_in_threadpool(self.start, req)
+        events, timeline = turns.sources[0], turns.timelines[0]
         cid, created, t0 = proto.new_id(), int(time.time()), time.perf_counter()
 
         def chunk(delta, ids=(), finish=None) -> str:
@@ -155,10 +228,10 @@ class Server:
 
         async def sse():
             status = 200
-            text, pending = ReplyText(), None
+            text, pending, finished = ReplyText(), None, False
             try:
                 yield chunk({"role": "assistant", "content": ""})
-                async for ev in iterate_in_threadpool(events):
+                async for ev in iterate_in_threadpool(iter(events)):
                     if isinstance(ev, Token):
                         delta = text.add(ev.text)
                         if ev.id == self.slot:             # its box follows at once: one chunk for both
@@ -173,7 +246,7 @@ class Server:
                                     ids)
                     elif isinstance(ev, Done):
                         r = ev.result
-                        self.metrics.turn(len(r.prompt_ids), len(r.token_ids), len(r.detections), timeline)
+                        self._record(r, timeline, events)
                         yield chunk({"content": text.finish(r.text),
                                      "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)]},
                                     finish=r.finish_reason)
@@ -181,22 +254,32 @@ class Server:
                             yield json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
                                               "model": self.model, "choices": [],
                                               "usage": proto.usage(len(r.prompt_ids), len(r.token_ids))})
+                finished = True
                 yield "[DONE]"
             except Exception as e:  # noqa: BLE001 -- headers are sent: the error goes in the stream
                 err = _error(e)
                 status = err.status
                 yield json.dumps(err.body())
             finally:
+                if not finished:                           # the client went away (or the stream failed)
+                    for cancel in turns.cancels:
+                        cancel()
+                    if turns.cancels:
+                        self.metrics.cancelled()
                 self.metrics.end(request.url.path, status, time.perf_counter() - t0)
 
-        return EventSourceResponse(sse(), sep="\n", ping=15)
+        # on SIGTERM a running stream has drain_seconds to finish before it is cut (the scheduler goes on meanwhile)
+        return EventSourceResponse(sse(), sep="\n", ping=15, shutdown_grace_period=self.drain_seconds)
 
     async def ground(self, request: Request) -> Response:
         async def work(request):
             body = await self.read_json(request)
             self.check_model(body)
             req = await run_in_threadpool(proto.parse_ground, body, self.limits)
-            r = await run_in_threadpool(self.answer, req)
+            results = await self.answer(request, req)
+            if results[0] is None:
+                raise proto.ApiError(499, "the client closed the request", "client_closed")
+            r = results[0]
             return JSONResponse({"text": r.text, "raw_text": r.raw_text, "token_ids": r.token_ids,
                                  "finish_reason": r.finish_reason,
                                  "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)],
@@ -213,7 +296,13 @@ class Server:
         return JSONResponse({"status": "ok", "model": self.model})
 
     async def prometheus(self, request: Request) -> Response:
-        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
+        batch = self.batcher.stats() if self.batcher is not None else None
+        return PlainTextResponse(self.metrics.render(batch), media_type="text/plain; version=0.0.4")
+
+    def shutdown(self) -> None:
+        """After the last request (uvicorn drains them on SIGTERM): the scheduler finishes what it holds and stops."""
+        if self.batcher is not None:
+            self.batcher.close(drain=True)
 
     async def page(self, request: Request) -> Response:
         return FileResponse(STATIC / "index.html", media_type="text/html")
@@ -225,10 +314,12 @@ def model_name(build: str | Path) -> str:
 
 def create_app(build: str | Path, *, model: str | None = None, limits: proto.Limits | None = None,
                backend: str = "onnxruntime", providers: list[str] | None = None, threads: int | None = None,
-               pipeline: Pipeline | None = None) -> Starlette:
-    """Load the build (errors surface here, before serving) and return the app. `pipeline` shares a loaded one."""
+               pipeline: Pipeline | None = None, max_batch: int = 8, max_queue: int = 32) -> Starlette:
+    """Load the build (errors surface here, before serving) and return the app. `pipeline` shares a loaded one.
+    max_batch 0: no scheduler, one turn per worker thread."""
     pipe = pipeline or Pipeline.load(build, backend=backend, providers=providers, threads=threads)
-    srv = Server(pipe, model or model_name(build), limits or proto.Limits())
+    srv = Server(pipe, model or model_name(build), limits or proto.Limits(), max_batch=max_batch,
+                 max_queue=max_queue)
     routes = [Route("/v1/chat/completions", srv.chat_completions, methods=["POST"]),
               Route("/v1/ground", srv.ground, methods=["POST"]),
               Route("/v1/models", srv.models, methods=["GET"]),
@@ -236,7 +327,12 @@ def create_app(build: str | Path, *, model: str | None = None, limits: proto.Lim
               Route("/metrics", srv.prometheus, methods=["GET"]),
               Route("/", srv.page, methods=["GET"]),
               Mount("/static", StaticFiles(directory=STATIC, check_dir=False), name="static")]
-    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed})
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(srv.shutdown)
+
+    app = Starlette(routes=routes, exception_handlers={404: _not_found, 405: _not_allowed}, lifespan=lifespan)
     app.state.server = srv
     return app
 

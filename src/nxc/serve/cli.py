@@ -24,6 +24,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads per graph (default: all cores)")
+    ap.add_argument("--max-batch", type=int, default=8,
+                    help="rows decoded together by the continuous-batching scheduler (default 8; 0: one turn per "
+                         "thread, no scheduler)")
+    ap.add_argument("--max-queue", type=int, default=32,
+                    help="turns waiting for a row before requests get 503 with Retry-After (default 32)")
     ap.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
     ap.add_argument("--max-image-mpixels", type=float, default=25.0, help="largest image, in M pixels (default 25)")
     ap.add_argument("--max-tokens", type=int, help="cap on the max_tokens a client may ask for")
@@ -43,13 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nxc-serve: needs the serve extra ({e.name} is missing): pip install 'nxc[serve]'", file=sys.stderr)
         return 2
     from nxc.serve.protocol import Limits
+    if a.max_batch < 0 or a.max_queue < 0:
+        print(f"nxc-serve: --max-batch and --max-queue must be >= 0, got {a.max_batch} and {a.max_queue}",
+              file=sys.stderr)
+        return 2
     if a.workers < 1:
         print(f"nxc-serve: --workers must be at least 1, got {a.workers}", file=sys.stderr)
         return 2
     limits = Limits(max_request_bytes=int(a.max_request_mb * 1024 * 1024),
                     max_image_pixels=int(a.max_image_mpixels * 1e6), max_tokens=a.max_tokens,
                     allow_local_images=a.allow_local_images)
-    opts = {"model": a.model_name, "backend": a.backend, "providers": a.provider, "threads": a.threads}
+    opts = {"model": a.model_name, "backend": a.backend, "providers": a.provider, "threads": a.threads,
+            "max_batch": a.max_batch, "max_queue": a.max_queue}
     try:
         # load once here, so that a bad build or backend is one line before anything listens
         app = create_app(a.build, limits=limits, **opts)

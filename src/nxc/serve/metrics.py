@@ -27,6 +27,8 @@ class Metrics:
         self.tokens = {"prompt": 0, "completion": 0}
         self.detections = 0
         self.in_flight = 0
+        self.queue_wait = [0.0, 0]
+        self.cancelled_rows = 0
 
     def begin(self) -> None:
         with self._lock:
@@ -43,6 +45,15 @@ class Metrics:
             h[-2] += seconds
             h[-1] += 1
 
+    def waited(self, seconds: float) -> None:
+        with self._lock:
+            self.queue_wait[0] += seconds
+            self.queue_wait[1] += 1
+
+    def cancelled(self) -> None:
+        with self._lock:
+            self.cancelled_rows += 1
+
     def turn(self, prompt_tokens: int, completion_tokens: int, detections: int, timeline: Timeline) -> None:
         per_stage: dict[str, float] = defaultdict(float)
         for ev in timeline.events:
@@ -58,7 +69,8 @@ class Metrics:
                 self.ttft[0] += timeline.first_token - timeline.start
                 self.ttft[1] += 1
 
-    def render(self) -> str:
+    def render(self, batch: dict | None = None) -> str:
+        """`batch`: the scheduler's stats (nxc.runtime.batch.Batcher.stats), when it runs."""
         with self._lock:
             lines = ["# HELP nxc_requests_total HTTP requests answered, by route and status.",
                      "# TYPE nxc_requests_total counter"]
@@ -87,5 +99,23 @@ class Metrics:
             lines += ["# HELP nxc_detections_total Boxes (and masks) returned.", "# TYPE nxc_detections_total counter",
                       f"nxc_detections_total {self.detections}",
                       "# HELP nxc_requests_in_flight Requests being answered now.", "# TYPE nxc_requests_in_flight gauge",
-                      f"nxc_requests_in_flight {self.in_flight}"]
+                      f"nxc_requests_in_flight {self.in_flight}",
+                      "# HELP nxc_cancelled_total Requests whose client went away before the answer ended.",
+                      "# TYPE nxc_cancelled_total counter", f"nxc_cancelled_total {self.cancelled_rows}"]
+            if batch is not None:
+                lines += ["# HELP nxc_batch_rows Rows (turns) in the decode batch now.", "# TYPE nxc_batch_rows gauge",
+                          f"nxc_batch_rows {batch['rows']}",
+                          "# HELP nxc_batch_max_rows The scheduler's --max-batch.", "# TYPE nxc_batch_max_rows gauge",
+                          f"nxc_batch_max_rows {batch['max_batch']}",
+                          "# HELP nxc_queue_length Turns waiting for a row.", "# TYPE nxc_queue_length gauge",
+                          f"nxc_queue_length {batch['waiting']}",
+                          "# HELP nxc_batch_steps_total Batched llm steps run.", "# TYPE nxc_batch_steps_total counter",
+                          f"nxc_batch_steps_total {batch['steps']}",
+                          "# HELP nxc_batch_rows_per_step Mean rows per step over the last 256 steps.",
+                          "# TYPE nxc_batch_rows_per_step gauge",
+                          f"nxc_batch_rows_per_step {batch['mean_rows_per_step']:.3f}",
+                          "# HELP nxc_queue_wait_seconds From a turn's arrival to its first prompt chunk.",
+                          "# TYPE nxc_queue_wait_seconds summary",
+                          f"nxc_queue_wait_seconds_sum {self.queue_wait[0]:.6f}",
+                          f"nxc_queue_wait_seconds_count {self.queue_wait[1]}"]
         return "\n".join(lines) + "\n"

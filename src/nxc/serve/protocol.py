@@ -60,6 +60,8 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     sampling: dict = field(default_factory=dict)    # max_new_tokens, temperature, top_p, top_k, seed
+    n: int = 1                                      # completions of the turn (one prefill)
+    beams: dict = field(default_factory=dict)       # num_beams, length_penalty, early_stopping (when num_beams > 1)
 
 
 # -- images ----------------------------------------------------------------------------------------------------
@@ -172,10 +174,11 @@ def _float(body: dict, key: str, lo: float, hi: float) -> float | None:
     return float(v)
 
 
+MAX_N = 16          # completions one request may ask (each takes a batch row)
+
+
 def sampling(body: dict, limits: Limits) -> dict:
     """OpenAI sampling fields -> Conversation.stream keyword arguments (greedy unless a temperature is given)."""
-    if _int(body, "n", 1) not in (None, 1):
-        raise ApiError(400, "n > 1 is not supported: ask once per completion")
     max_new = _int(body, "max_completion_tokens", 1) or _int(body, "max_tokens", 1)
     if max_new and limits.max_tokens and max_new > limits.max_tokens:
         raise ApiError(400, f"max_tokens {max_new} is over this server's limit of {limits.max_tokens}")
@@ -184,6 +187,27 @@ def sampling(body: dict, limits: Limits) -> dict:
     if out["top_p"] == 0.0:
         raise ApiError(400, "top_p must be above 0")
     return {k: v for k, v in out.items() if v is not None}
+
+
+def completions_and_beams(body: dict, sampled: dict) -> tuple[int, dict]:
+    """`n` (OpenAI's) and nxc's `num_beams`, `length_penalty`, `early_stopping` (Hugging Face's meanings)."""
+    n = _int(body, "n", 1) or 1
+    if n > MAX_N:
+        raise ApiError(400, f"n must be at most {MAX_N}, got {n}")
+    beams = _int(body, "num_beams", 1) or 1
+    if beams == 1:
+        if body.get("length_penalty") is not None or body.get("early_stopping") is not None:
+            raise ApiError(400, "length_penalty and early_stopping apply to beam search: set num_beams > 1")
+        return n, {}
+    if n > 1:
+        raise ApiError(400, "n > 1 and num_beams > 1 do not combine: beam search gives one answer")
+    if sampled.get("temperature"):
+        raise ApiError(400, "beam search is deterministic here: leave temperature at 0 with num_beams > 1")
+    early = body.get("early_stopping", False)
+    if early not in (True, False, "never"):
+        raise ApiError(400, f'early_stopping must be true, false or "never", got {early!r}')
+    lp = _float(body, "length_penalty", -100.0, 100.0)
+    return n, {"num_beams": beams, "length_penalty": 1.0 if lp is None else lp, "early_stopping": early}
 
 
 def _boxes(value, where: str):
@@ -234,10 +258,14 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
     last = turns[-1][2]
     boxes = _boxes(last.get("boxes", body.get("boxes")), "boxes")
     stream_options = body.get("stream_options") or {}
+    sampled = sampling(body, limits)
+    n, beams = completions_and_beams(body, sampled)
+    if n > 1 and body.get("stream"):
+        raise ApiError(400, "n > 1 is answered whole, not streamed: leave stream false (or ask n streams of 1)")
     return ChatRequest(image=image_from_url(image_urls[0], limits), question=turns[-1][1], boxes=boxes,
                        history=history, stream=bool(body.get("stream")),
                        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
-                       sampling=sampling(body, limits))
+                       sampling=sampled, n=n, beams=beams)
 
 
 def parse_ground(body, limits: Limits) -> ChatRequest:
@@ -248,8 +276,12 @@ def parse_ground(body, limits: Limits) -> ChatRequest:
         raise ApiError(400, 'prompt must be a string, e.g. "Where is the red circle?"')
     if not isinstance(body.get("image"), str):
         raise ApiError(400, "image must be a string: base64 of the file, or a data:image/...;base64 URI")
+    sampled = sampling(body, limits)
+    n, beams = completions_and_beams(body, sampled)
+    if n > 1:
+        raise ApiError(400, "n > 1 is for /v1/chat/completions; /v1/ground answers once")
     return ChatRequest(image=image_from_url(body["image"], limits), question=body["prompt"],
-                       boxes=_boxes(body.get("boxes"), "boxes"), sampling=sampling(body, limits))
+                       boxes=_boxes(body.get("boxes"), "boxes"), sampling=sampled, beams=beams)
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -274,12 +306,15 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion(cid: str, model: str, result, created: int | None = None) -> dict:
+def completion(cid: str, model: str, results, created: int | None = None) -> dict:
+    """One result or the n of one request (the prompt counted once in usage)."""
+    results = results if isinstance(results, list) else [results]
     return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": 0, "finish_reason": result.finish_reason, "token_ids": result.token_ids,
-                         "message": {"role": "assistant", "content": result.text,
-                                     "grounding": [detection_json(k, d) for k, d in enumerate(result.detections)]}}],
-            "usage": usage(len(result.prompt_ids), len(result.token_ids))}
+            "choices": [{"index": i, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
+                         "message": {"role": "assistant", "content": r.text,
+                                     "grounding": [detection_json(k, d) for k, d in enumerate(r.detections)]}}
+                        for i, r in enumerate(results)],
+            "usage": usage(len(results[0].prompt_ids), sum(len(r.token_ids) for r in results))}
 
 
 def chunk(cid: str, model: str, created: int, delta: dict, *, token_ids=(), finish_reason=None) -> dict:
