@@ -170,6 +170,8 @@ MALFORMED = [
      f"manifest.json: source.x{'[0]' * 16}[...: nested deeper than 32 levels{FIX}"),
     ("JSON nested 10000 deep", lambda d, b: (b / "manifest.json").write_text("[" * 10000 + "]" * 10000),
      "manifest.json: JSON nested deeper than a manifest's 32 levels; the build is damaged, re-export it"),
+    ("unknown batching contract", lambda d, b: d["kv_cache"].update(batch_rows="paged"),
+     f"manifest.json: kv_cache.batch_rows: 'paged' is not a batching contract (masked){FIX}"),
     ("JSON array", lambda d, b: (b / "manifest.json").write_text("[]"),
      f"manifest.json: expected a JSON object, found a list{FIX}"),
 ]
@@ -184,6 +186,12 @@ def test_malformed_manifest_is_refused_in_one_line(build, case, change, message)
     expected = f"{build}/" + message.replace("{last_id}", str(last_id))
     assert re.fullmatch(re.escape(expected).replace(re.escape(HEX), "[0-9a-f]{16}"), str(e.value)), str(e.value)
     assert e.value.__context__ is None or e.value.__suppress_context__     # no KeyError behind it
+
+
+def test_a_build_from_before_batching_loads_with_the_same_contract(build):
+    """Builds written before kv_cache.batch_rows existed have the same llm graph: they batch by mask."""
+    damage(build, lambda d, b: d["kv_cache"].pop("batch_rows"))
+    assert load_manifest(build, verify=False).kv_cache.batch_rows == "masked"
 
 
 def test_cli_prints_one_line_for_a_malformed_manifest(build, tmp_path, capsys):

@@ -27,7 +27,7 @@ from types import MappingProxyType
 from nxc import names
 from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
 from nxc.jsonfield import Field, shown, too_deep
-from nxc.manifest_types import (EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
+from nxc.manifest_types import (BATCH_ROWS, EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
                                 MAX_DEPTH, PRECISIONS, REQUIRED_TOKENS, SCHEMA, BuildError, EmbeddingsSpec, FileEntry,
                                 Generation, GraphEntry, Head, ImagePreprocess, KVCacheSpec, Manifest, PromptSpec)
 from nxc.specs import AXES, DTYPES, GraphSpec, TensorSpec
@@ -259,12 +259,14 @@ def _graph(f: Field, name: str, axes: Mapping, files: Mapping[str, FileEntry]) -
 
 
 def _kv_cache(f: Field, llm: GraphEntry | None) -> KVCacheSpec:
-    f.object(known=("dtype", "layout"))
+    f.object(known=("dtype", "layout", "batch_rows"))
     dtype = f["dtype"].choice(KV_DTYPES, "a KV cache dtype")
+    rows = f.optional("batch_rows")           # absent in builds before batched decoding: the same graph contract
     past = [t for t in llm.spec.inputs if t.name.startswith("past_key_values.")] if llm else []
     if any(t.dtype != dtype for t in past):
         raise f["dtype"].error(f"{dtype!r}, but the llm graph's {past[0].name} is {past[0].dtype}")
-    return KVCacheSpec(dtype=dtype, layout=f["layout"].text())
+    return KVCacheSpec(dtype=dtype, layout=f["layout"].text(),
+                       batch_rows=BATCH_ROWS if rows is None else rows.choice((BATCH_ROWS,), "a batching contract"))
 
 
 def _prompt(f: Field, config: NextChatConfig, max_context: int) -> PromptSpec:

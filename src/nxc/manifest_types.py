@@ -15,6 +15,7 @@ SCHEMA = "nxc-build/2"
 MANIFEST = "manifest.json"
 PRECISIONS = ("fp32", "fp16", "int8", "int4")       # of a whole build (nxc-export --fp32 ...)
 KV_DTYPES = ("float32", "float16")
+BATCH_ROWS = "masked"          # kv_cache.batch_rows: rows of different lengths decode together by mask
 EMBEDDING_DTYPES = ("float32", "float16")
 HEAD_SOURCES = ("hidden", "zeros")                  # what a head's graph inputs are fed from (see Head)
 MAX_CONTEXT = 1 << 20
@@ -87,9 +88,12 @@ class Head:
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """The in-place cache the llm graph is fed: past rows in, only the new rows out (present.{i}.*)."""
+    """The in-place cache the llm graph is fed: past rows in, only the new rows out (present.{i}.*). batch_rows:
+    how rows of different lengths decode together (BATCH_ROWS: per-row attention_mask and position_ids over one
+    [batch, stride] past, the graph's only contract so far; docs/DESIGN.md "Batched decoding")."""
     dtype: str
     layout: str
+    batch_rows: str = BATCH_ROWS
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,9 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
         "heads": heads,
         "max_context": max_context,
         "kv_cache": {"dtype": "float16" if opts.precision == "fp16" else "float32",
-                     "layout": "[batch, position, kv_heads, head_dim]"},
+                     "layout": "[batch, position, kv_heads, head_dim]",
+                     # rows of different lengths decode together by mask (ONNX Runtime; TensorRT engines: batch 1)
+                     "batch_rows": "masked"},
         "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64)),
         "embeddings": {"file": "embeddings.npy", "shape": [cfg.llm.vocab_size, cfg.llm.hidden_size],
                        "dtype": "float32"},
