@@ -141,10 +141,10 @@ def test_greedy_decode_stitched_from_graphs_matches_reference(tiny_build, tiny_c
 
     boxes = []
 
-    def loc_head(hidden):
-        heads = run["loc_heads"].run({"hidden": hidden, "boxes": norm_box})
-        boxes.append(heads["box"][0])
-        return t.boxes, heads["feedback"][None], None
+    def loc_head(rows):                     # the hiddens of every row fed <at> this step (batch 1: one)
+        heads = run["loc_heads"].run({"hidden": np.concatenate(rows), "boxes": norm_box})
+        boxes.extend(heads["box"])
+        return [(t.boxes, heads["feedback"][i][None, None], None) for i in range(len(rows))]
 
     logits, hidden = step(None, emb[None])
     out = [tok for tok, _ in decode_loop(logits=logits, hidden=hidden, fed=ids[-1], step=step, heads={t.at: loc_head},

@@ -196,3 +196,20 @@ def test_sigterm_ends_nxc_serve_cleanly(embedded_build):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_without_the_scheduler_turns_run_per_thread(embedded_build, embedded_pipe):
+    """--max-batch 0 (and backends that cannot batch): the same answers, n included, one turn per thread."""
+    from nxc.serve.app import create_app
+    app = create_app(embedded_build, pipeline=embedded_pipe, max_batch=0)
+    assert app.state.server.batcher is None
+    s, q = scene(7), "Describe the image with locations."
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=120) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [user(q, s.image)], "n": 2, "temperature": 1.8,
+                                                 "seed": 5, "max_tokens": 24})
+        assert r.status_code == 200, r.text
+        for i, ch in enumerate(r.json()["choices"]):
+            assert ch["token_ids"] == embedded_pipe.chat(s.image, q, max_new_tokens=24, temperature=1.8,
+                                                         seed=5 + i).token_ids
+        text = c.get("/metrics").text
+    assert "nxc_batch_rows" not in text
