@@ -111,7 +111,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--past", type=int, default=600, help="positions cached in every row (600: a prompt's image)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--turns", type=int, default=16)
+    ap.add_argument("--turns", type=int, default=16, help="end-to-end turns (0: only the step timings, e.g. for a "
+                                                               "build with the llm graph alone)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int)
     a = ap.parse_args(argv)
@@ -127,8 +128,9 @@ def main(argv=None) -> int:
         res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor() or '?'}",
                "build": str(build), "precision": pipe.manifest.precision, "past": past,
                "max_context": pipe.manifest.max_context, "steps": step_times(pipe, a.batches, past, a.steps)}
-        log("[batch-decode] end to end")
-        res["end_to_end"] = end_to_end(pipe, a.turns, max(a.batches), a.max_new_tokens)
+        if a.turns:
+            log("[batch-decode] end to end")
+            res["end_to_end"] = end_to_end(pipe, a.turns, max(a.batches), a.max_new_tokens)
     print(json.dumps(res, indent=1))
     return 0
 
