@@ -233,6 +233,23 @@ def test_triton_streams_what_pipeline_chat_answers(triton, embedded_pipe, scene,
         assert iou(rle.decode(g["mask"]), d.mask) >= 0.99
 
 
+def test_concurrent_triton_streams_decode_together_and_equal_pipeline_chat(triton, embedded_pipe):
+    """nxc_chat's scheduler (max_batch 8 in the python variant): 6 requests at once, each the Pipeline's answer."""
+    from concurrent.futures import ThreadPoolExecutor
+    from nxc.shapes.data import make_scene
+    scenes = [make_scene(np.random.default_rng(40 + k)) for k in range(6)]
+    prompts = [f"Where is the {s.objects[0].phrase} in the image?" if k % 2 else "Describe the image with locations."
+               for k, s in enumerate(scenes)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda k: stream(triton, {"prompt": prompts[k], "image": b64_png(scenes[k].image),
+                                                      "max_new_tokens": 40}), range(6)))
+    for k, (status, events, errors) in enumerate(got):
+        assert status == 200 and not errors, errors
+        ref = embedded_pipe.chat(scenes[k].image, prompts[k], max_new_tokens=40)
+        assert events[-1]["token_ids"] == ref.token_ids, k
+        assert len(events[-1]["grounding"]) == len(ref.detections)
+
+
 def test_triton_region_input(triton, embedded_pipe, scene):
     box = [float(v) for v in scene.objects[0].box]
     status, events, errors = stream(triton, {"prompt": "What is region [0]?", "image": b64_png(scene.image),

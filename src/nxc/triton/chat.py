@@ -123,3 +123,11 @@ def chat_events(pipe: Pipeline, get: Callable[[str], np.ndarray | None]) -> Iter
     image, prompt, kwargs = decode_request(get)
     for ev in pipe.stream(image, prompt, **kwargs):
         yield event(ev)
+
+
+def submit_chat(pipe: Pipeline, batcher, get: Callable[[str], np.ndarray | None]):
+    """The request's turn on the continuous-batching scheduler (nxc.runtime.batch): its Handle (iterate it for
+    events, cancel() to free its row). Raises one of REQUEST_ERRORS now for a request that cannot be answered, and
+    nxc.runtime.batch.QueueFull when too many turns wait."""
+    image, prompt, kwargs = decode_request(get)
+    return batcher.submit(pipe.conversation(image), prompt, **kwargs)

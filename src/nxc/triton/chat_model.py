@@ -2,12 +2,15 @@
 Python backend, which provides triton_python_backend_utils).
 
 A decoupled model: each request gets one response per event (nxc.triton.chat has the wire format) and then the
-final flag. The Pipeline is loaded once per instance from the build beside this file (1/build/); the graphs named
+final flag. With the in-process llm on ONNX Runtime (host KV cache) the turns of all requests decode together on
+nxc.runtime.batch's scheduler (`max_batch` rows, `max_queue` waiting, then UNAVAILABLE), each request answered from
+its own thread; a request Triton cancels frees its row. Otherwise (TensorRT, max_batch 0) one turn at a time. The Pipeline is loaded once per instance from the build beside this file (1/build/); the graphs named
 by the `in_process` parameter run here on the `backend` parameter's runtime backend, the others through BLS
 (nxc.triton.bls). A request that cannot be answered (a bad image, a prompt that does not fit, a bad number) gets an
 error response with the runtime's one-line message; the model keeps serving.
 """
 import json
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -15,7 +18,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from nxc.triton.bls import load_pipeline
-from nxc.triton.chat import EVENT, REQUEST_ERRORS, chat_events
+from nxc.runtime.backends import BackendError
+from nxc.runtime.batch import Batcher, Closed, QueueFull
+from nxc.triton.chat import EVENT, REQUEST_ERRORS, chat_events, event, submit_chat
 
 
 def _parameters(model_config: dict) -> dict[str, str]:
@@ -38,10 +43,20 @@ class TritonPythonModel:
                                   backend=params.get("backend") or "onnxruntime",
                                   providers=[p for p in params.get("providers", "").split(",") if p] or None,
                                   engine_dir=build / "engines" / engines if engines else None)
+        self.batcher = None
+        max_batch = int(params.get("max_batch") or 8)
+        if max_batch > 0:
+            try:
+                self.batcher = Batcher(self.pipe, max_batch=max_batch, max_queue=int(params.get("max_queue") or 32))
+            except BackendError as e:
+                pb_utils.Logger.log_info(f"nxc_chat: one turn at a time ({e})")
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if self.batcher is not None:
+                self._submit(request, sender)
+                continue
             try:
                 for ev in chat_events(self.pipe, partial(_input, request)):
                     if sender.is_cancelled():
@@ -58,6 +73,43 @@ class TritonPythonModel:
                 continue
             sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return None
+
+    def _submit(self, request, sender):
+        """Queue the request's turn (errors answered at once) and answer it from a thread of its own."""
+        try:
+            handle = submit_chat(self.pipe, self.batcher, partial(_input, request))
+        except REQUEST_ERRORS as e:
+            sender.send(_error(str(e), "INVALID_ARG"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        except (QueueFull, Closed) as e:
+            sender.send(_error(f"nxc_chat is busy: {e}", "UNAVAILABLE"),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        except Exception as e:                               # a failed graph (vision through BLS): keep serving
+            pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
+            sender.send(_error(f"{type(e).__name__}: {e}", "INTERNAL"),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        threading.Thread(target=self._respond, args=(handle, sender), daemon=True).start()
+
+    def _respond(self, handle, sender):
+        try:
+            for ev in handle:
+                if sender.is_cancelled():
+                    handle.cancel()
+                    break
+                out = pb_utils.Tensor(EVENT, np.array([json.dumps(event(ev))], dtype=np.object_))
+                sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+        except Exception as e:                               # a failed graph: say so, keep serving
+            pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
+            sender.send(_error(f"{type(e).__name__}: {e}", "INTERNAL"),
+                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return
+        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def finalize(self):
+        if self.batcher is not None:
+            self.batcher.close(drain=True, timeout=60)
 
 
 def _input(request, name: str):

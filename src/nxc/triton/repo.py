@@ -125,11 +125,13 @@ def engine_folder(build: Path, engines: str | Path | None) -> Path:
 def _chat_params(variant: str, backend: str, engines: Path | None) -> dict[str, str]:
     """nxc_chat's parameters (read by nxc.triton.chat_model): which graphs run inside its own process, with which
     runtime backend; every other graph is reached through BLS."""
+    batch = {"max_batch": "8", "max_queue": "32"}     # the scheduler, where the llm's backend allows it
     if variant == "python":
-        return {"in_process": names.GRAPH_LLM, "backend": "onnxruntime", "providers": "cpu", "engines": ""}
+        return {"in_process": names.GRAPH_LLM, "backend": "onnxruntime", "providers": "cpu", "engines": "", **batch}
     if backend == "tensorrt":
-        return {"in_process": names.GRAPH_LLM, "backend": "tensorrt", "providers": "", "engines": engines.name}
-    return {"in_process": names.GRAPH_LLM, "backend": "onnxruntime", "providers": "cuda", "engines": ""}
+        return {"in_process": names.GRAPH_LLM, "backend": "tensorrt", "providers": "", "engines": engines.name,
+                **batch}
+    return {"in_process": names.GRAPH_LLM, "backend": "onnxruntime", "providers": "cuda", "engines": "", **batch}
 
 
 def _write(tmp: Path, build: Path, *, variant: str, backend: str, engines: Path | None, instances: int) -> None:
