@@ -6,7 +6,9 @@ process (uvicorn, one Pipeline) reached over HTTP on 127.0.0.1 with non-streamed
 the same questions through Pipeline.chat from the same number of threads in this process. The overhead ratio is
 server p50 / direct p50 at the same concurrency.
 
-    python benchmarks/serve.py [--build build/fp32] [--requests 48] [--clients 1,4,16]
+    python benchmarks/serve.py [--build build/fp32] [--requests 48] [--clients 1,4,16] [--max-batch 8]
+
+--max-batch is nxc-serve's (0: one turn per worker thread, no scheduler).
 """
 from __future__ import annotations
 
@@ -62,13 +64,14 @@ def run_clients(fn, n_requests: int, clients: int) -> dict:
     return stats(latencies, time.perf_counter() - t0)
 
 
-def start_server(build: str) -> tuple[subprocess.Popen, str]:
+def start_server(build: str, max_batch: int = 8) -> tuple[subprocess.Popen, str]:
     import httpx
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "nxc.serve.cli", build, "--port", str(port), "--log-level",
-                             "warning"], stdout=subprocess.DEVNULL)
+                             "warning", "--max-batch", str(max_batch), "--max-queue", "256"],
+                            stdout=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--build", default="build/fp32")
     ap.add_argument("--requests", type=int, default=48, help="requests per concurrency level and mode")
     ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--max-batch", type=int, default=8, help="nxc-serve --max-batch (0: no scheduler)")
     a = ap.parse_args(argv)
     import httpx
 
@@ -101,8 +105,9 @@ def main(argv=None) -> int:
     pipe = Pipeline.load(a.build)
     for q in qs:                                          # warm-up: sessions created, first-call costs paid
         pipe.chat(*q[:2], boxes=q[2])
-    proc, url = start_server(a.build)
-    report = {"build": a.build, "requests_per_level": a.requests, "questions": len(qs), "levels": []}
+    proc, url = start_server(a.build, a.max_batch)
+    report = {"build": a.build, "max_batch": a.max_batch, "requests_per_level": a.requests, "questions": len(qs),
+              "levels": []}
     try:
         with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as http:
             for b in bodies[False]:
