@@ -202,7 +202,8 @@ def step_run(a, work: Path, precision: str) -> dict:
     out.unlink(missing_ok=True)
     rec = measured([sys.executable, __file__, "_run", str(build), str(out), "--prompt", a.prompt,
                     "--max-new-tokens", str(a.max_new_tokens), "--decode-steps", str(a.decode_steps),
-                    "--image-size", f"{a.image_size[0]}x{a.image_size[1]}"], work, f"run-{precision}")
+                    "--image-size", f"{a.image_size[0]}x{a.image_size[1]}"]
+                   + (["--low-memory"] if a.low_memory else []), work, f"run-{precision}")
     if out.is_file():
         rec.update(json.loads(out.read_text()))
         files = rec["build_file_bytes"]
@@ -230,13 +231,14 @@ def child_run(argv: list[str]) -> int:
     ap.add_argument("--max-new-tokens", type=int, required=True)
     ap.add_argument("--decode-steps", type=int, required=True)
     ap.add_argument("--image-size", required=True)
+    ap.add_argument("--low-memory", action="store_true")
     a = ap.parse_args(argv)
     from nxc.runtime.pipeline import Pipeline
     from nxc.runtime.timing import Timeline
     w, h = (int(v) for v in a.image_size.split("x"))
     image = photo(7, w, h)
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.build)                     # verify=True: sha256 of every file, as a user loads it
+    pipe = Pipeline.load(a.build, low_memory=a.low_memory)   # verify=True: sha256 of every file, as a user loads it
     t1 = time.perf_counter()
     loaded = {}
     for g in pipe.manifest.graphs:                    # sessions now, so that no stage below counts a session load
@@ -518,6 +520,8 @@ def parse_args(argv):
     ap.add_argument("--image-size", default="1280x960", help="generated photos, WxH (1280x960)")
     ap.add_argument("--max-context", type=int, default=None, help="nxc-export --max-context (its default)")
     ap.add_argument("--hf-shard-bytes", type=float, default=2e9, help="shard size of the HF view (2e9)")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="run: Pipeline.load(low_memory=True), vision and SAM encoder sessions unloaded after use")
     ap.add_argument("--reuse-hf", action="store_true",
                     help="genai: keep WORK/hf if a finished one is there (made by `_hf_view CKPT WORK/hf BYTES`)")
     ap.add_argument("--genai-context", type=int, default=600,

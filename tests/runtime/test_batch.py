@@ -129,3 +129,17 @@ def test_n_completions_from_one_prefill_equal_seeded_turns(embedded_pipe, prompt
     assert len({tuple(r.token_ids) for r in got}) > 1, "different seeds sample differently"
     with pytest.raises(ValueError, match="n must be"):
         Batcher(embedded_pipe, max_batch=2).submit_n(embedded_pipe.conversation(img), q, 3)
+
+
+def test_low_memory_unloads_the_once_per_image_sessions_and_answers_the_same(embedded_build, embedded_pipe, prompts,
+                                                                             alone):
+    from nxc import names
+    from nxc.runtime.pipeline import Pipeline
+    lean = Pipeline.load(embedded_build, low_memory=True)
+    k = next(i for i, r in enumerate(alone) if r.detections)       # a grounded reply: SAM runs too
+    _, img, q, boxes = prompts[k]
+    for _ in range(2):                                               # the sessions come back for the next image
+        assert_same(lean.chat(img, q, boxes=boxes, max_new_tokens=40), alone[k], "low memory")
+        assert names.GRAPH_VISION not in lean._runners and names.GRAPH_SAM_ENCODER not in lean._runners
+        assert names.GRAPH_LLM in lean._runners
+    assert names.GRAPH_VISION in embedded_pipe._runners, "the default keeps them"

@@ -106,6 +106,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--early-stopping", choices=("false", "true", "never"), default="false",
                     help="with --num-beams, Hugging Face's meanings (default false)")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    ap.add_argument("--low-memory", action="store_true",
+                    help="unload the vision and SAM encoder sessions after their one run (a smaller peak next to a "
+                         "large llm; each image loads them again)")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
     return ap
 
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     from nxc.runtime.pipeline import Pipeline
     try:
         image = load_image(a.image)
-        pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider)
+        pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider, low_memory=a.low_memory)
         r = pipe.chat(image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                       top_p=a.top_p, top_k=a.top_k, seed=a.seed, num_beams=a.num_beams,
                       length_penalty=a.length_penalty,

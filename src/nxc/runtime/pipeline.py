@@ -65,8 +65,12 @@ class Done:
 class Pipeline:
     """A loaded build. Graph runners are created on first use (SAM only when a trigger fires)."""
 
-    def __init__(self, *, manifest: Manifest, tokenizer: Tokenizer, backend):
+    def __init__(self, *, manifest: Manifest, tokenizer: Tokenizer, backend, low_memory: bool = False):
         self.manifest, self.tokenizer, self.backend = manifest, tokenizer, backend
+        # low_memory: the graphs run once per image (vision, sam_encoder) are unloaded after each use and loaded
+        # again when the next image needs them: their sessions (7B-336 int4: 0.51 + 0.79 GB) are not held next
+        # to the llm's, at the cost of a session load per image
+        self.low_memory = low_memory
         self.config = manifest.config
         self.tokens = manifest.tokens
         self.embeddings = np.load(manifest.path(manifest.embeddings.file), mmap_mode="r")
@@ -77,12 +81,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, build_dir: str | Path, backend: str = "onnxruntime", providers: list[str] | None = None,
-             *, threads: int | None = None, verify: bool = True) -> "Pipeline":
+             *, threads: int | None = None, verify: bool = True, low_memory: bool = False) -> "Pipeline":
         from nxc.runtime.backends import get_backend
         manifest = load_manifest(build_dir, verify=verify)
         tokenizer = Tokenizer.from_file(manifest.path(manifest.tokenizer_file))
         return cls(manifest=manifest, tokenizer=tokenizer,
-                   backend=get_backend(backend, providers=providers, threads=threads))
+                   backend=get_backend(backend, providers=providers, threads=threads), low_memory=low_memory)
 
     def runner(self, graph: str):
         with self._lock:
@@ -92,6 +96,15 @@ class Pipeline:
 
     def run(self, graph: str, **feeds) -> dict[str, np.ndarray]:
         return self.runner(graph).run(feeds)
+
+    def run_once_per_image(self, graph: str, **feeds) -> dict[str, np.ndarray]:
+        """run() for vision / sam_encoder; in low_memory mode the graph's session is unloaded afterwards."""
+        try:
+            return self.runner(graph).run(feeds)
+        finally:
+            if self.low_memory:
+                with self._lock:
+                    self._runners.pop(graph, None)
 
     def new_cache(self, capacity: int | None = None) -> KVCache:
         """A KV cache in the backend's memory (host for CPU, device for CUDA / TensorRT)."""
@@ -216,7 +229,7 @@ class Conversation:
             with self.timeline.stage("preprocess"):
                 px = pp.clip_pixels(self.image, clip.size, mean=clip.mean, std=clip.std, resample=clip.resample)
             with self.timeline.stage("vision"):
-                self._features = self.pipe.run(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
+                self._features = self.pipe.run_once_per_image(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
         return self._features
 
     def sam_embedding(self) -> np.ndarray:
@@ -225,7 +238,8 @@ class Conversation:
             with self.timeline.stage("preprocess"):
                 px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std, resample=sam.resample)
             with self.timeline.stage("sam_encoder"):
-                self._sam_embedding = self.pipe.run(names.GRAPH_SAM_ENCODER, image=px)["image_embedding"]
+                self._sam_embedding = self.pipe.run_once_per_image(names.GRAPH_SAM_ENCODER,
+                                                                   image=px)["image_embedding"]
         return self._sam_embedding
 
     # -- a turn ----------------------------------------------------------------------------------------
