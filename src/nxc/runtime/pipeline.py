@@ -100,7 +100,7 @@ class Pipeline:
     def run_once_per_image(self, graph: str, **feeds) -> dict[str, np.ndarray]:
         """run() for vision / sam_encoder; in low_memory mode the graph's session is unloaded afterwards."""
         try:
-            return self.runner(graph).run(feeds)
+            return self.run(graph, **feeds)
         finally:
             if self.low_memory:
                 with self._lock:
