@@ -143,3 +143,20 @@ def test_low_memory_unloads_the_once_per_image_sessions_and_answers_the_same(emb
         assert names.GRAPH_VISION not in lean._runners and names.GRAPH_SAM_ENCODER not in lean._runners
         assert names.GRAPH_LLM in lean._runners
     assert names.GRAPH_VISION in embedded_pipe._runners, "the default keeps them"
+
+
+def test_n_grounded_completions_share_one_sam_encoding(embedded_build, prompts, alone):
+    from nxc import names
+    from nxc.runtime.pipeline import Pipeline
+    pipe = Pipeline.load(embedded_build)
+    calls = []
+    run = pipe.run
+    pipe.run = lambda graph, **feeds: (calls.append(graph), run(graph, **feeds))[1]
+    k = next(i for i, r in enumerate(alone) if r.detections)
+    _, img, q, boxes = prompts[k]
+    b = Batcher(pipe, max_batch=4)
+    got = [h.result() for h in b.submit_n(pipe.conversation(img), q, 3, boxes=boxes, max_new_tokens=40)]
+    b.close()
+    for r in got:                                         # greedy: three copies of the one answer, masks included
+        assert_same(r, alone[k], "greedy completion")
+    assert calls.count(names.GRAPH_SAM_ENCODER) == 1 and calls.count(names.GRAPH_SAM_DECODER) == 3

@@ -30,7 +30,7 @@ from nxc import names
 from nxc.decode import Row, choose
 from nxc.runtime.backends import BackendError
 from nxc.runtime.kv_cache import BatchCache
-from nxc.runtime.pipeline import PREFILL_CHUNK, Conversation, Done, _Reply, _Turn
+from nxc.runtime.pipeline import PREFILL_CHUNK, Conversation, Done, _Reply, _Shared, _Turn
 from nxc.runtime.timing import NO_TIMELINE
 
 
@@ -101,6 +101,7 @@ def _twin(conv: Conversation) -> Conversation:
     twin = Conversation(conv.pipe, conv.image)
     twin.history, twin.history_slots = list(conv.history), list(conv.history_slots)
     twin._features, twin._sam_embedding = conv._features, conv._sam_embedding
+    conv._sam_share = twin._sam_share = conv._sam_share or _Shared()     # one SAM encoding for all n
     return twin
 
 

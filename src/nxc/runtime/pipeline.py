@@ -13,6 +13,7 @@ Threading: a Pipeline (its sessions) may be shared by threads; a Conversation be
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
@@ -156,6 +157,13 @@ def _check_beams(num_beams, length_penalty, early_stopping, sampling: SamplingPa
                          "sample)")
 
 
+class _Shared:
+    """A value computed once for several conversations on one image (their SAM image embedding)."""
+
+    def __init__(self):
+        self.lock, self.value = threading.Lock(), None
+
+
 @dataclass
 class _Turn:
     """A turn's checked arguments and prompt."""
@@ -205,6 +213,7 @@ class Conversation:
         self.history_slots: list[np.ndarray] = []     # the value of every emitted slot so far, in order
         self._features: np.ndarray | None = None
         self._sam_embedding: np.ndarray | None = None
+        self._sam_share: _Shared | None = None      # n completions of one turn share one SAM image encoding
         self.timeline = NO_TIMELINE
         self._busy, self._owner = threading.Lock(), None      # one turn at a time: stream / add_turn claim it
 
@@ -234,12 +243,19 @@ class Conversation:
 
     def sam_embedding(self) -> np.ndarray:
         if self._sam_embedding is None:
-            sam = self.pipe.manifest.sam
-            with self.timeline.stage("preprocess"):
-                px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std, resample=sam.resample)
-            with self.timeline.stage("sam_encoder"):
-                self._sam_embedding = self.pipe.run_once_per_image(names.GRAPH_SAM_ENCODER,
-                                                                   image=px)["image_embedding"]
+            share = self._sam_share
+            with share.lock if share is not None else contextlib.nullcontext():
+                if share is not None and share.value is not None:
+                    self._sam_embedding = share.value
+                    return self._sam_embedding
+                sam = self.pipe.manifest.sam
+                with self.timeline.stage("preprocess"):
+                    px = pp.sam_pixels(self.image, sam.size, mean=sam.mean, std=sam.std, resample=sam.resample)
+                with self.timeline.stage("sam_encoder"):
+                    self._sam_embedding = self.pipe.run_once_per_image(names.GRAPH_SAM_ENCODER,
+                                                                       image=px)["image_embedding"]
+                if share is not None:
+                    share.value = self._sam_embedding
         return self._sam_embedding
 
     # -- a turn ----------------------------------------------------------------------------------------
