@@ -30,11 +30,7 @@ def log(msg: str) -> None:
 
 
 def _filled(pipe, slots: int, past: int, stride: int | None):
-    from nxc.runtime.kv_cache import BatchCache
-    llm = pipe.config.llm
-    c = BatchCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
-                   head_dim=llm.hidden_size // llm.num_heads, slots=slots, capacity=pipe.manifest.max_context,
-                   dtype=pipe.kv_dtype)
+    _, c = pipe.batch_rows(slots, what="this benchmark", instead="use the onnxruntime backend on CPU")
     c.reserve(stride or past + 1)
     rng = np.random.default_rng(0)
     for name, buf in c.buffers.items():

@@ -172,7 +172,6 @@ def beam_search(*, logits, hidden, fed: int, step: Callable, heads: Mapping[int,
     scores = np.full(nb, neg, np.float32)
     scores[0] = 0.0                                           # the beams start as copies: only the first counts
     feds = [fed] * nb
-    xs: list = [None] * nb
     finished: list[Hypothesis] = []
     improvable = True
     n = 0

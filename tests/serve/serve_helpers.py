@@ -36,6 +36,28 @@ class LiveServer:
 
 
 
+def start_nxc_serve(build, port: int):
+    """`nxc-serve BUILD --port PORT` in its own process, returned once /healthz answers (within 60 s)."""
+    import subprocess
+    import sys
+
+    import httpx
+    proc = subprocess.Popen([sys.executable, "-m", "nxc.serve.cli", str(build), "--port", str(port),
+                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            return proc, health
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read())
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("nxc-serve did not answer within 60 s")
+            time.sleep(0.2)
+
+
 def data_uri(image) -> str:
     buf = io.BytesIO()
     image.save(buf, "PNG")

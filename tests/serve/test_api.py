@@ -11,7 +11,7 @@ from PIL import Image
 
 from nxc.serve import rle
 from nxc.shapes.data import make_sample, make_scene
-from serve_helpers import data_uri, free_port
+from serve_helpers import data_uri, free_port, start_nxc_serve
 
 
 def iou(a, b):
@@ -306,25 +306,13 @@ def test_serve_imports_no_torch(embedded_build):
 
 
 def test_cli_serves_and_refuses_a_bad_build(embedded_build, tmp_path):
-    import time
-
     import httpx
 
     bad = subprocess.run([sys.executable, "-m", "nxc.serve.cli", str(tmp_path / "nope")], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("nxc-serve: ") and "Traceback" not in bad.stderr
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nxc.serve.cli", str(embedded_build), "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, health = start_nxc_serve(embedded_build, port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline, "nxc-serve did not answer within 60 s"
-                time.sleep(0.2)
         assert health.json() == {"status": "ok", "model": f"nxc-{embedded_build.name}"}
         page = httpx.get(f"http://127.0.0.1:{port}/", timeout=5)
         assert page.status_code == 200 and "<html" in page.text.lower()

@@ -1,9 +1,6 @@
 """nxc-serve on the continuous-batching scheduler: n completions, beams, 503 under pressure, disconnects that free
 their row, SIGTERM draining, and the batch metrics."""
-import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -12,7 +9,7 @@ import numpy as np
 import pytest
 
 from nxc.shapes.data import make_scene
-from serve_helpers import LiveServer, data_uri, free_port
+from serve_helpers import LiveServer, free_port, start_nxc_serve
 from test_api import join_stream, sse, user
 
 
@@ -176,19 +173,8 @@ def test_sigterm_finishes_the_running_streams_then_stops(embedded_build, embedde
 
 
 def test_sigterm_ends_nxc_serve_cleanly(embedded_build):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nxc.serve.cli", str(embedded_build), "--port", str(port),
-                             "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc, _ = start_nxc_serve(embedded_build, free_port())
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read()
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=60)
         # uvicorn re-raises the signal after its graceful shutdown: the exit status is SIGTERM's

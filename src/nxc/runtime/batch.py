@@ -28,8 +28,6 @@ import numpy as np
 
 from nxc import names
 from nxc.decode import Row, choose
-from nxc.runtime.backends import BackendError
-from nxc.runtime.kv_cache import BatchCache
 from nxc.runtime.pipeline import PREFILL_CHUNK, Conversation, Done, _Reply, _Shared, _Turn
 from nxc.runtime.timing import NO_TIMELINE
 
@@ -112,16 +110,9 @@ class Batcher:
     def __init__(self, pipe, *, max_batch: int = 8, max_queue: int = 32):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        runner = pipe.runner(names.GRAPH_LLM)
-        if not hasattr(runner, "run_rows") or pipe.backend.kv_memory.device != "cpu":
-            raise BackendError(f"batched decoding runs on the onnxruntime backend with the KV cache in host memory; "
-                               f"this pipeline uses {pipe.backend.name} with its cache on "
-                               f"{pipe.backend.kv_memory.device}: decode one turn at a time (Conversation.stream)")
-        llm = pipe.config.llm
-        self.pipe, self.runner, self.max_batch, self.max_queue = pipe, runner, max_batch, max_queue
-        self.cache = BatchCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
-                                head_dim=llm.hidden_size // llm.num_heads, slots=max_batch,
-                                capacity=pipe.manifest.max_context, dtype=pipe.kv_dtype)
+        self.runner, self.cache = pipe.batch_rows(max_batch, what="batched decoding",
+                                                  instead="decode one turn at a time (Conversation.stream)")
+        self.pipe, self.max_batch, self.max_queue = pipe, max_batch, max_queue
         self._waiting: deque[_Request] = deque()
         self._rows: list[_Request] = []          # decoding, in slot order
         self._prefilling: _Request | None = None  # in slot len(self._rows)

@@ -34,7 +34,41 @@ class HostMemory:
         return buf, buf.ctypes.data
 
 
-class KVCache:
+class _Rows:
+    """The length rules of one row's cache (KVCache, and SlotCache inside a BatchCache): `length` valid positions
+    of `capacity`; subclasses say where the length lives (_set_length)."""
+    capacity: int
+    length: int
+    row_shape: tuple[int, int]
+
+    def _set_length(self, length: int) -> None:
+        raise NotImplementedError
+
+    def shape(self, rows: int) -> tuple[int, ...]:
+        return (1, rows, *self.row_shape)
+
+    def room(self) -> int:
+        return self.capacity - self.length
+
+    def check_room(self, new: int) -> None:
+        if new > self.room():
+            raise CacheFullError(f"{self.length} positions are cached and {new} more do not fit in the build's "
+                                 f"context of {self.capacity}; shorten the conversation or re-export with a larger "
+                                 "--max-context")
+
+    def advance(self, rows: int) -> None:
+        """The graph has written `rows` new rows at [length, length + rows)."""
+        self.check_room(rows)
+        self._set_length(self.length + rows)
+
+    def truncate(self, length: int) -> None:
+        """Forget everything after `length` positions (e.g. to re-run a turn)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self._set_length(length)
+
+
+class KVCache(_Rows):
     """Batch 1. `length` rows are valid in every buffer; `capacity` is fixed at creation."""
 
     def __init__(self, *, num_layers: int, num_kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
@@ -65,9 +99,6 @@ class KVCache:
         """Address of `row` in the buffer of `past_name` (the present output of T rows is bound at row P)."""
         return self._base[past_name] + row * self.row_bytes
 
-    def shape(self, rows: int) -> tuple[int, ...]:
-        return (1, rows, *self.row_shape)
-
     def step_inputs(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
         """The llm's non-cache inputs for feeding [1,T,H] `embeds` after the cached rows (views, no copies)."""
         p, t = self.length, embeds.shape[1]
@@ -85,24 +116,7 @@ class KVCache:
         """Host caches only: the valid rows of each buffer, [1, length, kv, D] views (tests, inspection)."""
         return {n: b[:, :self.length] for n, b in self.arrays_full().items()}
 
-    def room(self) -> int:
-        return self.capacity - self.length
-
-    def check_room(self, new: int) -> None:
-        if new > self.room():
-            raise CacheFullError(f"{self.length} positions are cached and {new} more do not fit in the build's "
-                                 f"context of {self.capacity}; shorten the conversation or re-export with a larger "
-                                 "--max-context")
-
-    def advance(self, rows: int) -> None:
-        """The graph has written `rows` new rows at [length, length + rows)."""
-        self.check_room(rows)
-        self.length += rows
-
-    def truncate(self, length: int) -> None:
-        """Forget everything after `length` positions (e.g. to re-run a turn)."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+    def _set_length(self, length: int) -> None:
         self.length = length
 
 
@@ -215,7 +229,7 @@ class BatchCache:
         self.lengths[:rows] += 1
 
 
-class SlotCache:
+class SlotCache(_Rows):
     """One row of a BatchCache, with KVCache's interface for batch-1 calls (a prefill into its slot)."""
 
     def __init__(self, batch: BatchCache, slot: int):
@@ -229,11 +243,11 @@ class SlotCache:
     def length(self) -> int:
         return int(self.batch.lengths[self.slot])
 
+    def _set_length(self, length: int) -> None:
+        self.batch.lengths[self.slot] = length
+
     def address(self, past_name: str, row: int) -> int:
         return self.batch.address(past_name, self.slot, row)
-
-    def shape(self, rows: int) -> tuple[int, ...]:
-        return (1, rows, *self.row_shape)
 
     def step_inputs(self, embeds: np.ndarray) -> dict[str, np.ndarray]:
         p, t = self.length, embeds.shape[1]
@@ -244,21 +258,3 @@ class SlotCache:
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {n: b[self.slot:self.slot + 1, :self.length] for n, b in self.batch.buffers.items()}
-
-    def room(self) -> int:
-        return self.capacity - self.length
-
-    def check_room(self, new: int) -> None:
-        if new > self.room():
-            raise CacheFullError(f"{self.length} positions are cached and {new} more do not fit in the build's "
-                                 f"context of {self.capacity}; shorten the conversation or re-export with a larger "
-                                 "--max-context")
-
-    def advance(self, rows: int) -> None:
-        self.check_room(rows)
-        self.batch.lengths[self.slot] += rows
-
-    def truncate(self, length: int) -> None:
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
-        self.batch.lengths[self.slot] = length

@@ -114,6 +114,20 @@ class Pipeline:
                        head_dim=llm.hidden_size // llm.num_heads, capacity=capacity or self.manifest.max_context,
                        dtype=self.kv_dtype, memory=self.backend.kv_memory)
 
+    def batch_rows(self, slots: int, *, what: str, instead: str):
+        """(the llm runner, a BatchCache of `slots` rows) for decoding rows together: ONNX Runtime with the KV cache
+        in host memory; elsewhere a BackendError naming `what` needs it and what to do `instead`."""
+        runner = self.runner(names.GRAPH_LLM)
+        device = self.backend.kv_memory.device
+        if not hasattr(runner, "run_rows") or device != "cpu":
+            from nxc.runtime.backends import BackendError
+            raise BackendError(f"{what} runs on the onnxruntime backend with the KV cache in host memory; this "
+                               f"pipeline uses {self.backend.name} with its cache on {device}: {instead}")
+        llm = self.config.llm
+        return runner, BatchCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
+                                  head_dim=llm.hidden_size // llm.num_heads, slots=slots,
+                                  capacity=self.manifest.max_context, dtype=self.kv_dtype)
+
     def llm_step(self, embeds: np.ndarray, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
         """Feed [1,T,H] embeddings after the cache (written in place); -> last logits [V], hidden [1,H].
         A prompt longer than PREFILL_CHUNK rows goes in in chunks, each after the cache the previous one wrote:
@@ -384,15 +398,7 @@ class Conversation:
             prompt rows (this cache) ─copy─▶ row 0 ─▶ per step: rows reordered to their beams (one copy of the
             rows that change), one llm call for all beams, heads for the beams fed a trigger (nxc.decode)"""
         pipe = self.pipe
-        runner = pipe.runner(names.GRAPH_LLM)
-        if not hasattr(runner, "run_rows") or self.cache.device != "cpu":
-            from nxc.runtime.backends import BackendError
-            raise BackendError(f"beam search runs on the onnxruntime backend with the KV cache in host memory, not "
-                               f"{pipe.backend.name} with its cache on {self.cache.device}; use num_beams=1")
-        llm = pipe.config.llm
-        batch = BatchCache(num_layers=llm.num_layers, num_kv_heads=llm.num_kv_heads,
-                           head_dim=llm.hidden_size // llm.num_heads, slots=num_beams, capacity=self.cache.capacity,
-                           dtype=self.cache.dtype)
+        runner, batch = pipe.batch_rows(num_beams, what="beam search", instead="use num_beams=1")
         p = self.cache.length
         batch.reserve(p + 1)
         for name, rows in self.cache.arrays().items():

@@ -123,35 +123,34 @@ class Server:
             raise proto.ApiError(404, f"the model {name!r} does not exist here; this server serves {self.model!r} "
                                       "(GET /v1/models)", "model_not_found")
 
-    def start(self, req: proto.ChatRequest) -> "_Turns":
-        """Rebuild the conversation from the request and start the turn (n of them for n > 1). Prompt errors raise
-        here (400s); a full queue is a 503."""
+    def _conversation(self, req: proto.ChatRequest):
+        """The request's conversation, rebuilt from the messages it sent."""
         conv = self.pipe.conversation(req.image)
         for t in req.history:
             conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
+        return conv
+
+    def start(self, req: proto.ChatRequest) -> "_Turns":
+        """Start the request's turn (n of them for n > 1). Prompt errors raise here (400s); a full queue is a 503."""
         if self.batcher is not None and not req.beams:
             timelines = [Timeline() for _ in range(req.n)]
             try:
-                handles = self.batcher.submit_n(conv, req.question, req.n, boxes=req.boxes, timelines=timelines,
-                                                **req.sampling)
+                handles = self.batcher.submit_n(self._conversation(req), req.question, req.n, boxes=req.boxes,
+                                                timelines=timelines, **req.sampling)
             except QueueFull as e:
                 raise proto.ApiError(503, f"the server is busy ({e})", "overloaded") from None
             except Closed as e:
                 raise proto.ApiError(503, str(e), "shutting_down") from None
             return _Turns(handles, timelines, [h.cancel for h in handles])
         sources, timelines = [], []
-        for i in range(req.n):                   # one turn per thread: n turns one after the other
+        for i in range(req.n):                   # one turn per thread: completion i samples with seed + i
             timeline = Timeline()
-            sampling = {**req.sampling, "seed": req.sampling["seed"] + i} if "seed" in req.sampling and i else req.sampling
-            events = conv.stream(req.question, boxes=req.boxes, timeline=timeline, **sampling, **req.beams)
+            seed = {"seed": req.sampling["seed"] + i} if "seed" in req.sampling else {}
+            events = self._conversation(req).stream(req.question, boxes=req.boxes, timeline=timeline,
+                                                    **{**req.sampling, **seed}, **req.beams)
             first = next(events)                  # prefill happens here: prompt errors surface as 400s
             sources.append(chain([first], events))
             timelines.append(timeline)
-            if i + 1 < req.n:
-                sources[-1] = [ev for ev in sources[-1]]      # the conversation answers one turn at a time
-                conv = self.pipe.conversation(req.image)
-                for t in req.history:
-                    conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
         return _Turns(sources, timelines, [])
 
     def collect(self, turns: "_Turns") -> list:

@@ -54,62 +54,54 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            if self.batcher is not None:
-                self._submit(request, sender)
+            if self.batcher is None:
+                _answer(sender, chat_events(self.pipe, partial(_input, request)))
                 continue
-            try:
-                for ev in chat_events(self.pipe, partial(_input, request)):
-                    if sender.is_cancelled():
-                        break
-                    out = pb_utils.Tensor(EVENT, np.array([json.dumps(ev)], dtype=np.object_))
-                    sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
-            except REQUEST_ERRORS as e:
-                sender.send(_error(str(e), "INVALID_ARG"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            try:                                             # queued: errors in the request are answered now
+                handle = submit_chat(self.pipe, self.batcher, partial(_input, request))
+            except (QueueFull, Closed) as e:
+                _fail(sender, f"nxc_chat is busy: {e}", "UNAVAILABLE")
                 continue
-            except Exception as e:                               # a failed graph: say so, keep serving
-                pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
-                sender.send(_error(f"{type(e).__name__}: {e}", "INTERNAL"),
-                            flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as e:                           # noqa: BLE001 -- answered, the model keeps serving
+                _refuse(sender, e)
                 continue
-            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            threading.Thread(target=_answer, args=(sender, (event(ev) for ev in handle), handle.cancel),
+                             daemon=True).start()
         return None
-
-    def _submit(self, request, sender):
-        """Queue the request's turn (errors answered at once) and answer it from a thread of its own."""
-        try:
-            handle = submit_chat(self.pipe, self.batcher, partial(_input, request))
-        except REQUEST_ERRORS as e:
-            sender.send(_error(str(e), "INVALID_ARG"), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        except (QueueFull, Closed) as e:
-            sender.send(_error(f"nxc_chat is busy: {e}", "UNAVAILABLE"),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        except Exception as e:                               # a failed graph (vision through BLS): keep serving
-            pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
-            sender.send(_error(f"{type(e).__name__}: {e}", "INTERNAL"),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        threading.Thread(target=self._respond, args=(handle, sender), daemon=True).start()
-
-    def _respond(self, handle, sender):
-        try:
-            for ev in handle:
-                if sender.is_cancelled():
-                    handle.cancel()
-                    break
-                out = pb_utils.Tensor(EVENT, np.array([json.dumps(event(ev))], dtype=np.object_))
-                sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
-        except Exception as e:                               # a failed graph: say so, keep serving
-            pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
-            sender.send(_error(f"{type(e).__name__}: {e}", "INTERNAL"),
-                        flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return
-        sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def finalize(self):
         if self.batcher is not None:
             self.batcher.close(drain=True, timeout=60)
+
+
+def _answer(sender, events, cancel=None) -> None:
+    """Send each event, then the final flag; a request error or a failed graph ends the stream with an error
+    response (the model keeps serving). A request Triton cancels stops (and `cancel()` frees its row)."""
+    try:
+        for ev in events:
+            if sender.is_cancelled():
+                if cancel is not None:
+                    cancel()
+                break
+            out = pb_utils.Tensor(EVENT, np.array([json.dumps(ev)], dtype=np.object_))
+            sender.send(pb_utils.InferenceResponse(output_tensors=[out]))
+    except Exception as e:                                   # noqa: BLE001 -- answered, the model keeps serving
+        _refuse(sender, e)
+        return
+    sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+def _refuse(sender, e: Exception) -> None:
+    """The final error response: the runtime's one-line message for a bad request, the error of a failed graph."""
+    if isinstance(e, REQUEST_ERRORS):
+        _fail(sender, str(e), "INVALID_ARG")
+        return
+    pb_utils.Logger.log_error(f"nxc_chat: {type(e).__name__}: {e}")
+    _fail(sender, f"{type(e).__name__}: {e}", "INTERNAL")
+
+
+def _fail(sender, message: str, code_name: str) -> None:
+    sender.send(_error(message, code_name), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
 
 def _input(request, name: str):
