@@ -143,6 +143,17 @@ def test_low_memory_unloads_the_once_per_image_sessions_and_answers_the_same(emb
         assert names.GRAPH_VISION not in lean._runners and names.GRAPH_SAM_ENCODER not in lean._runners
         assert names.GRAPH_LLM in lean._runners
     assert names.GRAPH_VISION in embedded_pipe._runners, "the default keeps them"
+    # a grounded turn gives its KV cache back before SAM runs; the next turn prefills again and answers the same
+    convs = [lean.conversation(img), embedded_pipe.conversation(img)]
+    seen = []
+    sam = lean.run_once_per_image
+    lean.run_once_per_image = lambda graph, **f: (seen.append((graph, convs[0].cache.length)), sam(graph, **f))[1]
+    first = [c.ask(q, boxes=boxes, max_new_tokens=40) for c in convs]
+    assert (names.GRAPH_SAM_ENCODER, 0) in seen, f"SAM ran beside a filled cache: {seen}"
+    assert convs[1].cache.length > 0, "the default keeps the cache"
+    assert_same(first[0], first[1], "low memory, first turn")
+    follow = [c.ask("What else is in the image?", max_new_tokens=20) for c in convs]
+    assert_same(follow[0], follow[1], "low memory, next turn")
 
 
 def test_n_grounded_completions_share_one_sam_encoding(embedded_build, prompts, alone):

@@ -281,7 +281,7 @@ class Batcher:
             last = len(self._rows) - 1
             conv = self._rows[i].conv
             self.cache.close(i)
-            conv.cache, conv.cached_ids = self.pipe.new_cache(), []    # a next turn of it prefills again
+            conv.forget_cache()    # its row is gone: a next turn of it prefills again
             if i != last:
                 self.cache.move(last, i)
             self._rows[i] = self._rows[last]

@@ -70,7 +70,9 @@ class Pipeline:
         self.manifest, self.tokenizer, self.backend = manifest, tokenizer, backend
         # low_memory: the graphs run once per image (vision, sam_encoder) are unloaded after each use and loaded
         # again when the next image needs them: their sessions (7B-336 int4: 0.51 + 0.79 GB) are not held next
-        # to the llm's, at the cost of a session load per image
+        # to the llm's, at the cost of a session load per image; and a conversation gives back its KV cache before
+        # a reply's once-per-reply stages (SAM; 7B: 0.5 MB per position) so they never run beside it, at the cost
+        # of prefilling the conversation again at its next turn
         self.low_memory = low_memory
         self.config = manifest.config
         self.tokens = manifest.tokens
@@ -451,6 +453,11 @@ class Conversation:
                 events.append(event)
         return events
 
+    def forget_cache(self) -> None:
+        """Give back the KV cache's memory; the next turn prefills the whole conversation again."""
+        self.cache = None
+        self.cache, self.cached_ids = self.pipe.new_cache(), []
+
     def _finish(self, reply: _Reply, ids: list[int], region: np.ndarray, user_text: str, threshold) -> ChatResult:
         """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
         for bound in self.pipe.dispatch.heads:
@@ -489,6 +496,8 @@ class Conversation:
             yield from self._beams(logits, hidden, turn, reply, num_beams, length_penalty, early_stopping)
         else:
             yield from self._decode(logits, hidden, turn.ids[-1], turn.max_new, turn.sampling, reply)
+        if self.pipe.low_memory and reply.found:
+            self.forget_cache()        # the heads' stages (SAM) run without the KV cache beside them
         result = self._finish(reply, turn.ids, turn.region, turn.user_text, turn.threshold)
         self.timeline.finish()
         self.timeline = NO_TIMELINE
