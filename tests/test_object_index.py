@@ -64,3 +64,34 @@ def test_bad_proposal_count():
 
 def test_one_hundred_object_tokens():
     assert obj_token(0) == "<obj0>" and obj_token(99) == "<obj99>" and len(ADDED_TOKENS) == 105
+
+
+def test_render_numbers_the_boxes_and_keeps_a_grounding_without_boxes_as_its_phrase():
+    from nxc.object_index import Grounding, render
+    raw = ("<ground> a red circle </ground> <objects> <obj3> </objects> and <ground> a square </ground> <objects> "
+           "<obj9> </objects> and <ground> two stars </ground> <objects> <obj0> <obj1> </objects> .")
+    got = render(raw, [Grounding("a red circle", [3]), Grounding("a square", [], [9]), Grounding("two stars", [0, 1])])
+    assert got == "a red circle [0] and a square and two stars [1, 2] ."
+
+
+def test_retrieval_prompt_lists_the_objects_after_the_image_and_region_boxes_after_them():
+    from nxc.prompt import PromptFormat, Turn, prompt_segments
+    fmt = PromptFormat(objects=2)
+    segs, order = prompt_segments("What is [0] next to [1]?", num_image_tokens=2, num_boxes=2, fmt=fmt,
+                                  history=[Turn("Find the <obj1> please [0]",
+                                                "<ground>a red circle</ground><objects><obj1></objects> .")])
+    text = "".join(s.text for s in segs)
+    span = "<im_start><im_patch><im_patch><im_end>"
+    assert text.startswith(f"{names_system()} USER: {span}\n<obj0><objfeat><obj1><objfeat>\nFind the <obj1> please "
+                           "<obj2><objfeat> ASSISTANT: <ground>a red circle</ground><objects><obj1></objects> .</s>")
+    assert text.endswith("USER: What is <obj3><objfeat> next to <obj4><objfeat>? ASSISTANT:") and order == [0, 1]
+    control = [s.text for s in segs if s.control]
+    plain = [s.text for s in segs if not s.control]
+    assert "Find the <obj1> please " in plain, "an index the user typed stays text"
+    assert any(c.endswith("<ground>") for c in control) and "</ground><objects><obj1></objects>" in control, \
+        "an earlier reply's tags and indices are tokens"
+
+
+def names_system():
+    from nxc import names
+    return names.SYSTEM_PROMPT

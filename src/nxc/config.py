@@ -82,15 +82,57 @@ class SamSizes:
 
 
 @dataclass(frozen=True)
+class ObjectSizes:
+    """The retrieval family's own parts (nxc.model.retrieval; config.json "objects"): the square frame the proposal
+    detector and the object encoder read, the encoder's levels, and the proposals kept."""
+    image_size: int = 128                       # side of the square frame (white pad, centred, as CLIP's)
+    channels: tuple[int, ...] = (32, 64, 96)    # object encoder levels, strides 4, 8, 16
+    roi_size: int = 7                           # RoI-align bins, mean-pooled
+    box_frequencies: int = 16                   # sine embedding of the box: 4 coordinates x (sin, cos) x this
+    max_proposals: int = 16                     # the proposals graph's fixed K (top-k inside the graph)
+    score_threshold: float = 0.3                # applied after the graph (nxc.proposal_filter), with NMS
+    nms_iou: float = 0.5
+    proposals: dict = field(default_factory=dict, compare=False, hash=False)   # the detector's sizes
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the object encoder's feature map (stride 4)."""
+        return self.image_size // 4
+
+    @property
+    def feature_channels(self) -> int:
+        return sum(self.channels)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ObjectSizes":
+        return cls(**{**d, "channels": tuple(d["channels"])})
+
+
+GROUNDING_FAMILIES = ("regression", "retrieval")
+
+
+@dataclass(frozen=True)
 class NextChatConfig:
+    """A grounded model's sizes. grounding "regression": NExT-Chat (location heads, SAM); "retrieval": the
+    ChatRex-style family (nxc.model.retrieval: `objects` set, no SAM)."""
     llm: LlamaSizes
     vision: VisionSizes
-    sam: SamSizes
+    sam: SamSizes | None
     mm_hidden_size: int
     mm_depth: int = 2
     mm_vision_select_layer: int = -2
     mm_use_im_start_end: bool = True
     extra: dict = field(default_factory=dict, compare=False, hash=False)
+    objects: ObjectSizes | None = None
+
+    @property
+    def grounding(self) -> str:
+        return "retrieval" if self.objects is not None else "regression"
 
     @property
     def num_image_tokens(self) -> int:
@@ -99,15 +141,24 @@ class NextChatConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("extra")
+        if self.objects is None:
+            d.pop("objects")
+        else:
+            d["objects"] = self.objects.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "NextChatConfig":
-        sam = dict(d["sam"])
-        sam["encoder_global_attn_indexes"] = tuple(sam["encoder_global_attn_indexes"])
-        return cls(llm=LlamaSizes(**d["llm"]), vision=VisionSizes(**d["vision"]), sam=SamSizes(**sam),
+        sam = None
+        if d.get("sam") is not None:
+            sam = dict(d["sam"])
+            sam["encoder_global_attn_indexes"] = tuple(sam["encoder_global_attn_indexes"])
+            sam = SamSizes(**sam)
+        objects = ObjectSizes.from_dict(d["objects"]) if d.get("objects") is not None else None
+        return cls(llm=LlamaSizes(**d["llm"]), vision=VisionSizes(**d["vision"]), sam=sam,
                    mm_hidden_size=d["mm_hidden_size"], mm_depth=d["mm_depth"],
-                   mm_vision_select_layer=d["mm_vision_select_layer"], mm_use_im_start_end=d["mm_use_im_start_end"])
+                   mm_vision_select_layer=d["mm_vision_select_layer"], mm_use_im_start_end=d["mm_use_im_start_end"],
+                   objects=objects)
 
 
 def llama_sizes_from_config_json(cfg: dict, *, source: str = "config.json") -> LlamaSizes:

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from nxc import names
-from nxc.config import LlamaSizes, NextChatConfig, SamSizes, VisionSizes
+from nxc.config import LlamaSizes, NextChatConfig, ObjectSizes, SamSizes, VisionSizes
 from nxc.jsonfield import Field, shown, too_deep
 from nxc.manifest_types import (BATCH_ROWS, EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
                                 MAX_DEPTH, PRECISIONS, REQUIRED_TOKENS, SCHEMA, BuildError, EmbeddingsSpec, FileEntry,
@@ -151,22 +151,24 @@ def _parse(data, root: Path) -> Manifest:
     files = {rel: _file_entry(top["files"], rel, f) for rel, f in top["files"].items()}
     axes = _axes(top["axes"])
     for g in top["graphs"].object():
-        if g not in names.GRAPHS:
-            raise top["graphs"].error(f"{g!r} is not a graph nxc exports ({', '.join(names.GRAPHS)})")
+        if g not in names.ALL_GRAPHS:
+            raise top["graphs"].error(f"{g!r} is not a graph nxc exports ({', '.join(names.ALL_GRAPHS)})")
     graphs = {g: _graph(f, g, axes, files) for g, f in top["graphs"].items()}
     heads = tuple(_head(f, tokens, graphs) for f in top["heads"].elements())
-    triggers = [h.trigger for h in heads]
+    triggers = [h.trigger for h in heads if h.trigger is not None]
     twice = next((t for t in triggers if triggers.count(t) > 1), None)
     if twice is not None:
         raise top["heads"].error(f"two heads have the trigger {twice!r}")
     pre, tokenizer = top["preprocess"], top["tokenizer"]
-    pre.object(known=("clip", "sam"))
+    pre.object(known=("clip", "sam", "objects"))
     tokenizer.object(known=("file",))
     return Manifest(
         root=root, schema=SCHEMA, nxc_version=top["nxc_version"].text(), created=top["created"].text(),
         source=MappingProxyType(top["source"].object()), precision=top["precision"].choice(PRECISIONS, "a precision"),
         config=config, tokens=MappingProxyType(tokens), prompt=_prompt(top["prompt"], config, max_context),
-        clip=_image(pre["clip"], config.vision.image_size), sam=_image(pre["sam"], config.sam.image_size),
+        clip=_image(pre["clip"], config.vision.image_size),
+        sam=_image(pre["sam"], config.sam.image_size) if config.sam is not None else None,
+        objects=_image(pre["objects"], config.objects.image_size) if config.objects is not None else None,
         generation=_generation(top["generation"], tokens), heads=heads, max_context=max_context,
         kv_cache=_kv_cache(top["kv_cache"], graphs.get(names.GRAPH_LLM)), axes=MappingProxyType(axes),
         embeddings=_embeddings(top["embeddings"], config, files), tokenizer_file=_listed(tokenizer["file"], files),
@@ -182,20 +184,26 @@ def _schema(f: Field) -> None:
         raise f.error(f"{shown(schema)} is not a schema this nxc reads ({SCHEMA})")
 
 
-def _sizes(f: Field, cls, *, signed: tuple[str, ...] = ()) -> dict:
+def _sizes(f: Field, cls, *, signed: tuple[str, ...] = (), nested: tuple[str, ...] = ()) -> dict:
     """The fields of one of nxc.config's sizes dataclasses, each of its annotated type; numbers are positive
-    unless `signed`, and tuples of ints (layer indexes) are >= 0."""
+    unless `signed`, and tuples of ints (layer indexes) are >= 0. `nested` fields are left to the caller."""
     read = {"int": lambda g: g.integer(1), "float": lambda g: g.number(positive=True), "str": Field.text,
             "bool": Field.flag, "tuple[int, ...]": lambda g: [e.integer(0) for e in g.elements()]}
     own = [x for x in fields(cls) if x.name != "extra"]
     f.object(known=tuple(x.name for x in own))
     return {x.name: f[x.name].integer(None) if x.name in signed else read.get(x.type, Field.object)(f[x.name])
-            for x in own}
+            for x in own if x.name not in nested}
 
 
 def _config(f: Field) -> NextChatConfig:
-    d = _sizes(f, NextChatConfig, signed=("mm_vision_select_layer",))
-    d.update(llm=_sizes(f["llm"], LlamaSizes), vision=_sizes(f["vision"], VisionSizes), sam=_sizes(f["sam"], SamSizes))
+    d = _sizes(f, NextChatConfig, signed=("mm_vision_select_layer",), nested=("llm", "vision", "sam", "objects"))
+    sam, objects = f.optional("sam"), f.optional("objects")
+    if (sam is None) == (objects is None):
+        raise f.error("expected exactly one of `sam` (a regression model, NExT-Chat) and `objects` (a retrieval "
+                      "model)")
+    d.update(llm=_sizes(f["llm"], LlamaSizes), vision=_sizes(f["vision"], VisionSizes),
+             sam=_sizes(sam, SamSizes) if sam is not None else None,
+             objects=_sizes(objects, ObjectSizes) if objects is not None else None)
     llm = d["llm"]
     if llm["hidden_size"] % llm["num_heads"] or llm["num_heads"] % llm["num_kv_heads"]:
         raise f["llm"].error(f"hidden_size {llm['hidden_size']}, num_heads {llm['num_heads']} and num_kv_heads "
@@ -306,21 +314,37 @@ def _head(f: Field, tokens: Mapping[str, int], graphs: Mapping[str, GraphEntry])
     for name, source in f["inputs"].items():
         if name not in ins:
             raise source.error(f"not an input of graph {graph} ({', '.join(ins)})")
-        inputs[name] = source.choice(HEAD_SOURCES, "a head input source")
+        inputs[name] = _head_source(source, graphs)
     for name in ins:
         f["inputs"][name]                                    # every input is fed: "missing" if absent
-    finish, enc_in, enc_out = (f.optional(k) for k in ("finish", "encode_input", "encode_output"))
+    trigger, feedback, finish, enc_in, enc_out = (f.optional(k) for k in ("trigger", "feedback", "finish",
+                                                                          "encode_input", "encode_output"))
     if (enc_in is None) != (enc_out is None):
         raise f.error("encode_input and encode_output come together (a region box in, its input row out)")
-    if f["emit"].value == f["trigger"].value:
+    if (trigger is None) != (feedback is None):
+        raise f.error("trigger and feedback come together (a head fired at decode time feeds its output back); "
+                      "a head with neither only encodes its slot's rows")
+    if trigger is None and enc_in is None:
+        raise f.error("a head without a trigger needs encode_input / encode_output (it exists for its slot rows)")
+    if trigger is not None and f["emit"].value == trigger.value:
         raise f["emit"].error(f"{f['emit'].value!r} is the trigger too (the head would fire on its own output)")
-    return Head(kind=f["kind"].text(), trigger=f["trigger"].choice(tokens, "a token of tokens"),
+    return Head(kind=f["kind"].text(), trigger=None if trigger is None else trigger.choice(tokens, "a token of tokens"),
                 emit=f["emit"].choice(tokens, "a token of tokens"), graph=graph, inputs=MappingProxyType(inputs),
                 collect=tuple(c.choice(outs, f"an output of graph {graph}") for c in f["collect"].elements()),
-                feedback=f["feedback"].choice(outs, f"an output of graph {graph}"),
+                feedback=None if feedback is None else feedback.choice(outs, f"an output of graph {graph}"),
                 finish=None if finish is None else finish.text(),
                 encode_input=None if enc_in is None else enc_in.choice(ins, f"an input of graph {graph}"),
                 encode_output=None if enc_out is None else enc_out.choice(outs, f"an output of graph {graph}"))
+
+
+def _head_source(f: Field, graphs: Mapping[str, GraphEntry]) -> str:
+    """A head input's source: "hidden", "zeros", or "<graph>:<output>" (an output of a graph run once per image)."""
+    if isinstance(f.value, str) and ":" in f.value:
+        graph, _, output = f.value.partition(":")
+        if graph not in graphs or output not in graphs[graph].spec.output_names:
+            raise f.error(f"{f.value!r} names no output of this build's graphs (<graph>:<output>)")
+        return f.value
+    return f.choice(HEAD_SOURCES, "a head input source")
 
 
 def _embeddings(f: Field, config: NextChatConfig, files: Mapping[str, FileEntry]) -> EmbeddingsSpec:

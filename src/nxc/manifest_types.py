@@ -72,15 +72,17 @@ class Head:
                                               ─▶ token `emit`, its input row the `feedback` output [1,H]
         region box (prompt) ─▶ graph(encode_input = box) ─▶ encode_output [1,H]: the input row of an `emit` slot
 
-    `inputs` maps every graph input to its source: "hidden" (the llm's hidden [1,H] of the trigger step) or
-    "zeros" (zeros of the input's shape, dynamic axes 1)."""
+    `inputs` maps every graph input to its source: "hidden" (the llm's hidden [1,H] of the trigger step),
+    "zeros" (zeros of the input's shape, dynamic axes 1) or "<graph>:<output>" (that output of a graph run once per
+    image, e.g. the retrieval family's "proposals:features"). A head with no trigger (and no feedback) never fires
+    while decoding: it exists for its slot's rows (the retrieval family's `<objfeat>`, kind "index")."""
     kind: str
-    trigger: str
+    trigger: str | None            # None: the head is never fired while decoding (it only encodes slot rows)
     emit: str
     graph: str
     inputs: Mapping[str, str]
     collect: tuple[str, ...]
-    feedback: str
+    feedback: str | None
     finish: str | None
     encode_input: str | None
     encode_output: str | None
@@ -135,7 +137,7 @@ class Manifest:
     tokens: Mapping[str, int]
     prompt: PromptSpec
     clip: ImagePreprocess
-    sam: ImagePreprocess
+    sam: ImagePreprocess | None            # regression (NExT-Chat) builds
     generation: Generation
     heads: tuple[Head, ...]
     max_context: int
@@ -145,13 +147,17 @@ class Manifest:
     tokenizer_file: str
     graphs: Mapping[str, GraphEntry]
     files: Mapping[str, FileEntry]
+    objects: ImagePreprocess | None = None  # retrieval builds: the square frame of proposals and object_features
 
     def to_dict(self) -> dict:
         """The JSON form, as manifest.json holds it."""
         return plain({
             "schema": self.schema, "nxc_version": self.nxc_version, "created": self.created, "source": self.source,
             "precision": self.precision, "config": self.config.to_dict(), "tokens": self.tokens,
-            "prompt": vars(self.prompt), "preprocess": {"clip": vars(self.clip), "sam": vars(self.sam)},
+            "prompt": vars(self.prompt), "preprocess": {"clip": vars(self.clip),
+                                                              **({"sam": vars(self.sam)} if self.sam else {}),
+                                                              **({"objects": vars(self.objects)} if self.objects
+                                                                 else {})},
             "generation": vars(self.generation), "heads": [vars(h) for h in self.heads],
             "max_context": self.max_context, "kv_cache": vars(self.kv_cache), "axes": self.axes,
             "embeddings": vars(self.embeddings), "tokenizer": {"file": self.tokenizer_file},

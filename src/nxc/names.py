@@ -36,6 +36,16 @@ GRAPH_LOC_HEADS = "loc_heads"
 GRAPH_SAM_ENCODER = "sam_encoder"
 GRAPH_SAM_DECODER = "sam_decoder"
 GRAPHS = (GRAPH_VISION, GRAPH_LLM, GRAPH_LOC_HEADS, GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER)
+# the retrieval family (nxc.model.retrieval): proposals + the object encoder's features once per image, object rows
+GRAPH_PROPOSALS = "proposals"
+GRAPH_OBJECT_FEATURES = "object_features"
+RETRIEVAL_GRAPHS = (GRAPH_VISION, GRAPH_LLM, GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
+ALL_GRAPHS = GRAPHS + (GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
+
+
+def family_graphs(grounding: str) -> tuple[str, ...]:
+    """The graphs a model of this grounding family exports (nxc.config.NextChatConfig.grounding)."""
+    return RETRIEVAL_GRAPHS if grounding == "retrieval" else GRAPHS
 
 
 def past_key(i: int) -> str:

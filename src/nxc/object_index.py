@@ -17,6 +17,7 @@ user text as plain text).
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -105,3 +106,20 @@ class ObjectIndexParser:
     def open(self) -> bool:
         """A tag is open: the reply ended inside a grounding, which gives nothing."""
         return self.state in (self.PHRASE, self.OBJECTS)
+
+
+_GROUNDED = re.compile(r"<ground>\s*(.*?)\s*</ground>\s*<objects>(.*?)</objects>", re.S)
+
+
+def render(raw: str, groundings: list[Grounding]) -> str:
+    """A reply as shown: each closed `<ground>phrase</ground><objects>...</objects>` becomes `phrase [k, ...]`,
+    k numbering the reply's boxes in order (as NExT-Chat's `[k]`); a grounding with no valid index is its phrase."""
+    found = iter(groundings)
+    counter = iter(range(1 << 30))
+
+    def one(m: re.Match) -> str:
+        g = next(found, None)
+        if g is None or not g.indices:
+            return m.group(1)
+        return f"{m.group(1)} [{', '.join(str(next(counter)) for _ in g.indices)}]"
+    return _GROUNDED.sub(one, raw)

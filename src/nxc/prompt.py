@@ -31,6 +31,40 @@ class PromptError(ValueError):
 
 
 @dataclass(frozen=True)
+class PromptFormat:
+    """How a family's grounding shows in the prompt (nxc.config.GROUNDING_FAMILIES).
+
+    regression (NExT-Chat, `objects` None): `[k]` becomes `<at> <boxes>`, the image span is followed by a space.
+    retrieval (ChatRex-style, `objects` = the number of proposals): the image span is followed by
+    `\n<obj0><objfeat>...<obj{n-1}><objfeat>\n`, the k-th region reference of the conversation becomes
+    `<obj{n+k}><objfeat>` (region boxes join the object list after the proposals), and the tags and `<objN>` of an
+    earlier reply are control (nxc.object_index)."""
+    objects: int | None = None
+
+    def slot(self, k: int) -> str:
+        """Control text of the conversation's k-th region reference."""
+        return SLOT if self.objects is None else f"{_obj(self.objects + k)}{_OBJ_FEAT}"
+
+    def after_image(self) -> str:
+        if self.objects is None:
+            return " "
+        return "\n" + "".join(f"{_obj(i)}{_OBJ_FEAT}" for i in range(self.objects)) + "\n"
+
+    def reply_control(self) -> re.Pattern:
+        return _SLOT_RE if self.objects is None else _INDEX_TAGS
+
+
+def _obj(i: int) -> str:
+    return f"<obj{i}>"
+
+
+_OBJ_FEAT = "<objfeat>"
+_SLOT_RE = re.compile(re.escape(SLOT))
+_INDEX_TAGS = re.compile(r"</?ground>|</?objects>|<obj\d+>", re.ASCII)
+REGRESSION = PromptFormat()
+
+
+@dataclass(frozen=True)
 class Turn:
     user: str                      # as typed: region references like [0] are expanded when rendered
     assistant: str | None = None   # the reply as decoded (`<at> <boxes>` literal); None for the turn being answered
@@ -85,36 +119,47 @@ def _ref_indices(ref: str) -> list[int]:
     return [int(i) for i in re.findall(r"[0-9]+", ref)]
 
 
-def region_segments(text: str) -> list[Segment]:
-    """User text as plain segments, each region reference `[k,...]` as control `<at> <boxes>` slots (one per
-    index). The text joined is `expand_region_refs`'s; the references are checked there, when the turn is asked."""
+def region_segments(text: str, fmt: PromptFormat = REGRESSION, slots: list[int] | None = None) -> list[Segment]:
+    """User text as plain segments, each region reference `[k,...]` as control slots (one per index; `<at> <boxes>`
+    for NExT-Chat). `slots` counts the conversation's slots so far (a one-item list, advanced here). The text joined
+    is `expand_region_refs`'s; the references are checked there, when the turn is asked."""
+    slots = [0] if slots is None else slots
     out: list[Segment] = []
     last = 0
     for m in _REGION_REF.finditer(text):
+        n = len(_ref_indices(m.group(0)))
+        sep = " " if fmt.objects is None else ""
         out += [Segment(text[last:m.start()], False),
-                Segment(" ".join([SLOT] * len(_ref_indices(m.group(0)))), True)]
+                Segment(sep.join(fmt.slot(slots[0] + i) for i in range(n)), True)]
+        slots[0] += n
         last = m.end()
     out.append(Segment(text[last:], False))
     return out
 
 
-def _user_segments(text: str, image: str | None) -> list[Segment]:
+def _user_segments(text: str, image: str | None, fmt: PromptFormat, slots: list[int]) -> list[Segment]:
     """One user message; the first (`image` given) holds the image span where its first `<image>` is, else before
-    the text (`<image> ` prefixed, reference §3.2)."""
+    the text (`<image> ` prefixed, reference §3.2; a retrieval model's object list follows the span)."""
     if image is None:
-        return region_segments(text)
+        return region_segments(text, fmt, slots)
     at = text.find(names.IMAGE_PLACEHOLDER)
     if at < 0:
-        return [Segment(image + " ", True)] + region_segments(text)
-    return (region_segments(text[:at]) + [Segment(image, True)]
-            + region_segments(text[at + len(names.IMAGE_PLACEHOLDER):]))
+        return [Segment(image + fmt.after_image(), True)] + region_segments(text, fmt, slots)
+    before = region_segments(text[:at], fmt, slots)
+    after_image = "" if fmt.objects is None else fmt.after_image()
+    return before + [Segment(image + after_image, True)] + region_segments(
+        text[at + len(names.IMAGE_PLACEHOLDER):], fmt, slots)
 
 
-def _reply_segments(text: str) -> list[Segment]:
-    """An earlier reply as decoded: its `<at> <boxes>` slots are control, every other character plain text."""
+def _reply_segments(text: str, fmt: PromptFormat = REGRESSION) -> list[Segment]:
+    """An earlier reply as decoded: its grounding tokens (`<at> <boxes>` slots; a retrieval model's tags and
+    `<objN>`) are control, every other character plain text."""
     out: list[Segment] = []
-    for k, part in enumerate(text.split(SLOT)):
-        out += [Segment(SLOT, True)] * (k > 0) + [Segment(part, False)]
+    last = 0
+    for m in fmt.reply_control().finditer(text):
+        out += [Segment(text[last:m.start()], False), Segment(m.group(0), True)]
+        last = m.end()
+    out.append(Segment(text[last:], False))
     return out
 
 
@@ -131,8 +176,8 @@ def _merged(segments: list[Segment]) -> list[Segment]:
     return out
 
 
-def render_segments(turns: list[Turn], num_image_tokens: int, *,
-                    special_tokens_in_text: bool = False) -> list[Segment]:
+def render_segments(turns: list[Turn], num_image_tokens: int, *, special_tokens_in_text: bool = False,
+                    fmt: PromptFormat = REGRESSION) -> list[Segment]:
     """The prompt of a conversation whose last turn awaits the assistant (reference §3.1-3.2), as segments.
 
     Joined: `<system> USER: <image span> q1 ASSISTANT: a1</s>USER: q2 ASSISTANT:` -- the image goes into the
@@ -144,9 +189,10 @@ def render_segments(turns: list[Turn], num_image_tokens: int, *,
     if not turns or turns[-1].assistant is not None:
         raise PromptError("the last turn must be the user's question awaiting an answer")
     messages: list[list[Segment]] = []
+    slots = [0]
     for i, t in enumerate(turns):
-        messages += [_user_segments(t.user, image_span(num_image_tokens) if i == 0 else None),
-                     _reply_segments(t.assistant or "")]
+        messages += [_user_segments(t.user, image_span(num_image_tokens) if i == 0 else None, fmt, slots),
+                     _reply_segments(t.assistant or "", fmt)]
     out = [Segment(names.SYSTEM_PROMPT + names.SEP, True)]
     for i, m in enumerate(messages):
         role = names.ROLES[i % 2]
@@ -165,7 +211,8 @@ def render(turns: list[Turn], num_image_tokens: int) -> str:
 
 
 def prompt_segments(user_text: str, *, num_image_tokens: int, num_boxes: int = 0, history: list[Turn] | None = None,
-                    special_tokens_in_text: bool = False) -> tuple[list[Segment], list[int]]:
+                    special_tokens_in_text: bool = False,
+                    fmt: PromptFormat = REGRESSION) -> tuple[list[Segment], list[int]]:
     """One chat turn: (the conversation's segments, box indices in `<boxes>` slot order for this turn's text).
     Raises PromptError when the text is empty or its references and the boxes do not fit together."""
     if not user_text or not user_text.strip():
@@ -173,7 +220,7 @@ def prompt_segments(user_text: str, *, num_image_tokens: int, num_boxes: int = 0
     _, order = expand_region_refs(user_text, num_boxes)
     check_all_boxes_used(order, num_boxes)
     return render_segments(list(history or []) + [Turn(user_text)], num_image_tokens,
-                           special_tokens_in_text=special_tokens_in_text), order
+                           special_tokens_in_text=special_tokens_in_text, fmt=fmt), order
 
 
 def build_prompt(user_text: str, *, num_image_tokens: int, num_boxes: int = 0,

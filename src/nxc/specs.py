@@ -88,14 +88,14 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
     precision except the KV cache, which is kept in the llm's own precision (`kv_dtype`)."""
     llm, v, sam = config.llm, config.vision, config.sam
     h, kv, d = llm.hidden_size, llm.num_kv_heads, llm.head_dim
-    c, g, r = sam.prompt_embed_dim, sam.embedding_size, v.image_size
+    r = v.image_size
     kv_in, kv_out = [], []
     for i in range(llm.num_layers):
         kv_in += [_t(names.past_key(i), ("batch", "past", kv, d), kv_dtype),
                   _t(names.past_value(i), ("batch", "past", kv, d), kv_dtype)]
         kv_out += [_t(names.present_key(i), ("batch", "sequence", kv, d), kv_dtype),
                    _t(names.present_value(i), ("batch", "sequence", kv, d), kv_dtype)]
-    return {
+    common = {
         names.GRAPH_VISION: GraphSpec(
             names.GRAPH_VISION,
             inputs=(_t("pixel_values", ("batch", 3, r, r)),),
@@ -105,7 +105,23 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
             inputs=(_t("inputs_embeds", ("batch", "sequence", h)),
                     _t("attention_mask", ("batch", "total"), "int64"),
                     _t("position_ids", ("batch", "sequence"), "int64"), *kv_in),
-            outputs=(_t("logits", ("batch", llm.vocab_size)), _t("hidden", ("batch", h)), *kv_out)),
+            outputs=(_t("logits", ("batch", llm.vocab_size)), _t("hidden", ("batch", h)), *kv_out))}
+    if config.objects is not None:
+        o = config.objects
+        s, f, k = o.image_size, o.feature_size, o.max_proposals
+        return {**common,
+                names.GRAPH_PROPOSALS: GraphSpec(
+                    names.GRAPH_PROPOSALS,
+                    inputs=(_t("pixels", (1, 3, s, s)),),
+                    outputs=(_t("boxes", (1, k, 4)), _t("scores", (1, k)),
+                             _t("features", (1, o.feature_channels, f, f)))),
+                names.GRAPH_OBJECT_FEATURES: GraphSpec(
+                    names.GRAPH_OBJECT_FEATURES,
+                    inputs=(_t("features", (1, o.feature_channels, f, f)), _t("boxes", ("boxes", 4))),
+                    outputs=(_t("rows", ("boxes", h)),))}
+    c, g = sam.prompt_embed_dim, sam.embedding_size
+    return {
+        **common,
         names.GRAPH_LOC_HEADS: GraphSpec(
             names.GRAPH_LOC_HEADS,
             inputs=(_t("hidden", ("detections", h)), _t("boxes", ("boxes", 4))),

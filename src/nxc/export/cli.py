@@ -28,8 +28,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-context", type=int, metavar="N", help="longest prompt + reply the build serves "
                     "(default: the model's max_position_embeddings, at most 4096)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what TensorRT >= 8.6 parses)")
-    ap.add_argument("--graphs", nargs="+", choices=names.GRAPHS, default=list(names.GRAPHS), metavar="GRAPH",
-                    help=f"graphs to export (default: all of {', '.join(names.GRAPHS)})")
+    ap.add_argument("--graphs", nargs="+", choices=names.ALL_GRAPHS, default=[], metavar="GRAPH",
+                    help=f"graphs to export (default: all of the model's: {', '.join(names.GRAPHS)} for NExT-Chat, "
+                         f"{', '.join(names.RETRIEVAL_GRAPHS)} for a retrieval model)")
     ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4 (default for the "
                     "embedded model: generated shapes scenes; required for a real checkpoint)")
     ap.add_argument("--calib-prompts", metavar="FILE", help="calibration prompts, one per line")

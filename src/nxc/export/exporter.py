@@ -36,7 +36,7 @@ class ExportOptions:
     precision: str = "fp32"
     max_context: int | None = None     # default: the model's max_position_embeddings, capped at 4096
     opset: int = 17
-    graphs: tuple[str, ...] = names.GRAPHS
+    graphs: tuple[str, ...] = ()        # default: every graph of the model's family (names.family_graphs)
     parity: bool = True
     # int8 / int4 (nxc.calib): calibration of vision, sam_encoder and loc_heads
     calib_images: str | None = None    # folder; None: generated shapes scenes (embedded model only)
@@ -78,10 +78,12 @@ class LlmWeights:
 
 def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
     from nxc.export.llm import LlmGraph
-    from nxc.export.wrappers import LocHeadsGraph, SamDecoderGraph, SamEncoderGraph, VisionGraph
+    from nxc.export.wrappers import (LocHeadsGraph, ObjectFeaturesGraph, ProposalsGraph, SamDecoderGraph,
+                                     SamEncoderGraph, VisionGraph)
     make = {names.GRAPH_VISION: VisionGraph, names.GRAPH_LOC_HEADS: LocHeadsGraph,
             names.GRAPH_SAM_ENCODER: SamEncoderGraph, names.GRAPH_SAM_DECODER: SamDecoderGraph,
-            names.GRAPH_LLM: LlmGraph}
+            names.GRAPH_LLM: LlmGraph, names.GRAPH_PROPOSALS: ProposalsGraph,
+            names.GRAPH_OBJECT_FEATURES: ObjectFeaturesGraph}
     wrapper = make[graph](model).eval()
     if opts.precision == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
         from nxc.export.fp16 import Float32IO
@@ -96,8 +98,12 @@ def dummy_inputs(spec: GraphSpec, config: NextChatConfig) -> tuple[torch.Tensor,
     axes = {"batch": 2, "sequence": 3, "past": 4, "detections": 2, "boxes": 3}
     if spec.name in ("sam_encoder", "sam_decoder", "loc_heads"):
         axes["batch"] = 1
-    feeds = random_inputs(spec, axes, np.random.default_rng(0), sam_size=config.sam.image_size)
+    feeds = random_inputs(spec, axes, np.random.default_rng(0), sam_size=_sam_size(config))
     return tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+
+
+def _sam_size(config) -> int:
+    return config.sam.image_size if config.sam is not None else 0
 
 
 def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConfig, path: Path, opts: ExportOptions) -> list[str]:
@@ -133,9 +139,17 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
     from nxc.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
     cfg = model.config
     added = tokenizer.added_token_ids
-    tokens = {**{t: added[t] for t in names.ADDED_TOKENS},
-              names.BOS: tokenizer.bos_id, names.EOS: tokenizer.eos_id, names.UNK: tokenizer.token_to_id(names.UNK)}
+    tokens = {**added, names.BOS: tokenizer.bos_id, names.EOS: tokenizer.eos_id,
+              names.UNK: tokenizer.token_to_id(names.UNK)}
     heads = []                                  # the decode loop's dispatch table (nxc.manifest.Head)
+    if names.GRAPH_OBJECT_FEATURES in opts.graphs:
+        # retrieval: no decode-time graph call (indices are tokens, nxc.runtime.dispatch.IndexKind parses them);
+        # its slot `<objfeat>` holds the object rows of the prompt (proposals, then region boxes)
+        from nxc.object_index import OBJ_FEAT
+        heads.append({"kind": "index", "trigger": None, "emit": OBJ_FEAT, "graph": names.GRAPH_OBJECT_FEATURES,
+                      "inputs": {"features": f"{names.GRAPH_PROPOSALS}:features", "boxes": "zeros"},
+                      "collect": [], "feedback": None, "finish": None,
+                      "encode_input": "boxes", "encode_output": "rows"})
     if names.GRAPH_LOC_HEADS in opts.graphs:
         sam = {names.GRAPH_SAM_ENCODER, names.GRAPH_SAM_DECODER} <= set(opts.graphs)
         heads.append({"kind": "box", "trigger": names.AT, "emit": names.BOXES, "graph": names.GRAPH_LOC_HEADS,
@@ -154,8 +168,12 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
                    "num_image_tokens": cfg.num_image_tokens, "use_im_start_end": cfg.mm_use_im_start_end},
         "preprocess": {
             "clip": {**processing.clip_preprocess_of(model).manifest(), "pad": "white square, centred"},
-            "sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
-                    "resample": "bilinear", "pad": "longest side to size, zeros, centred"}},
+            **({"sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
+                        "resample": "bilinear", "pad": "longest side to size, zeros, centred"}}
+               if cfg.sam is not None else {}),
+            **({"objects": {"size": cfg.objects.image_size, "mean": list(processing.CLIP_MEAN),
+                            "std": list(processing.CLIP_STD), "resample": "bicubic", "pad": "white square, centred"}}
+               if cfg.objects is not None else {})},
         "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
                        "eos": names.EOS},
         "heads": heads,
@@ -185,7 +203,11 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
-        model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
+        from nxc.model.retrieval import is_retrieval_checkpoint, load_retrieval
+        if is_retrieval_checkpoint(checkpoint):       # small parts, loaded whole; the llm still streams
+            model, tokenizer = load_retrieval(checkpoint, clip_dir=clip_dir)
+        else:
+            model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
         return model, tokenizer, LlmWeights.of_checkpoint(checkpoint)
 
     source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
@@ -212,6 +234,7 @@ def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOption
         try:
             _convert_tokenizer(tokenizer_dir, tmp / "tokenizer.json")
             model, tokenizer, llm_weights = load()
+            options = _family_options(model.config, options)
             _write_build(model, tokenizer, llm_weights, tmp, out, options, source, embedded)
             outdir.publish(tmp, out)
         except BaseException:
@@ -261,7 +284,7 @@ def _accuracy_vs_fp32(reference: Path, tmp: Path, graphs: dict, specs: dict, cfg
         if not (reference / f"{g}.onnx").is_file():
             continue
         spec = graph_specs(cfg)[g]                                   # float32 feeds; compare_graphs casts per graph
-        feeds = [random_inputs(spec, {**a, "batch": 1}, np.random.default_rng(100 + i), sam_size=cfg.sam.image_size)
+        feeds = [random_inputs(spec, {**a, "batch": 1}, np.random.default_rng(100 + i), sam_size=_sam_size(cfg))
                  for i, a in enumerate(SHAPES)]
         report["graphs"][g] = compare_graphs(reference / f"{g}.onnx", tmp / graphs[g]["file"], feeds)
         worst = min(v["cosine"] for v in report["graphs"][g].values())
@@ -269,12 +292,26 @@ def _accuracy_vs_fp32(reference: Path, tmp: Path, graphs: dict, specs: dict, cfg
     return report
 
 
+def _family_options(config, options: ExportOptions) -> ExportOptions:
+    """`options` with its graphs resolved for the model's family: all of them by default; refused when a graph
+    named belongs to the other family."""
+    from dataclasses import replace
+    own = names.family_graphs(config.grounding)
+    if not options.graphs:
+        return replace(options, graphs=own)
+    other = [g for g in options.graphs if g not in own]
+    if other:
+        raise ExportError(f"graph {other[0]!r} is not part of a {config.grounding} model; its graphs are "
+                          f"{', '.join(own)}")
+    return options
+
+
 def _check_options(options: ExportOptions) -> None:
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
-    unknown = [g for g in options.graphs if g not in names.GRAPHS]
+    unknown = [g for g in options.graphs if g not in names.ALL_GRAPHS]
     if unknown:
-        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.GRAPHS)}")
+        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.ALL_GRAPHS)}")
 
 
 def _lint_summary(findings: dict) -> str:
@@ -333,7 +370,7 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         if options.parity:
             _log(f"[nxc-export] [{i}/{n}] {g}: checking against torch in ONNX Runtime")
             parity[g] = check_graph(wrapper, path, specs[g], precision=options.graph_precision,
-                                    sam_size=cfg.sam.image_size)
+                                    sam_size=_sam_size(cfg))
             if not parity[g]["ok"]:
                 (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
                 raise ExportError(f"graph {g} does not match torch in ONNX Runtime: "

@@ -102,10 +102,10 @@ def build_tokenizer_json(ckpt_dir) -> str:
     tok.add_special_tokens([AddedToken(t, lstrip=flags[t][0], rstrip=flags[t][1], normalized=False, special=True)
                             for t in (names.UNK, names.BOS, names.EOS)])
     tok.add_tokens([AddedToken(t, lstrip=flags[t][0], rstrip=flags[t][1], normalized=False, special=False)
-                    for t in names.ADDED_TOKENS])
+                    for t in sorted(added, key=added.get)])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{names.BOS} $A", pair=f"{names.BOS} $A {names.BOS} $B", special_tokens=[(names.BOS, sp.bos_id())])
-    got = {t: tok.token_to_id(t) for t in names.ADDED_TOKENS}
+    got = {t: tok.token_to_id(t) for t in added}
     if got != added:  # cannot happen unless tokenizers changes how it numbers added tokens
         raise TokenizerError(f"converted added-token ids {got} differ from added_tokens.json {added}.")
     return tok.to_str(pretty=True)

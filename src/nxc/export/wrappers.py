@@ -155,3 +155,30 @@ class SamDecoderGraph(nn.Module):
         masks = torch.matmul(hyper, up.reshape(k, cu, h * w)).reshape(k, 1, h, w)
         iou = dec.iou_prediction_head(hs[:, 0])[:, :1]
         return masks, iou
+
+
+class ProposalsGraph(nn.Module):
+    """The retrieval family's once-per-image graph (nxc.model.retrieval): pixels [1,3,S,S] (the white-padded
+    square, CLIP mean/std) -> the detector's top-K boxes [1,K,4] (normalised xyxy, square frame) and scores [1,K]
+    (score threshold and NMS are applied after the graph, nxc.proposal_filter), and the object encoder's feature
+    map [1,C,S/4,S/4] that object_features reads."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.proposal_net, self.object_encoder = model.proposal_net, model.object_encoder
+
+    def forward(self, pixels: torch.Tensor):
+        boxes, scores = self.proposal_net(pixels)
+        return boxes, scores, self.object_encoder.features(pixels)
+
+
+class ObjectFeaturesGraph(nn.Module):
+    """features [1,C,f,f] + boxes [M,4] (normalised xyxy, square frame) -> rows [M,H]: the LLM input row of each
+    `<objfeat>` (RoI-align 7x7 mean-pooled + sine box embedding through the projector)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.object_encoder = model.object_encoder
+
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor):
+        return self.object_encoder.rows(features, boxes)

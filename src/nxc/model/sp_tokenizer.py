@@ -62,7 +62,9 @@ def load_sentencepiece(ckpt_dir) -> spm.SentencePieceProcessor:
 
 
 def read_added_tokens(ckpt_dir, base_vocab: int) -> dict[str, int]:
-    """Read and check `added_tokens.json`. Returns {token: id} with ids base_vocab+0..4 in names.ADDED_TOKENS order."""
+    """Read and check `added_tokens.json`. Returns {token: id} with ids base_vocab+0..4 in names.ADDED_TOKENS order,
+    then, for a retrieval model (nxc.model.retrieval: the file has `<objfeat>`), nxc.object_index.ADDED_TOKENS."""
+    from nxc.object_index import ADDED_TOKENS as OBJECT_TOKENS, OBJ_FEAT
     path = Path(ckpt_dir) / ADDED_TOKENS_JSON
     if not path.is_file():
         raise TokenizerError(f"no {ADDED_TOKENS_JSON} in {ckpt_dir}: expected the 5 NExT-Chat tokens. " + _DANGER)
@@ -72,16 +74,18 @@ def read_added_tokens(ckpt_dir, base_vocab: int) -> dict[str, int]:
         raise TokenizerError(f"{path} is not readable JSON ({e}). " + _DANGER) from None
     if not isinstance(found, dict):
         raise TokenizerError(f"{path}: expected a JSON object {{token: id}}, found {type(found).__name__}. " + _DANGER)
-    missing = [t for t in names.ADDED_TOKENS if t not in found]
+    expected = names.ADDED_TOKENS + (OBJECT_TOKENS if OBJ_FEAT in found else ())
+    missing = [t for t in expected if t not in found]
     if missing:
-        raise TokenizerError(f"{path} lacks {missing} (found {sorted(found)}). " + _DANGER)
-    want = {t: base_vocab + i for i, t in enumerate(names.ADDED_TOKENS)}
-    wrong = {t: found[t] for t in names.ADDED_TOKENS if found[t] != want[t]}
+        raise TokenizerError(f"{path} lacks {missing[:8]} (found {sorted(found)[:8]}...). " + _DANGER)
+    want = {t: base_vocab + i for i, t in enumerate(expected)}
+    wrong = {t: found[t] for t in expected if found[t] != want[t]}
     extra = sorted(set(found) - set(want))
     if wrong or extra:
         raise TokenizerError(
-            f"{path}: expected exactly {want} (right after the {base_vocab} sentencepiece pieces, in NExT-Chat's "
-            f"add order), found wrong ids {wrong}" + (f" and extra tokens {extra}" if extra else "")
+            f"{path}: expected exactly {dict(list(want.items())[:6])}... (right after the {base_vocab} sentencepiece "
+            f"pieces, in NExT-Chat's add order), found wrong ids {dict(list(wrong.items())[:6])}"
+            + (f" and extra tokens {extra[:6]}" if extra else "")
             + ". The embedding rows are indexed by these ids, so the checkpoint and its tokenizer do not match; "
             "use the added_tokens.json saved with the checkpoint.")
     return want

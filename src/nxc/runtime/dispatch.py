@@ -59,6 +59,15 @@ class HeadKind:
     def finish(self, conv, records: list, threshold) -> None:
         """Once per reply, after the last token, for this head's records (e.g. SAM masks)."""
 
+    def watch(self, conv, reply) -> "object | None":
+        """A head that reads the reply's tokens as they come (no trigger): an object with feed(token) -> the
+        records the token completes; None for a head fired by its trigger."""
+        return None
+
+    def render(self, text: str, watch) -> str:
+        """The reply as shown (after nxc.prompt.render_reply), for a head that watched it (`watch`, its watcher)."""
+        return text
+
 
 @dataclass
 class Detection:
@@ -117,6 +126,49 @@ class BoxKind(HeadKind):
                 d.mask, d.score = masks[k], float(dec["iou"][k, 0])
 
 
+@register("index")
+class IndexKind(HeadKind):
+    """The retrieval family's answers by proposal index (nxc.object_index): no graph call while decoding; the
+    reply's tokens are parsed as they come and `</objects>` closing a grounding gives a Detection per index (the
+    object list's box: a proposal, or a region box), streamed as Box events. Its slot `<objfeat>` carries the
+    object rows of the prompt (the head's graph, object_features, over the proposals graph's feature map)."""
+
+    def __init__(self, head, pipe):
+        super().__init__(head, pipe)
+        from nxc.object_index import IndexTokens
+        self.tokens = IndexTokens.from_vocab(pipe.manifest.token_id)
+
+    def watch(self, conv, reply):
+        from nxc.object_index import ObjectIndexParser
+        parser = ObjectIndexParser(self.tokens, len(conv.object_values()), self.pipe.tokenizer.decode)
+        values, scores = conv.object_values(), conv.objects()[1]
+
+        class Watch:
+            groundings = parser.groundings
+
+            def feed(self, token: int) -> list:
+                g = parser.feed(token)
+                if g is None:
+                    return []
+                return [Detection(box=pp.boxes_to_pixels(values[i][None], conv.width, conv.height)[0],
+                                  box_norm=values[i], phrase=g.phrase,
+                                  score=float(scores[i]) if i < len(scores) else None) for i in g.indices]
+        return Watch()
+
+    def record(self, conv, outputs, text_before):
+        raise BuildError("an index head has no trigger; its records come from watch()")
+
+    def event(self, index, record):
+        return Box(index, record)
+
+    def slot_value(self, record):
+        return None                              # a reply names objects by index: no slot row to feed back
+
+    def render(self, text: str, watch) -> str:
+        from nxc.object_index import render
+        return render(text, watch.groundings)
+
+
 class BoundHead:
     """A manifest head with its token ids, its graph's zero inputs and its kind."""
 
@@ -125,7 +177,8 @@ class BoundHead:
             raise BuildError(f"{pipe.manifest.root / 'manifest.json'}: heads[{index}].kind {head.kind!r} is not a kind "
                              f"this runtime knows ({', '.join(sorted(KINDS))}); use the nxc that wrote the build")
         self.head, self.pipe = head, pipe
-        self.trigger, self.emit = pipe.manifest.token_id(head.trigger), pipe.manifest.token_id(head.emit)
+        self.trigger = None if head.trigger is None else pipe.manifest.token_id(head.trigger)
+        self.emit = pipe.manifest.token_id(head.emit)
         self.kind = KINDS[head.kind](head, pipe)
         spec = pipe.manifest.graph_spec(head.graph)
         self._zeros = {t.name: np.zeros(t.resolve({a: 1 for a in t.dynamic_axes().values()}), t.dtype)
@@ -141,12 +194,15 @@ class BoundHead:
         return [(self.emit, outs[h.feedback][i][None, None], Found(self, {k: outs[k][i] for k in h.collect}))
                 for i in range(len(hiddens))]
 
-    def encode(self, values: np.ndarray) -> np.ndarray:
-        """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies)."""
+    def encode(self, values: np.ndarray, conv=None) -> np.ndarray:
+        """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies, a
+        retrieval prompt's objects). Inputs fed from "<graph>:<output>" come from `conv`'s once-per-image runs."""
         h = self.head
         if h.encode_input is None:
             raise BuildError(f"head {h.kind!r} has no encode graph input; its slots cannot be fed back")
-        feeds = {**self._zeros, h.encode_input: np.asarray(values, self._zeros[h.encode_input].dtype)}
+        feeds = {name: conv.image_output(source) if ":" in source else self._zeros[name]
+                 for name, source in h.inputs.items()}
+        feeds[h.encode_input] = np.asarray(values, self._zeros[h.encode_input].dtype)
         return self.pipe.run(h.graph, **feeds)[h.encode_output]
 
 
@@ -156,7 +212,8 @@ class Dispatch:
 
     def __init__(self, pipe):
         self.heads = [BoundHead(h, pipe, i) for i, h in enumerate(pipe.manifest.heads)]
-        self.triggers = {b.trigger: b for b in self.heads}
+        self.triggers = {b.trigger: b for b in self.heads if b.trigger is not None}
+        self.index_head = next((b for b in self.heads if b.head.kind == "index"), None)
         self.slot_head = next((b for b in self.heads if b.head.encode_input), None)
         # Never sampled (nxc.sampling.pick_token's `banned`): a head's emitted slot comes only after its trigger,
         # and the image span only where the prompt puts it; the reference bans the same ids (TokenIds.never_sampled).

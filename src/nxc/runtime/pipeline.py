@@ -27,9 +27,9 @@ from PIL import Image
 
 from nxc import names
 from nxc.decode import assemble_prefill, beam_search, decode_loop
-from nxc.manifest import Manifest, load_manifest
-from nxc.prompt import (SLOT, PromptError, Turn, check_all_boxes_used, expand_region_refs, prompt_segments,
-                        render_reply)
+from nxc.manifest import BuildError, Manifest, load_manifest
+from nxc.prompt import (REGRESSION, SLOT, PromptError, PromptFormat, Turn, check_all_boxes_used, expand_region_refs,
+                        prompt_segments, render_reply)
 from nxc.runtime import preprocess as pp
 from nxc.runtime.dispatch import Box, Detection, Dispatch
 from nxc.runtime.kv_cache import BatchCache, KVCache
@@ -158,6 +158,7 @@ class _Reply:
     text: str = ""                              # decoded so far, literal tokens kept
     slot_end: int = 0                           # len(text) after the last emitted slot
     found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
+    watches: dict = field(default_factory=dict)  # bound head -> its watcher, for heads that read the tokens
 
 
 def _check_beams(num_beams, length_penalty, early_stopping, sampling: SamplingParams) -> None:
@@ -230,6 +231,7 @@ class Conversation:
         self._features: np.ndarray | None = None
         self._sam_embedding: np.ndarray | None = None
         self._sam_share: _Shared | None = None      # n completions of one turn share one SAM image encoding
+        self._objects: tuple | None = None          # retrieval: (boxes, scores, feature map) of the proposals graph
         self.timeline = NO_TIMELINE
         self._busy, self._owner = threading.Lock(), None      # one turn at a time: stream / add_turn claim it
 
@@ -274,6 +276,43 @@ class Conversation:
                     share.value = self._sam_embedding
         return self._sam_embedding
 
+    def objects(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Retrieval builds: (proposal boxes [P,4] normalised square frame, their scores [P], the object encoder's
+        feature map) from the proposals graph, once per image; the score threshold and NMS after the graph
+        (nxc.proposal_filter, the build's config)."""
+        if self._objects is None:
+            from nxc.proposal_filter import filter_proposals
+            o, pre = self.pipe.config.objects, self.pipe.manifest.objects
+            with self.timeline.stage("preprocess"):
+                px = pp.clip_pixels(self.image, pre.size, mean=pre.mean, std=pre.std, resample=pre.resample)
+            with self.timeline.stage(names.GRAPH_PROPOSALS):
+                out = self.pipe.run_once_per_image(names.GRAPH_PROPOSALS, pixels=px)
+            boxes, scores = filter_proposals(out["boxes"][0], out["scores"][0], score_threshold=o.score_threshold,
+                                             iou_threshold=o.nms_iou, max_out=o.max_proposals)
+            self._objects = (boxes, scores, out["features"])
+        return self._objects
+
+    def object_values(self) -> list[np.ndarray]:
+        """Retrieval builds: the boxes of the conversation's object list so far (proposals, then region boxes)."""
+        return self.history_slots
+
+    def image_output(self, source: str) -> np.ndarray:
+        """A head input fed from a once-per-image graph output ("proposals:features")."""
+        if source == f"{names.GRAPH_PROPOSALS}:features":
+            return self.objects()[2]
+        raise BuildError(f"{self.pipe.manifest.root}: a head input comes from {source!r}, which this runtime does not "
+                         "know; use the nxc that wrote the build")
+
+    def _format(self) -> PromptFormat:
+        """The prompt's grounding format; a retrieval build's first turn lists its proposals (the conversation's
+        first slot values)."""
+        if self.pipe.dispatch.index_head is None:
+            return REGRESSION
+        boxes = self.objects()[0]
+        if not self.history and not self.history_slots:
+            self.history_slots = list(boxes)
+        return PromptFormat(objects=len(boxes))
+
     # -- a turn ----------------------------------------------------------------------------------------
     def _check_boxes(self, boxes) -> np.ndarray:
         """Region-input boxes -> [M,4] float32 pixels; refuses what cannot be a box on this image. A box that
@@ -314,7 +353,7 @@ class Conversation:
         boxes_px = self._check_boxes(boxes)
         segments, order = prompt_segments(text, num_image_tokens=self.pipe.manifest.prompt.num_image_tokens,
                                           num_boxes=len(boxes_px), history=self.history,
-                                          special_tokens_in_text=special_tokens_in_text)
+                                          special_tokens_in_text=special_tokens_in_text, fmt=self._format())
         region = self._region(boxes_px, order)
         ids = self.pipe.tokenizer.encode_segments(segments)
         cap = self.cache.capacity
@@ -338,7 +377,7 @@ class Conversation:
 
         def slot_rows(ks: list[int]) -> np.ndarray:
             with self.timeline.stage(head.head.graph):
-                return head.encode(values[ks])
+                return head.encode(values[ks], self)
         return assemble_prefill(ids, np.asarray(self.pipe.embeddings[ids], np.float32), first=keep,
                                 image_span=(tok[names.IM_START], tok[names.IM_END], m.prompt.num_image_tokens),
                                 image_features=self.features, slot=head.emit if head else -1,
@@ -451,6 +490,15 @@ class Conversation:
             event = found.head.kind.event(len(reply.found) - 1, record)
             if event is not None:
                 events.append(event)
+        for bound in self.pipe.dispatch.heads:              # heads that read the tokens (retrieval's indices)
+            if bound not in reply.watches:
+                watch = bound.kind.watch(self, reply)
+                if watch is None:
+                    continue
+                reply.watches[bound] = watch
+            for record in reply.watches[bound].feed(token):
+                reply.found.append((bound, record))
+                events.append(bound.kind.event(len(reply.found) - 1, record))
         return events
 
     def forget_cache(self) -> None:
@@ -465,9 +513,13 @@ class Conversation:
         with self.timeline.stage("postprocess"):
             raw = self.pipe.tokenizer.decode(reply.tokens)
             self.history.append(Turn(user_text, raw))
-            self.history_slots += list(region) + [b.kind.slot_value(r) for b, r in reply.found]
+            fed_back = [b.kind.slot_value(r) for b, r in reply.found]
+            self.history_slots += list(region) + [v for v in fed_back if v is not None]
             eos = self.pipe.tokens[names.EOS]
-            return ChatResult(text=render_reply(raw), raw_text=raw, token_ids=reply.tokens, prompt_ids=ids,
+            text = render_reply(raw)
+            for bound, watch in reply.watches.items():
+                text = bound.kind.render(text, watch)
+            return ChatResult(text=text, raw_text=raw, token_ids=reply.tokens, prompt_ids=ids,
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
                               detections=[r for _, r in reply.found])
 
@@ -496,7 +548,7 @@ class Conversation:
             yield from self._beams(logits, hidden, turn, reply, num_beams, length_penalty, early_stopping)
         else:
             yield from self._decode(logits, hidden, turn.ids[-1], turn.max_new, turn.sampling, reply)
-        if self.pipe.low_memory and reply.found:
+        if self.pipe.low_memory and any(b.head.finish for b, _ in reply.found):
             self.forget_cache()        # the heads' stages (SAM) run without the KV cache beside them
         result = self._finish(reply, turn.ids, turn.region, turn.user_text, turn.threshold)
         self.timeline.finish()
@@ -523,6 +575,7 @@ class Conversation:
         messages it is sent). `reply_raw` is the reply as decoded (`<at> <boxes>` literal); `reply_boxes` holds the
         normalised box of each of its slots, in order. The next `ask` prefills the whole conversation."""
         boxes_px = self._check_boxes(boxes)
+        self._format()                                  # a retrieval build's object list comes first
         _, order = expand_region_refs(user_text, len(boxes_px))
         check_all_boxes_used(order, len(boxes_px))
         reply_boxes = np.asarray(reply_boxes, np.float32).reshape(-1, 4)
