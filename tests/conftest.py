@@ -69,3 +69,25 @@ def embedded_build(tmp_path_factory):
 def embedded_pipe(embedded_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(embedded_build)
+
+
+@pytest.fixture(scope="session")
+def retrieval_ref():
+    """The PyTorch reference on the shipped retrieval (ChatRex-style) checkpoint."""
+    from nxc.assets import retrieval_checkpoint
+    from nxc.model.retrieval import RetrievalReferenceChat
+    return RetrievalReferenceChat.load(retrieval_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def retrieval_build(tmp_path_factory):
+    """The shipped retrieval checkpoint exported fp32 (with the exporter's parity check)."""
+    from nxc.assets import retrieval_checkpoint
+    from nxc.export.exporter import ExportOptions, export_build
+    return export_build(retrieval_checkpoint(), tmp_path_factory.mktemp("retrieval") / "fp32", options=ExportOptions())
+
+
+@pytest.fixture(scope="session")
+def retrieval_pipe(retrieval_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(retrieval_build)

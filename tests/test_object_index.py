@@ -67,11 +67,13 @@ def test_one_hundred_object_tokens():
 
 
 def test_render_numbers_the_boxes_and_keeps_a_grounding_without_boxes_as_its_phrase():
-    from nxc.object_index import Grounding, render
+    from nxc.object_index import render, settled
     raw = ("<ground> a red circle </ground> <objects> <obj3> </objects> and <ground> a square </ground> <objects> "
-           "<obj9> </objects> and <ground> two stars </ground> <objects> <obj0> <obj1> </objects> .")
-    got = render(raw, [Grounding("a red circle", [3]), Grounding("a square", [], [9]), Grounding("two stars", [0, 1])])
-    assert got == "a red circle [0] and a square and two stars [1, 2] ."
+           "<obj9> </objects> and <ground> two stars </ground> <objects> <obj0> <obj1> <obj0> </objects> .")
+    assert render(raw, 5) == "a red circle [0] and a square and two stars [1, 2] ."
+    growing = render("<ground> a red circle </ground> <objects> <obj3> </objects> and <ground> a sq", 5)
+    assert growing[:settled(growing)] == "a red circle [0] and "
+    assert settled("a red circle [0] and <obj") == len("a red circle [0] and ")
 
 
 def test_retrieval_prompt_lists_the_objects_after_the_image_and_region_boxes_after_them():

@@ -109,17 +109,31 @@ class ObjectIndexParser:
 
 
 _GROUNDED = re.compile(r"<ground>\s*(.*?)\s*</ground>\s*<objects>(.*?)</objects>", re.S)
+_INDEX = re.compile(r"<obj(\d+)>")
 
 
-def render(raw: str, groundings: list[Grounding]) -> str:
-    """A reply as shown: each closed `<ground>phrase</ground><objects>...</objects>` becomes `phrase [k, ...]`,
-    k numbering the reply's boxes in order (as NExT-Chat's `[k]`); a grounding with no valid index is its phrase."""
-    found = iter(groundings)
+def render(raw: str, num_objects: int) -> str:
+    """A reply as shown: each closed `<ground>phrase</ground><objects>...</objects>` becomes `phrase [k, ...]`, k
+    numbering the reply's boxes in order (as NExT-Chat's `[k]`): one per valid index (< num_objects, repeats once,
+    as ObjectIndexParser); a grounding with no valid index is its phrase. Anything unclosed stays as decoded."""
     counter = iter(range(1 << 30))
 
     def one(m: re.Match) -> str:
-        g = next(found, None)
-        if g is None or not g.indices:
+        seen = []
+        for i in map(int, _INDEX.findall(m.group(2))):
+            if i < num_objects and i not in seen:
+                seen.append(i)
+        if not seen:
             return m.group(1)
-        return f"{m.group(1)} [{', '.join(str(next(counter)) for _ in g.indices)}]"
+        return f"{m.group(1)} [{', '.join(str(next(counter)) for _ in seen)}]"
     return _GROUNDED.sub(one, raw)
+
+
+def settled(text: str) -> int:
+    """How much of a rendered, still growing reply can be shown: up to an unclosed `<ground>` or a trailing piece
+    of a tag (the next tokens may still turn it into `phrase [k]`)."""
+    cut = text.rfind("<ground>")
+    if cut >= 0 and _GROUNDED.search(text, cut) is None:
+        return cut
+    lt = text.rfind("<")
+    return lt if lt >= 0 and ">" not in text[lt:] else len(text)

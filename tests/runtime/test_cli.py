@@ -134,8 +134,8 @@ def test_nxc_run_rejects_a_malformed_box(embedded_build, scene_png, capsys):
 def test_nxc_eval_on_build_equals_reference(embedded_build, capsys):
     from nxc.shapes.evaluate import evaluate, reference_chat, runtime_chat
     from nxc.assets import embedded_checkpoint
-    a = evaluate(runtime_chat(embedded_build), n_per_task=15, seed=5, progress=False)
-    b = evaluate(reference_chat(embedded_checkpoint()), n_per_task=15, seed=5, progress=False)
+    a = evaluate(runtime_chat(embedded_build).chat, n_per_task=15, seed=5, progress=False)
+    b = evaluate(reference_chat(embedded_checkpoint()).chat, n_per_task=15, seed=5, progress=False)
     a.pop("meta"), b.pop("meta")
     assert a.keys() == b.keys()
     for task in a:

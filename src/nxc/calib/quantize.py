@@ -53,12 +53,14 @@ def collect_feeds(model, tokenizer, images, prompts, *, log=print, detections: b
 
     cfg = model.config
     clip = processing.clip_preprocess_of(model)       # the CLIP directory's preprocessor config, when it has one
-    ref = ReferenceChat(model=model, tokenizer=tokenizer)
+    detections = detections and cfg.sam is not None  # loc_heads' feeds: a regression model's replies
+    ref = ReferenceChat(model=model, tokenizer=tokenizer) if detections else None
     feeds: dict[str, list[dict]] = {g: [] for g in STATIC_GRAPHS + WEIGHT_ONLY_GRAPHS}
     for i, im in enumerate(images):
         feeds[names.GRAPH_VISION].append({"pixel_values": pp.clip_pixels(im, clip.size, mean=clip.mean, std=clip.std,
                                                                          resample=clip.resample)})
-        feeds[names.GRAPH_SAM_ENCODER].append({"image": pp.sam_pixels(im, cfg.sam.image_size)})
+        if cfg.sam is not None:
+            feeds[names.GRAPH_SAM_ENCODER].append({"image": pp.sam_pixels(im, cfg.sam.image_size)})
         if detections:
             prompt = prompts[i % len(prompts)]
             try:

@@ -51,6 +51,15 @@ class ExportOptions:
         """Precision the graphs are exported in before any quantization."""
         return "fp16" if self.precision == "fp16" else "fp32"
 
+    def precision_of(self, graph: str) -> str:
+        """A graph's export precision: the retrieval family's small per-image graphs stay float32 in every build
+        (a top-k over near-equal fp16 scores and RoI-align in fp16 would change which boxes come out)."""
+        return "fp32" if graph in FLOAT32_GRAPHS else self.graph_precision
+
+
+# graphs kept float32 at every precision (a few hundred thousand weights; see ExportOptions.precision_of)
+FLOAT32_GRAPHS = (names.GRAPH_PROPOSALS, names.GRAPH_OBJECT_FEATURES)
+
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -85,7 +94,7 @@ def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
             names.GRAPH_LLM: LlmGraph, names.GRAPH_PROPOSALS: ProposalsGraph,
             names.GRAPH_OBJECT_FEATURES: ObjectFeaturesGraph}
     wrapper = make[graph](model).eval()
-    if opts.precision == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
+    if opts.precision_of(graph) == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
         from nxc.export.fp16 import Float32IO
         spec = graph_specs(model.config)[graph]
         wrapper = Float32IO(wrapper, half_inputs=(True,) * len(spec.inputs), half_outputs=(False,) * len(spec.outputs))
@@ -194,12 +203,15 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
     """Export `checkpoint` (default: the embedded shapes model) into the build directory `out`."""
     from nxc.model.checkpoint import load_nextchat
 
+    from nxc import assets
     _check_options(options)
     embedded = checkpoint is None
     if embedded:
-        from nxc.assets import embedded_checkpoint
-        checkpoint = embedded_checkpoint()
+        checkpoint = assets.embedded_checkpoint()
     checkpoint = Path(checkpoint)
+    shipped = (checkpoint.resolve().parent == Path(assets.__file__).parent.resolve()
+               and checkpoint.name in (assets.EMBEDDED_NAME, assets.RETRIEVAL_NAME))
+    embedded = embedded or shipped       # a model of the kit's own: calibrated on generated shapes scenes
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
@@ -210,7 +222,7 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
             model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
         return model, tokenizer, LlmWeights.of_checkpoint(checkpoint)
 
-    source = {"checkpoint": "embedded:shapes-nextchat" if embedded else str(checkpoint.resolve())}
+    source = {"checkpoint": f"embedded:{checkpoint.name}" if embedded else str(checkpoint.resolve())}
     return _export(load, out, tokenizer_dir=checkpoint, options=options, source=source, embedded=embedded)
 
 
@@ -365,11 +377,11 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         external = export_graph(wrapper, specs[g], cfg, path, options)
         findings = lint(onnx.load(str(path), load_external_data=False))
         graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
-                     "precision": options.graph_precision, "opset": options.opset, **specs[g].to_dict(),
+                     "precision": options.precision_of(g), "opset": options.opset, **specs[g].to_dict(),
                      "tensorrt_lint": findings}
         if options.parity:
             _log(f"[nxc-export] [{i}/{n}] {g}: checking against torch in ONNX Runtime")
-            parity[g] = check_graph(wrapper, path, specs[g], precision=options.graph_precision,
+            parity[g] = check_graph(wrapper, path, specs[g], precision=options.precision_of(g),
                                     sam_size=_sam_size(cfg))
             if not parity[g]["ok"]:
                 (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2))
@@ -446,7 +458,12 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
         if getattr(model, "parts", None) is not None:
             model.parts.convert = to_fp16              # each module as it is made real
         else:
+            kept = {n: getattr(model, n) for n in ("proposal_net", "object_encoder") if hasattr(model, n)}
+            for n in kept:                                      # FLOAT32_GRAPHS' modules stay float32
+                setattr(model, n, None)
             model = to_fp16(model)
+            for n, m in kept.items():
+                setattr(model, n, m)
     llm_accuracy: dict = {}
     graphs = _export_graphs(model, llm_weights, tmp, specs, options, llm_accuracy)
     if options.precision == "fp16":

@@ -306,7 +306,7 @@ class RetrievalReferenceChat:
                 detections.append(IndexDetection(box=px, box_norm=values[i], phrase=g.phrase, index=i,
                                                  score=float(scores[i]) if i < len(scores) else None))
         raw = self.tokenizer.decode(out)
-        return ChatResult(text=render(raw, parser.groundings), raw_text=raw, token_ids=out, prompt_ids=ids,
+        return ChatResult(text=render(raw, len(values)), raw_text=raw, token_ids=out, prompt_ids=ids,
                           finish_reason="stop" if out and out[-1] == self.eos else "length",
                           detections=detections)
 

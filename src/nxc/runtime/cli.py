@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{'k':>3}  {'box (x1, y1, x2, y2)':<34} {'score':>6} {'mask px':>8}  phrase")
         for k, d in enumerate(r.detections):
             box = ", ".join(f"{v:.1f}" for v in d.box)
-            print(f"{k:>3}  {box:<34} {d.score:>6.2f} {int(d.mask.sum()):>8}  {d.phrase}")
+            score = "-" if d.score is None else f"{d.score:.2f}"
+            mask = "-" if d.mask is None else str(int(d.mask.sum()))
+            print(f"{k:>3}  {box:<34} {score:>6} {mask:>8}  {d.phrase}")
     if a.out:
         print(f"\nwrote {a.out}")
     return 0

@@ -144,7 +144,7 @@ class IndexKind(HeadKind):
         values, scores = conv.object_values(), conv.objects()[1]
 
         class Watch:
-            groundings = parser.groundings
+            groundings, num_objects = parser.groundings, len(values)
 
             def feed(self, token: int) -> list:
                 g = parser.feed(token)
@@ -166,7 +166,7 @@ class IndexKind(HeadKind):
 
     def render(self, text: str, watch) -> str:
         from nxc.object_index import render
-        return render(text, watch.groundings)
+        return render(text, watch.num_objects)
 
 
 class BoundHead:

@@ -10,7 +10,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-STAGES = ("preprocess", "vision", "sam_encoder", "prefill", "decode", "loc_heads", "sam_decoder", "postprocess")
+STAGES = ("preprocess", "vision", "sam_encoder", "prefill", "decode", "loc_heads", "sam_decoder", "proposals",
+          "object_features", "postprocess")
 
 
 @dataclass

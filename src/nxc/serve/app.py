@@ -44,19 +44,25 @@ class _Turns:
     sources: list
     timelines: list
     cancels: list
+    objects: int | None = None     # a retrieval build's object list length (ReplyText renders its groundings)
 STATIC = Path(__file__).parent / "static"
 
 
 class ReplyText:
-    """The decoded reply (`<at> <boxes>` literal) -> the text a client sees ([k]), in deltas whose concatenation
-    is the final text: a tail that may still become a slot is held back until the next token settles it."""
+    """The decoded reply (`<at> <boxes>` literal; a retrieval build's `<ground>...</objects>`) -> the text a client
+    sees ([k]), in deltas whose concatenation is the final text: a tail that may still become a slot (a grounding)
+    is held back until the next tokens settle it. objects: a retrieval build's object count, else None."""
 
-    def __init__(self):
-        self.raw, self.sent = "", ""
+    def __init__(self, objects: int | None = None):
+        self.raw, self.sent, self.objects = "", "", objects
 
     def add(self, raw_delta: str) -> str:
         self.raw += raw_delta
         text = render_reply(self.raw)
+        if self.objects is not None:
+            from nxc.object_index import render, settled
+            text = render(text, self.objects)
+            return self._send(text[:settled(text)])
         hold = next((n for n in range(len(SLOT) - 1, 0, -1) if text.endswith(SLOT[:n])), 0)
         return self._send(text[:len(text) - hold])
 
@@ -91,7 +97,9 @@ class Server:
                  drain_seconds: float = 300.0):
         self.pipe, self.model, self.limits, self.drain_seconds = pipe, model, limits, drain_seconds
         self.metrics = Metrics()
-        self.slot = pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None
+        # the token a Box event follows: a box head's slot, or `</objects>` closing a retrieval build's grounding
+        self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.index_head is not None
+                     else pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None)
         self.batcher = None
         if max_batch > 0:
             try:
@@ -134,24 +142,29 @@ class Server:
         """Start the request's turn (n of them for n > 1). Prompt errors raise here (400s); a full queue is a 503."""
         if self.batcher is not None and not req.beams:
             timelines = [Timeline() for _ in range(req.n)]
+            conv = self._conversation(req)
             try:
-                handles = self.batcher.submit_n(self._conversation(req), req.question, req.n, boxes=req.boxes,
+                handles = self.batcher.submit_n(conv, req.question, req.n, boxes=req.boxes,
                                                 timelines=timelines, **req.sampling)
             except QueueFull as e:
                 raise proto.ApiError(503, f"the server is busy ({e})", "overloaded") from None
             except Closed as e:
                 raise proto.ApiError(503, str(e), "shutting_down") from None
-            return _Turns(handles, timelines, [h.cancel for h in handles])
+            return _Turns(handles, timelines, [h.cancel for h in handles], self._objects(conv))
         sources, timelines = [], []
         for i in range(req.n):                   # one turn per thread: completion i samples with seed + i
             timeline = Timeline()
             seed = {"seed": req.sampling["seed"] + i} if "seed" in req.sampling else {}
-            events = self._conversation(req).stream(req.question, boxes=req.boxes, timeline=timeline,
-                                                    **{**req.sampling, **seed}, **req.beams)
+            conv = self._conversation(req)
+            events = conv.stream(req.question, boxes=req.boxes, timeline=timeline, **{**req.sampling, **seed},
+                                 **req.beams)
             first = next(events)                  # prefill happens here: prompt errors surface as 400s
             sources.append(chain([first], events))
             timelines.append(timeline)
-        return _Turns(sources, timelines, [])
+        return _Turns(sources, timelines, [], self._objects(conv))
+
+    def _objects(self, conv) -> int | None:
+        return len(conv.object_values()) if self.pipe.dispatch.index_head is not None else None
 
     def collect(self, turns: "_Turns") -> list:
         """Every turn's ChatResult (None for a cancelled one), metrics recorded."""
@@ -227,10 +240,13 @@ class Server:
 
         async def sse():
             status = 200
-            text, pending, finished = ReplyText(), None, False
+            text, pending, finished = ReplyText(turns.objects), None, False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for ev in iterate_in_threadpool(iter(events)):
+                    if pending is not None and not isinstance(ev, Box):    # a grounding that named no box
+                        yield chunk({"content": pending[0]}, pending[1])
+                        pending = None
                     if isinstance(ev, Token):
                         delta = text.add(ev.text)
                         if ev.id == self.slot:             # its box follows at once: one chunk for both

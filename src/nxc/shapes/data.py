@@ -64,6 +64,7 @@ class Sample:
     answer_objects: list[Obj] = field(default_factory=list)  # one per `<at> <boxes>` in the answer, in order
     target: Obj | None = None                     # rec/region: the object asked about
     present: bool | None = None                   # pope: ground truth
+    scene_objects: list[Obj] = field(default_factory=list)  # every object of the image (proposal recall)
 
 
 def _shape_mask(shape: str, w: int, h: int, cx: float, cy: float, r: float) -> np.ndarray:
@@ -162,6 +163,12 @@ def make_sample(rng: np.random.Generator, task: str, scene: Scene | None = None,
     """One sample of `task`; pope: `pope_near` of the absent questions name an object sharing a colour or a shape
     with a present one (0.5 in the evaluation set)."""
     scene = scene or make_scene(rng)
+    sample = _sample(rng, task, scene, pope_near)
+    sample.scene_objects = list(scene.objects)
+    return sample
+
+
+def _sample(rng: np.random.Generator, task: str, scene: Scene, pope_near: float) -> Sample:
     objs = scene.objects
     if task == "rec":
         o = _pick(rng, objs)

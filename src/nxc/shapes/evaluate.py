@@ -7,6 +7,11 @@ Metrics (reference §7, on our synthetic tasks):
 - POPE: "yes" if the reply contains it; accuracy, precision, recall, F1, yes-ratio (yes = positive).
 - region caption: the first colour+shape the reply names equals the region's object.
 - grounded caption: F1 of (phrase, box with IoU >= 0.5) pairs against the scene's objects.
+- proposal recall@0.5 (retrieval models): the share of the scenes' objects that some proposal covers with IoU >= 0.5,
+  the upper bound of what answering by index can find.
+
+Both grounding families answer the same held-out samples: a retrieval model (nxc.model.retrieval) is asked each
+question in its own phrasing (nxc.shapes.retrieval_tasks.question), the boxes it names are scored the same way.
 
 The chat function is pluggable: the PyTorch reference now, a build directory through the runtime later.
 """
@@ -44,9 +49,17 @@ class Scores:
         self.pope: list[tuple[bool, bool]] = []   # (truth, said yes)
         self.region: list[bool] = []
         self.cap_tp = self.cap_pred = self.cap_true = 0
+        self.masks = False                        # a detection came with a mask (RES is reported only then)
+        self.recall_hit = self.recall_total = 0   # proposal recall@0.5 (retrieval)
+
+    def add_proposals(self, sample, proposals_px: np.ndarray) -> None:
+        for o in sample.scene_objects:
+            self.recall_total += 1
+            self.recall_hit += any(box_iou(p, o.box) >= 0.5 for p in proposals_px)
 
     def add(self, sample, result) -> None:
         dets = list(result.detections)
+        self.masks |= any(getattr(d, "mask", None) is not None for d in dets)
         if sample.task == "rec":
             t = sample.target
             self.rec_iou.append(box_iou(dets[0].box, t.box) if dets else 0.0)
@@ -76,7 +89,8 @@ class Scores:
         if self.rec_iou:
             iou = np.asarray(self.rec_iou)
             out["rec"] = {"acc@0.5": float((iou >= 0.5).mean()), "mean_iou": float(iou.mean()), "n": len(iou)}
-            out["res"] = {"ciou": self.res_inter / max(1, self.res_union), "n": len(iou)}
+            if self.masks:
+                out["res"] = {"ciou": self.res_inter / max(1, self.res_union), "n": len(iou)}
         if self.pope:
             truth = np.array([t for t, _ in self.pope])
             yes = np.array([y for _, y in self.pope])
@@ -92,17 +106,24 @@ class Scores:
         if self.cap_true:
             p, r = self.cap_tp / max(1, self.cap_pred), self.cap_tp / self.cap_true
             out["caption"] = {"grounded_f1": 2 * p * r / max(1e-9, p + r), "precision": p, "recall": r}
+        if self.recall_total:
+            out["proposals"] = {"recall@0.5": self.recall_hit / self.recall_total, "n": self.recall_total}
         return out
 
 
 def evaluate(chat: ChatFn, *, seed: int = 1234, n_per_task: int = 500, tasks=TASKS,
-             progress: bool = True) -> dict:
-    """Run `chat` greedily over the held-out set; returns the metrics dict."""
+             progress: bool = True, family: str = "regression", proposals=None) -> dict:
+    """Run `chat` greedily over the held-out set; returns the metrics dict. family "retrieval": questions in the
+    retrieval phrasing; `proposals(image) -> [P,4] pixel boxes` adds proposal recall@0.5 over every sample's scene."""
+    from nxc.shapes.retrieval_tasks import question
     samples = make_samples(seed, n_per_task, tasks)
     scores = Scores()
     t0 = time.perf_counter()
     for i, s in enumerate(samples):
-        scores.add(s, chat(s.image, s.question, s.boxes_in or None))
+        q = question(s) if family == "retrieval" else s.question
+        scores.add(s, chat(s.image, q, s.boxes_in or None))
+        if proposals is not None:
+            scores.add_proposals(s, proposals(s.image))
         if progress and ((i + 1) % 100 == 0 or i + 1 == len(samples)):
             el = time.perf_counter() - t0
             print(f"  eval {i + 1}/{len(samples)} ({s.task}) {el:.0f} s, eta {el / (i + 1) * (len(samples) - i - 1):.0f} s",
@@ -112,43 +133,81 @@ def evaluate(chat: ChatFn, *, seed: int = 1234, n_per_task: int = 500, tasks=TAS
     return out
 
 
-def reference_chat(ckpt, *, clip_dir=None, sam_file=None, max_new_tokens: int = 48) -> ChatFn:
+class Target:
+    """What nxc-eval runs: a chat function, its grounding family and (retrieval) its proposals."""
+
+    def __init__(self, name: str, chat: ChatFn, family: str = "regression", proposals=None):
+        self.name, self.chat, self.family, self.proposals = name, chat, family, proposals
+
+
+def reference_chat(ckpt, *, clip_dir=None, sam_file=None, max_new_tokens: int = 48) -> Target:
+    from nxc.model.retrieval import is_retrieval_checkpoint
+    if is_retrieval_checkpoint(ckpt):
+        from nxc.model.retrieval import RetrievalReferenceChat
+        from nxc.runtime.preprocess import boxes_to_pixels
+        ref = RetrievalReferenceChat.load(ckpt, clip_dir=clip_dir)
+        return Target(str(ckpt), lambda image, text, boxes: ref.chat(image, text, boxes=boxes,
+                                                                     max_new_tokens=max_new_tokens),
+                      "retrieval", lambda image: boxes_to_pixels(ref.proposals(image)[0], *image.size))
     from nxc.model.reference import ReferenceChat
     ref = ReferenceChat.load(ckpt, clip_dir=clip_dir, sam_file=sam_file)
-    return lambda image, text, boxes: ref.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens,
-                                               iou_threshold=None)
+    return Target(str(ckpt), lambda image, text, boxes: ref.chat(image, text, boxes=boxes,
+                                                                 max_new_tokens=max_new_tokens, iou_threshold=None))
 
 
-def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime", providers=None) -> ChatFn:
+def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime", providers=None) -> Target:
     """The same questions through the torch-free runtime on a build directory (masks unfiltered, as RES eval)."""
     from nxc.runtime.pipeline import Pipeline
+    from nxc.runtime.preprocess import boxes_to_pixels
     pipe = Pipeline.load(build, backend=backend, providers=providers)
-    return lambda image, text, boxes: pipe.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens,
-                                                iou_threshold=None)
+
+    def chat(image, text, boxes):
+        return pipe.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens, iou_threshold=None)
+    if pipe.config.objects is None:
+        return Target(str(build), chat)
+    return Target(str(build), chat, "retrieval",
+                  lambda image: boxes_to_pixels(pipe.conversation(image).objects()[0], *image.size))
 
 
-def format_table(m: dict) -> str:
-    rows = []
-    if "rec" in m:
-        rows += [("REC Acc@0.5", m["rec"]["acc@0.5"]), ("REC mean IoU", m["rec"]["mean_iou"]),
-                 ("RES cIoU", m["res"]["ciou"])]
-    if "pope" in m:
-        rows += [(f"POPE {k}", m["pope"][k]) for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")]
-    if "region" in m:
-        rows.append(("region-caption accuracy", m["region"]["accuracy"]))
-    if "caption" in m:
-        rows.append(("grounded-caption F1", m["caption"]["grounded_f1"]))
+ROWS = (("REC Acc@0.5", "rec", "acc@0.5"), ("REC mean IoU", "rec", "mean_iou"), ("RES cIoU", "res", "ciou"),
+        ("POPE accuracy", "pope", "accuracy"), ("POPE precision", "pope", "precision"),
+        ("POPE recall", "pope", "recall"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
+        ("region-caption accuracy", "region", "accuracy"), ("grounded-caption F1", "caption", "grounded_f1"),
+        ("proposal recall@0.5", "proposals", "recall@0.5"))
+
+
+def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
+    """The metrics of one run, or of several side by side (a column each; "-" where a family has no such score)."""
+    runs = [m, *others]
+    rows = [(label, [r.get(k, {}).get(f) for r in runs]) for label, k, f in ROWS]
+    rows = [(label, vals) for label, vals in rows if any(v is not None for v in vals)]
     width = max(len(r[0]) for r in rows) if rows else 10
-    return "\n".join(f"{name:<{width}}  {value:6.3f}" for name, value in rows)
+    lines = []
+    if names:
+        lines.append(f"{'':<{width}}  " + "  ".join(f"{n[-24:]:>24}" for n in names))
+    cell = 24 if names else 6
+    for label, vals in rows:
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:{cell}.3f}" if v is not None else f"{'-':>{cell}}"
+                                                      for v in vals))
+    return "\n".join(lines)
+
+
+def _target(path: Path, a) -> Target:
+    if (path / "manifest.json").is_file():
+        return runtime_chat(path, max_new_tokens=a.max_new_tokens, backend=a.backend, providers=a.provider)
+    if (path / "config.json").is_file():
+        return reference_chat(path, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
+    raise ValueError(f"{path} is neither a checkpoint (config.json) nor a build directory (manifest.json)")
 
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
     from nxc.assets import embedded_checkpoint
-    ap = argparse.ArgumentParser(prog="nxc-eval", description="Grounding accuracy on the held-out shapes set.")
-    ap.add_argument("target", nargs="?", help="NExT-Chat checkpoint directory, or a build directory written by "
-                    "nxc-export (run through the runtime); default: the embedded model's checkpoint")
+    ap = argparse.ArgumentParser(prog="nxc-eval", description="Grounding accuracy on the held-out shapes set; "
+                                 "several targets are scored on the same samples and shown side by side.")
+    ap.add_argument("targets", nargs="*", help="checkpoint directories (NExT-Chat or retrieval), or build "
+                    "directories written by nxc-export (run through the runtime); default: the embedded NExT-Chat")
     ap.add_argument("--backend", default="onnxruntime", help="runtime backend for a build directory")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider for a build directory (cpu, cuda)")
     ap.add_argument("--clip", help="CLIP directory for a checkpoint")
@@ -159,32 +218,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", help="also write the metrics to this file")
     a = ap.parse_args(argv)
-    target = Path(a.target) if a.target else embedded_checkpoint()
-    if (target / "manifest.json").is_file():
+    paths = [Path(t) for t in a.targets] or [embedded_checkpoint()]
+    runs = []
+    for path in paths:
         from nxc.manifest import BuildError
         from nxc.runtime.backends import BackendError
         try:
-            chat = runtime_chat(target, max_new_tokens=a.max_new_tokens, backend=a.backend, providers=a.provider)
-        except (BuildError, BackendError) as e:
+            target = _target(path, a)
+        except (BuildError, BackendError, ValueError) as e:
             print(f"nxc-eval: {e}", file=sys.stderr)
             return 2
-    elif (target / "config.json").is_file():
-        try:
-            chat = reference_chat(target, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
         except ImportError as e:
             print(f"nxc-eval: a checkpoint needs the export extra ({e.name} is not installed): pip install "
                   "'nxc[export]' (a build directory from nxc-export runs without it)", file=sys.stderr)
             return 2
+        print(f"[nxc-eval] {path} ({target.family})", file=sys.stderr, flush=True)
+        metrics = evaluate(target.chat, seed=a.seed, n_per_task=a.n_per_task, tasks=a.tasks, family=target.family,
+                           proposals=target.proposals)
+        metrics["meta"].update(target=str(path), family=target.family)
+        runs.append(metrics)
+    if len(runs) == 1:
+        print(format_table(runs[0]))
     else:
-        print(f"nxc-eval: {target} is neither a NExT-Chat checkpoint (config.json) nor a build directory "
-              "(manifest.json).", file=sys.stderr)
-        return 2
-    metrics = evaluate(chat, seed=a.seed, n_per_task=a.n_per_task, tasks=a.tasks)
-    metrics["meta"]["target"] = str(target)
-    print(format_table(metrics))
-    print(json.dumps(metrics, indent=2))
+        print(format_table(*runs, names=[f"{r['meta']['family']}: {Path(r['meta']['target']).name}" for r in runs]))
+    out = runs[0] if len(runs) == 1 else {"runs": runs}
+    print(json.dumps(out, indent=2))
     if a.json:
-        Path(a.json).write_text(json.dumps(metrics, indent=2))
+        Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
 
 

@@ -49,6 +49,7 @@ class RetrievalTrainConfig:
     proposal_share: float = 0.5
     yes_no_weight: float = 5.0
     index_weight: float = 3.0            # cross-entropy weight of the answer's <objN> tokens
+    train_vision: bool = False           # the CLIP tower stays as NExT-Chat trained it (the projector learns)
     threads: int = 2
 
 
@@ -208,8 +209,11 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
     enc = Encoder(SentencePieceOracle.from_dir(out), model.config.num_image_tokens)
     model.train()
     model.proposal_net.eval()
-    for prm in model.proposal_net.parameters():
-        prm.requires_grad_(False)
+    frozen = [model.proposal_net] + ([] if cfg.train_vision else [model.vision_tower])
+    for part in frozen:
+        part.eval()
+        for prm in part.parameters():
+            prm.requires_grad_(False)
     pretrained = [p for n, p in model.named_parameters()
                   if n.startswith(("vision_tower.", "mm_projector.", "llm.")) and p.requires_grad]
     new = [p for n, p in model.named_parameters() if n.startswith("object_encoder.")]
@@ -248,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--proposals", required=True, help="the trained detector (nxc.shapes.train_proposals --out)")
     for f, v in asdict(RetrievalTrainConfig()).items():
-        ap.add_argument(f"--{f.replace('_', '-')}", type=type(v), default=v)
+        kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        ap.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
     a = ap.parse_args(argv)
     cfg = RetrievalTrainConfig(**{f: getattr(a, f) for f in asdict(RetrievalTrainConfig())})
     train(Path(a.out), Path(a.proposals), cfg, "python -m nxc.shapes.train_retrieval " + " ".join(argv or sys.argv[1:]))
