@@ -65,14 +65,21 @@ def main(argv: list[str] | None = None) -> int:
     target = scene.objects[0]
     conv = pipe.conversation(scene.image)
     boxes, masks = [], []
-    for question in (f"Where is the {target.phrase} in the image?",
-                     "Can you describe the image and include object locations?"):
+    if pipe.config.objects is None:
+        questions = (f"Where is the {target.phrase} in the image?",
+                     "Can you describe the image and include object locations?")
+    else:                                     # a retrieval build (nxc.model.retrieval): its own phrasing
+        from nxc.shapes.retrieval_tasks import CAPTION_TEMPLATES, REC_TEMPLATES
+        questions = (REC_TEMPLATES[0].replace("<expr>", f"the {target.phrase}"), CAPTION_TEMPLATES[0])
+        print(f"proposals: {len(conv.objects()[0])} boxes from the proposals graph")
+    for question in questions:
         r = conv.ask(question, max_new_tokens=48)
         print(f"\nUSER      : {question}\nASSISTANT : {r.text}")
         for i, det in enumerate(r.detections):
             k = len(boxes)
             best = max(scene.objects, key=lambda o: box_iou(det.box, o.box))
-            print(f"  [{i}] box {np.round(det.box.astype(float), 1).tolist()}  mask score {det.score:.2f}  "
+            score = "" if det.score is None else f"  {'mask' if det.mask is not None else 'proposal'} score {det.score:.2f}"
+            print(f"  [{i}] box {np.round(det.box.astype(float), 1).tolist()}{score}  "
                   f"IoU with the drawn {best.phrase}: {box_iou(det.box, best.box):.2f}  (drawn as [{k}])")
             boxes.append(det.box)
             masks.append(det.mask)

@@ -12,8 +12,9 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nxc-export", description=__doc__,
         epilog="example: nxc-export --fp16 --out build/fp16   (exports the embedded model)")
-    ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory "
-                    "(default: the embedded shapes model)")
+    ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory, or a retrieval "
+                    "(ChatRex-style) checkpoint; `embedded:shapes-retrieval` is the shipped retrieval model "
+                    "(default: the embedded shapes NExT-Chat)")
     ap.add_argument("--clip", metavar="DIR", help="CLIP vision model directory, if not the checkpoint's own")
     ap.add_argument("--sam", metavar="FILE", help="SAM weights, if not inside the checkpoint")
     ap.add_argument("--out", metavar="DIR", help="build directory to write (default: build/<precision>)")
@@ -69,8 +70,17 @@ def main(argv: list[str] | None = None) -> int:
                          parity=not a.skip_parity, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                          calib_method=a.calib_method, calib_samples=a.calib_samples, recalibrate=a.recalibrate,
                          float_graphs=tuple(a.float_graphs))
+    checkpoint = a.checkpoint
+    if checkpoint and checkpoint.startswith("embedded:"):
+        from nxc import assets
+        name = checkpoint[len("embedded:"):]
+        if name not in (assets.EMBEDDED_NAME, assets.RETRIEVAL_NAME):
+            print(f"nxc-export: {checkpoint!r}: the shipped models are embedded:{assets.EMBEDDED_NAME} and "
+                  f"embedded:{assets.RETRIEVAL_NAME}", file=sys.stderr)
+            return 2
+        checkpoint = str(Path(assets.__file__).parent / name)
     try:
-        build = export_build(a.checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
+        build = export_build(checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
     except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:
         print(f"nxc-export: {e}", file=sys.stderr)
         return 1

@@ -564,6 +564,8 @@ class Conversation:
             raise ValueError(f"max_new_tokens must be a whole number >= 1 (None: the build's {gen.max_new_tokens}), "
                              f"got {max_new_tokens!r}")
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        if self.pipe.dispatch.index_head is not None:
+            self.objects()                  # the proposals graph, timed as its own stage (not inside preprocess)
         with self.timeline.stage("preprocess"):
             ids, region, user_text = self._prompt(text, boxes, special_tokens_in_text)
         return _Turn(ids, region, user_text, int(max_new), sampling,

@@ -198,13 +198,18 @@ def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig) -> tuple[torc
     return loss, {"loss": loss.item(), "index_acc": acc}
 
 
-def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: str) -> dict:
+def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: str, init: Path | None = None) -> dict:
     from nxc.model.retrieval import save_retrieval
     from nxc.model.sp_tokenizer import SentencePieceOracle
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     rng = np.random.default_rng(cfg.seed)
     model, src_dir = initial_model(proposals_dir)
+    earlier = None
+    if init is not None:                                              # continue a run (its weights and log)
+        from nxc.model.retrieval import load_retrieval
+        model, _ = load_retrieval(init)
+        earlier = json.loads((init / "training.json").read_text())
     save_retrieval(model, out, tokenizer_dir=src_dir)                 # the tokenizer files first: encode with them
     enc = Encoder(SentencePieceOracle.from_dir(out), model.config.num_image_tokens)
     model.train()
@@ -242,7 +247,7 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
     proposals_meta = json.loads((proposals_dir / "proposals.json").read_text())
     training = {"config": asdict(cfg), "command": command, "minutes": (time.perf_counter() - t0) / 60,
                 "initialised_from": "the embedded NExT-Chat (vision tower, projector, LLaMA)",
-                "proposals": proposals_meta.get("training", {}), "log": log}
+                "proposals": proposals_meta.get("training", {}), "log": log, "continued_from": earlier}
     save_retrieval(model, out, tokenizer_dir=src_dir, training=training)
     return training
 
@@ -251,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nxc.shapes.train_retrieval", description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--proposals", required=True, help="the trained detector (nxc.shapes.train_proposals --out)")
+    ap.add_argument("--init", help="continue from this retrieval checkpoint (a previous run's --out)")
     for f, v in asdict(RetrievalTrainConfig()).items():
         kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
         ap.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
     a = ap.parse_args(argv)
     cfg = RetrievalTrainConfig(**{f: getattr(a, f) for f in asdict(RetrievalTrainConfig())})
-    train(Path(a.out), Path(a.proposals), cfg, "python -m nxc.shapes.train_retrieval " + " ".join(argv or sys.argv[1:]))
+    train(Path(a.out), Path(a.proposals), cfg, "python -m nxc.shapes.train_retrieval " + " ".join(argv or sys.argv[1:]),
+          init=Path(a.init) if a.init else None)
     return 0
 
 
