@@ -107,8 +107,8 @@ def parser() -> argparse.ArgumentParser:
                     help="with --num-beams, Hugging Face's meanings (default false)")
     ap.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     ap.add_argument("--low-memory", action="store_true",
-                    help="unload the vision and SAM encoder sessions after their one run (a smaller peak next to a "
-                         "large llm; each image loads them again)")
+                    help="unload the vision and SAM encoder sessions after their one run and give back the KV cache "
+                         "before SAM runs (a smaller peak next to a large llm; each image loads them again)")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider: cpu, cuda, tensorrt (repeatable)")
     return ap
 

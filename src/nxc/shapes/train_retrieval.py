@@ -88,9 +88,9 @@ def initial_model(proposals_dir: Path):
             w = sd[k]
             if v.shape == w.shape:
                 v.copy_(w)
-            else:                                   # embed_tokens / lm_head: old rows, new rows at the mean
-                v[:w.shape[0]] = w
-                v[w.shape[0]:] = w.mean(0) + 0.02 * torch.randn(v.shape[0] - w.shape[0], w.shape[1])
+            else:                  # embed_tokens / lm_head: old rows; new rows drawn like the old ones, each its
+                v[:w.shape[0]] = w     # own (near-equal rows would make <obj0>..<obj99> hard to tell apart)
+                v[w.shape[0]:] = w.mean(0) + w.std(0) * torch.randn(v.shape[0] - w.shape[0], w.shape[1])
     model.proposal_net.load_state_dict(load_file(str(proposals_dir / "proposals.safetensors")))
     return model, src_dir
 
@@ -222,8 +222,11 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
     pretrained = [p for n, p in model.named_parameters()
                   if n.startswith(("vision_tower.", "mm_projector.", "llm.")) and p.requires_grad]
     new = [p for n, p in model.named_parameters() if n.startswith("object_encoder.")]
+    # the token tables (embeddings, lm_head) learn at the full rate: their new rows (<objN>, the tags) start cold
+    tables = [model.llm.model.embed_tokens.weight, model.llm.lm_head.weight]
+    pretrained = [p for p in pretrained if not any(p is t for t in tables)]
     opt = torch.optim.AdamW([{"params": pretrained, "scale": cfg.pretrained_lr_scale},
-                             {"params": new, "scale": 1.0}], lr=cfg.lr, weight_decay=0.0)
+                             {"params": new + tables, "scale": 1.0}], lr=cfg.lr, weight_decay=0.0)
     t0, log, recent = time.perf_counter(), [], []
     for step in range(cfg.steps):
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
