@@ -117,7 +117,8 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
                              _t("features", (1, o.feature_channels, f, f)))),
                 names.GRAPH_OBJECT_FEATURES: GraphSpec(
                     names.GRAPH_OBJECT_FEATURES,
-                    inputs=(_t("features", (1, o.feature_channels, f, f)), _t("boxes", ("boxes", 4))),
+                    inputs=(_t("features", (1, o.feature_channels, f, f)), _t("boxes", ("boxes", 4)),
+                            _t("indices", ("boxes",), "int64")),
                     outputs=(_t("rows", ("boxes", h)),))}
     c, g = sam.prompt_embed_dim, sam.embedding_size
     return {

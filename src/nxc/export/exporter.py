@@ -156,7 +156,8 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
         # its slot `<objfeat>` holds the object rows of the prompt (proposals, then region boxes)
         from nxc.object_index import OBJ_FEAT
         heads.append({"kind": "index", "trigger": None, "emit": OBJ_FEAT, "graph": names.GRAPH_OBJECT_FEATURES,
-                      "inputs": {"features": f"{names.GRAPH_PROPOSALS}:features", "boxes": "zeros"},
+                      "inputs": {"features": f"{names.GRAPH_PROPOSALS}:features", "boxes": "zeros",
+                                 "indices": "slot_index"},
                       "collect": [], "feedback": None, "finish": None,
                       "encode_input": "boxes", "encode_output": "rows"})
     if names.GRAPH_LOC_HEADS in opts.graphs:

@@ -30,6 +30,8 @@ def random_inputs(spec: GraphSpec, axes: dict[str, int], rng: np.random.Generato
         shape = t.resolve(axes)
         if t.name == "attention_mask":
             x = np.ones(shape, np.int64)
+        elif t.name == "indices":                                              # places in an object list
+            x = (np.arange(shape[0]) * 7 % 100).astype(np.int64)
         elif t.name == "position_ids":
             x = np.broadcast_to(np.arange(axes["past"], axes["past"] + shape[1], dtype=np.int64), shape).copy()
         elif t.name == "boxes":

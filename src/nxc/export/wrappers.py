@@ -173,12 +173,13 @@ class ProposalsGraph(nn.Module):
 
 
 class ObjectFeaturesGraph(nn.Module):
-    """features [1,C,f,f] + boxes [M,4] (normalised xyxy, square frame) -> rows [M,H]: the LLM input row of each
-    `<objfeat>` (RoI-align 7x7 mean-pooled + sine box embedding through the projector)."""
+    """features [1,C,f,f] + boxes [M,4] (normalised xyxy, square frame) + indices [M] (each box's place in the
+    object list) -> rows [M,H]: the LLM input row of each `<objfeat>` (RoI-align 7x7 mean-pooled + sine box
+    embedding through the projector, plus the index's learned vector)."""
 
     def __init__(self, model):
         super().__init__()
         self.object_encoder = model.object_encoder
 
-    def forward(self, features: torch.Tensor, boxes: torch.Tensor):
-        return self.object_encoder.rows(features, boxes)
+    def forward(self, features: torch.Tensor, boxes: torch.Tensor, indices: torch.Tensor):
+        return self.object_encoder.rows(features, boxes, indices)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from nxc.config import ObjectSizes
+from nxc.object_index import MAX_OBJECTS
 
 FAMILY = "retrieval"
 
@@ -56,6 +57,10 @@ class ObjectEncoder(nn.Module):
         self.levels = nn.ModuleList([_conv(c[0], c[0], 2)] + [_conv(c[i - 1], c[i], 2) for i in range(1, len(c))])
         d_in = sizes.feature_channels + 8 * sizes.box_frequencies
         self.projector = nn.Sequential(nn.Linear(d_in, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        # each row also carries a learned vector of its index in the object list (the N of the `<objN>` before it):
+        # our deviation from RexSeek, so that a small LLM names the row it matched in one attention step
+        self.index_embed = nn.Embedding(MAX_OBJECTS, hidden_size)
+        nn.init.normal_(self.index_embed.weight, std=0.1)
 
     def features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[1,3,S,S] square pixels -> [1, sum(channels), S/4, S/4]: every level upsampled to the first, concatenated."""
@@ -68,14 +73,16 @@ class ObjectEncoder(nn.Module):
         return torch.cat([outs[0]] + [nn.functional.interpolate(o, size=size, mode="bilinear", align_corners=False)
                                       for o in outs[1:]], dim=1)
 
-    def rows(self, features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """features [1,C,h,w], boxes [N,4] normalised xyxy in the square frame -> [N,H] LLM input rows."""
+    def rows(self, features: torch.Tensor, boxes: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """features [1,C,h,w], boxes [N,4] normalised xyxy in the square frame, indices [N] (each box's place in
+        the object list) -> [N,H] LLM input rows."""
         from torchvision.ops import roi_align
         h = features.shape[-1]
         rois = torch.cat([torch.zeros(boxes.shape[0], 1, dtype=boxes.dtype, device=boxes.device), boxes * h], dim=1)
         pooled = roi_align(features, rois, output_size=self.sizes.roi_size, spatial_scale=1.0, sampling_ratio=2,
                            aligned=True).mean(dim=(2, 3))
-        return self.projector(torch.cat([pooled, box_sine_embedding(boxes, self.sizes.box_frequencies)], dim=1))
+        rows = self.projector(torch.cat([pooled, box_sine_embedding(boxes, self.sizes.box_frequencies)], dim=1))
+        return rows + self.index_embed(indices)
 
 
 class RetrievalChat(nn.Module):
@@ -284,8 +291,8 @@ class RetrievalReferenceChat:
         emb = assemble_prefill(ids, rows, image_span=(self.im_start, self.im_end, cfg.num_image_tokens),
                                image_features=lambda: features[0].numpy(), slot=self.objfeat,
                                num_slot_values=len(values),
-                               slot_rows=lambda ks: self.model.object_encoder.rows(fmap, torch.from_numpy(values[ks]))
-                               .numpy())
+                               slot_rows=lambda ks: self.model.object_encoder.rows(
+                                   fmap, torch.from_numpy(values[ks]), torch.tensor(ks, dtype=torch.long)).numpy())
         cache = DynamicCache()
         logits, hidden = self.model.llm_step(torch.from_numpy(emb)[None], cache)
         rng = sampling.rng()

@@ -194,14 +194,21 @@ class BoundHead:
         return [(self.emit, outs[h.feedback][i][None, None], Found(self, {k: outs[k][i] for k in h.collect}))
                 for i in range(len(hiddens))]
 
-    def encode(self, values: np.ndarray, conv=None) -> np.ndarray:
+    def encode(self, values: np.ndarray, conv=None, slots=None) -> np.ndarray:
         """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies, a
-        retrieval prompt's objects). Inputs fed from "<graph>:<output>" come from `conv`'s once-per-image runs."""
+        retrieval prompt's objects). Inputs fed from "<graph>:<output>" come from `conv`'s once-per-image runs,
+        "slot_index" inputs are `slots` (each value's place among the prompt's slots)."""
         h = self.head
         if h.encode_input is None:
             raise BuildError(f"head {h.kind!r} has no encode graph input; its slots cannot be fed back")
-        feeds = {name: conv.image_output(source) if ":" in source else self._zeros[name]
-                 for name, source in h.inputs.items()}
+
+        def feed(name: str, source: str) -> np.ndarray:
+            if ":" in source:
+                return conv.image_output(source)
+            if source == "slot_index":
+                return np.asarray(slots, np.int64)
+            return self._zeros[name]
+        feeds = {name: feed(name, source) for name, source in h.inputs.items()}
         feeds[h.encode_input] = np.asarray(values, self._zeros[h.encode_input].dtype)
         return self.pipe.run(h.graph, **feeds)[h.encode_output]
 

@@ -292,6 +292,12 @@ class Conversation:
             self._objects = (boxes, scores, out["features"])
         return self._objects
 
+    def proposals(self) -> tuple[np.ndarray, np.ndarray]:
+        """Retrieval builds: the image's proposals as pixel boxes [P,4] (xyxy on the original image) and their
+        scores [P]; proposal k is `<objk>` in the prompt (a reply naming it gives this box)."""
+        boxes, scores, _ = self.objects()
+        return pp.boxes_to_pixels(boxes, self.width, self.height), scores
+
     def object_values(self) -> list[np.ndarray]:
         """Retrieval builds: the boxes of the conversation's object list so far (proposals, then region boxes)."""
         return self.history_slots
@@ -377,7 +383,7 @@ class Conversation:
 
         def slot_rows(ks: list[int]) -> np.ndarray:
             with self.timeline.stage(head.head.graph):
-                return head.encode(values[ks], self)
+                return head.encode(values[ks], self, ks)
         return assemble_prefill(ids, np.asarray(self.pipe.embeddings[ids], np.float32), first=keep,
                                 image_span=(tok[names.IM_START], tok[names.IM_END], m.prompt.num_image_tokens),
                                 image_features=self.features, slot=head.emit if head else -1,

@@ -31,6 +31,7 @@ from nxc.config import ObjectSizes
 from nxc.object_index import ADDED_TOKENS, OBJ_FEAT
 from nxc.prompt import PromptFormat, Turn, expand_region_refs, render_segments
 from nxc.shapes import retrieval_tasks as rt
+from nxc.shapes.batching import object_class
 from nxc.shapes.data import make_sample, make_scene
 
 IGNORE = -100
@@ -49,6 +50,7 @@ class RetrievalTrainConfig:
     proposal_share: float = 0.5
     yes_no_weight: float = 5.0
     index_weight: float = 3.0            # cross-entropy weight of the answer's <objN> tokens
+    class_weight: float = 1.0            # auxiliary: each object row names its object's colour and shape
     train_vision: bool = False           # the CLIP tower stays as NExT-Chat trained it (the projector learns)
     threads: int = 2
 
@@ -152,21 +154,28 @@ def sample_batch(model, enc: Encoder, rng, cfg: RetrievalTrainConfig):
             props, _ = filter_proposals(pb[b].numpy(), ps[b].numpy(), score_threshold=o.score_threshold,
                                         iou_threshold=o.nms_iou, max_out=o.max_proposals)
         objects, index_of = rt.object_list(scene.objects, gt, rng, proposals=props)
+        classes = np.zeros(len(objects), np.int64)            # 0: no object (a false positive)
+        for ob in scene.objects:
+            classes[index_of[id(ob)]] = object_class(ob)
         n = int(rng.integers(1, cfg.max_turns + 1))
         samples = [make_sample(rng, str(t), scene) for t in rng.choice(tasks, size=n, p=p / p.sum())]
-        rows.append(enc.encode(samples, objects, index_of, rng))
+        ids_, labels_, boxes_ = enc.encode(samples, objects, index_of, rng)
+        region = len(boxes_) - len(objects)                   # region boxes: the class of the object they hold
+        region_cls = [object_class(s.target) for s in samples if s.boxes_in][:region]
+        rows.append((ids_, labels_, boxes_, np.concatenate([classes, np.asarray(region_cls, np.int64)])))
     t_max = max(len(r[0]) for r in rows)
     ids = torch.zeros(len(rows), t_max, dtype=torch.long)
     att = torch.zeros_like(ids)
     labels = torch.full_like(ids, IGNORE)
-    for i, (x, lab, _) in enumerate(rows):
+    for i, (x, lab, _, _) in enumerate(rows):
         ids[i, :len(x)], att[i, :len(x)], labels[i, :len(x)] = torch.tensor(x), 1, torch.tensor(lab)
     pixels = torch.cat([processing.clip_pixels(s.image, model.config.vision.image_size) for s in scenes])
-    return ids, att, labels, pixels, obj_px, [r[2] for r in rows]
+    return ids, att, labels, pixels, obj_px, [r[2] for r in rows], torch.from_numpy(np.concatenate([r[3] for r in rows]))
 
 
-def batch_embeds(model, enc: Encoder, ids, pixels, obj_px, boxes) -> torch.Tensor:
-    """[B,T,H]: token rows, image rows after <im_start>, object rows at every <objfeat> (in order)."""
+def batch_embeds(model, enc: Encoder, ids, pixels, obj_px, boxes, rows_out: list | None = None) -> torch.Tensor:
+    """[B,T,H]: token rows, image rows after <im_start>, object rows at every <objfeat> (in order; also appended
+    to rows_out)."""
     emb = model.embed_tokens(ids).clone()
     feats = model.encode_image(pixels)
     n = feats.shape[1]
@@ -177,13 +186,19 @@ def batch_embeds(model, enc: Encoder, ids, pixels, obj_px, boxes) -> torch.Tenso
     for b, bx in enumerate(boxes):
         pos = (ids[b] == enc.objfeat).nonzero()[:, 0]
         if len(pos):
-            emb[b, pos] = model.object_encoder.rows(fmap[b:b + 1], torch.from_numpy(bx))
+            rows = model.object_encoder.rows(fmap[b:b + 1], torch.from_numpy(bx), torch.arange(len(bx)))
+            emb[b, pos] = rows
+            if rows_out is not None:
+                rows_out.append(rows)
     return emb
 
 
-def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig) -> tuple[torch.Tensor, dict]:
-    ids, att, labels, pixels, obj_px, boxes = batch
-    emb = batch_embeds(model, enc, ids, pixels, obj_px, boxes)
+def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig, classify=None) -> tuple[torch.Tensor, dict]:
+    """Token cross-entropy (answers; Yes/No and <objN> weighted up) + `classify`'s auxiliary loss on the object
+    rows (a linear head, trained here and discarded: it makes the rows tell colours and shapes apart)."""
+    ids, att, labels, pixels, obj_px, boxes, classes = batch
+    obj_rows: list = []
+    emb = batch_embeds(model, enc, ids, pixels, obj_px, boxes, obj_rows)
     hidden = model.llm.model(inputs_embeds=emb, attention_mask=att, use_cache=False).last_hidden_state
     logits = model.llm.lm_head(hidden[:, :-1])
     lab = labels[:, 1:].reshape(-1)
@@ -191,11 +206,15 @@ def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig) -> tuple[torc
     weight = (1 + (cfg.yes_no_weight - 1) * torch.isin(lab, enc.yes_no).float()
               + (cfg.index_weight - 1) * torch.isin(lab, enc.obj_ids).float())
     loss = (ce * weight).sum() / (weight * (lab != IGNORE)).sum()
+    aux = torch.zeros(())
+    if classify is not None and obj_rows:
+        aux = F.cross_entropy(classify(torch.cat(obj_rows)), classes)
+        loss = loss + cfg.class_weight * aux
     with torch.no_grad():
         pred = logits.reshape(-1, logits.shape[-1]).argmax(-1)
         idx = torch.isin(lab, enc.obj_ids)
         acc = (pred[idx] == lab[idx]).float().mean().item() if idx.any() else float("nan")
-    return loss, {"loss": loss.item(), "index_acc": acc}
+    return loss, {"loss": loss.item(), "index_acc": acc, "class_ce": aux.item()}
 
 
 def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: str, init: Path | None = None) -> dict:
@@ -223,6 +242,8 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
                   if n.startswith(("vision_tower.", "mm_projector.", "llm.")) and p.requires_grad]
     new = [p for n, p in model.named_parameters() if n.startswith("object_encoder.")]
     # the token tables (embeddings, lm_head) learn at the full rate: their new rows (<objN>, the tags) start cold
+    classify = torch.nn.Linear(model.config.llm.hidden_size, 1 + 16)     # background + 4 colours x 4 shapes
+    new += list(classify.parameters())
     tables = [model.llm.model.embed_tokens.weight, model.llm.lm_head.weight]
     pretrained = [p for p in pretrained if not any(p is t for t in tables)]
     opt = torch.optim.AdamW([{"params": pretrained, "scale": cfg.pretrained_lr_scale},
@@ -232,7 +253,7 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
         lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup)
         for g in opt.param_groups:
             g["lr"] = lr * g["scale"]
-        loss, info = loss_of(model, enc, sample_batch(model, enc, rng, cfg), cfg)
+        loss, info = loss_of(model, enc, sample_batch(model, enc, rng, cfg), cfg, classify)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -243,8 +264,10 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
             avg = {k: float(np.nanmean([r[k] for r in recent])) for k in recent[0]}
             log.append({"step": step + 1, **avg})
             recent = []
+            if (step + 1) % 300 == 0 and step + 1 < cfg.steps:       # a checkpoint to look at while it trains
+                save_retrieval(model, out / "partial", tokenizer_dir=src_dir)
             print(f"[train-retrieval] step {step + 1}/{cfg.steps} loss {avg['loss']:.4f} index acc "
-                  f"{avg['index_acc']:.3f} lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
+                  f"{avg['index_acc']:.3f} class ce {avg['class_ce']:.3f} lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
                   file=sys.stderr, flush=True)
     model.eval()
     proposals_meta = json.loads((proposals_dir / "proposals.json").read_text())
