@@ -159,7 +159,20 @@ MALFORMED = [
     ("head's input not fed", heads(lambda h: h["inputs"].pop("boxes")),
      f"manifest.json: heads[0].inputs.boxes: missing{FIX}"),
     ("head's input source", heads(lambda h: h["inputs"].update(boxes="noise")),
-     f"manifest.json: heads[0].inputs.boxes: 'noise' is not a head input source (hidden, zeros){FIX}"),
+     f"manifest.json: heads[0].inputs.boxes: 'noise' is not a head input source (hidden, zeros, slot_index){FIX}"),
+    ("head's graph output source", heads(lambda h: h["inputs"].update(boxes="vision:nothing")),
+     f"manifest.json: heads[0].inputs.boxes: 'vision:nothing' names no output of this build's graphs "
+     f"(<graph>:<output>){FIX}"),
+    ("head's trigger without feedback", heads(lambda h: h.update(feedback=None)),
+     "manifest.json: heads[0]: trigger and feedback come together (a head fired at decode time feeds its output "
+     f"back); a head with neither only encodes its slot's rows{FIX}"),
+    ("head with neither trigger nor encode", heads(lambda h: h.update(trigger=None, feedback=None,
+                                                                      encode_input=None, encode_output=None)),
+     f"manifest.json: heads[0]: a head without a trigger needs encode_input / encode_output (it exists for its "
+     f"slot rows){FIX}"),
+    ("both sam and objects", lambda d, b: d["config"].update(objects={"image_size": 128}),
+     f"manifest.json: config: expected exactly one of `sam` (a regression model, NExT-Chat) and `objects` (a "
+     f"retrieval model){FIX}"),
     ("head emits its trigger", heads(lambda h: h.update(emit=names.AT)),
      f"manifest.json: heads[0].emit: '<at>' is the trigger too (the head would fire on its own output){FIX}"),
     ("two heads, one trigger", lambda d, b: d["heads"].append(d["heads"][0]),

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from nxc import names
 from nxc.config import ObjectSizes
-from nxc.object_index import ADDED_TOKENS, OBJ_FEAT
+from nxc.object_index import ADDED_TOKENS, MAX_OBJECTS, OBJ_FEAT
 from nxc.prompt import PromptFormat, Turn, expand_region_refs, render_segments
 from nxc.shapes import retrieval_tasks as rt
 from nxc.shapes.batching import object_class
@@ -51,6 +51,8 @@ class RetrievalTrainConfig:
     yes_no_weight: float = 5.0
     index_weight: float = 3.0            # cross-entropy weight of the answer's <objN> tokens
     class_weight: float = 1.0            # auxiliary: each object row names its object's colour and shape
+    look_weight: float = 0.5             # auxiliary: where an answer names <objN>, two heads of the last two
+                                         # layers attend to object N's row (as nxc.shapes.train's look loss)
     train_vision: bool = False           # the CLIP tower stays as NExT-Chat trained it (the projector learns)
     threads: int = 2
 
@@ -104,7 +106,9 @@ class Encoder:
         self.tok, self.n_img = tokenizer, num_image_tokens
         ids = tokenizer.added_token_ids
         self.objfeat, self.im_start = ids[OBJ_FEAT], ids[names.IM_START]
-        self.obj_ids = torch.tensor([ids[t] for t in ADDED_TOKENS if t.startswith("<obj") and t != OBJ_FEAT])
+        self.obj_index = {ids[f"<obj{i}>"]: i for i in range(MAX_OBJECTS)}
+        self.ground = ids["<ground>"]
+        self.obj_ids = torch.tensor(sorted(self.obj_index))
         self.yes_no = torch.tensor([tokenizer.encode(w)[-1] for w in ("Yes", "No")])
 
     def encode(self, samples, objects: np.ndarray, index_of: dict, rng) -> tuple[list[int], list[int], np.ndarray]:
@@ -163,6 +167,19 @@ def sample_batch(model, enc: Encoder, rng, cfg: RetrievalTrainConfig):
         region = len(boxes_) - len(objects)                   # region boxes: the class of the object they hold
         region_cls = [object_class(s.target) for s in samples if s.boxes_in][:region]
         rows.append((ids_, labels_, boxes_, np.concatenate([classes, np.asarray(region_cls, np.int64)])))
+    looks = []                  # (row, position, N's row): every answer position from <ground> to the <objN>
+    for r, (x, lab, _, _) in enumerate(rows):
+        feats = [p for p, t in enumerate(x) if t == enc.objfeat]
+        start = None
+        for p, t in enumerate(x):
+            if lab[p] == IGNORE:
+                continue
+            if t == enc.ground:
+                start = p
+            n = enc.obj_index.get(t)
+            if n is not None and start is not None and n < len(feats):
+                looks += [(r, q, feats[n]) for q in range(start, p)]
+                start = None
     t_max = max(len(r[0]) for r in rows)
     ids = torch.zeros(len(rows), t_max, dtype=torch.long)
     att = torch.zeros_like(ids)
@@ -170,7 +187,8 @@ def sample_batch(model, enc: Encoder, rng, cfg: RetrievalTrainConfig):
     for i, (x, lab, _, _) in enumerate(rows):
         ids[i, :len(x)], att[i, :len(x)], labels[i, :len(x)] = torch.tensor(x), 1, torch.tensor(lab)
     pixels = torch.cat([processing.clip_pixels(s.image, model.config.vision.image_size) for s in scenes])
-    return ids, att, labels, pixels, obj_px, [r[2] for r in rows], torch.from_numpy(np.concatenate([r[3] for r in rows]))
+    return (ids, att, labels, pixels, obj_px, [r[2] for r in rows], torch.from_numpy(np.concatenate([r[3] for r in rows])),
+            torch.tensor(looks, dtype=torch.long).reshape(-1, 3))
 
 
 def batch_embeds(model, enc: Encoder, ids, pixels, obj_px, boxes, rows_out: list | None = None) -> torch.Tensor:
@@ -196,16 +214,24 @@ def batch_embeds(model, enc: Encoder, ids, pixels, obj_px, boxes, rows_out: list
 def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig, classify=None) -> tuple[torch.Tensor, dict]:
     """Token cross-entropy (answers; Yes/No and <objN> weighted up) + `classify`'s auxiliary loss on the object
     rows (a linear head, trained here and discarded: it makes the rows tell colours and shapes apart)."""
-    ids, att, labels, pixels, obj_px, boxes, classes = batch
+    ids, att, labels, pixels, obj_px, boxes, classes, looks = batch
     obj_rows: list = []
     emb = batch_embeds(model, enc, ids, pixels, obj_px, boxes, obj_rows)
-    hidden = model.llm.model(inputs_embeds=emb, attention_mask=att, use_cache=False).last_hidden_state
+    out = model.llm.model(inputs_embeds=emb, attention_mask=att, use_cache=False,
+                          output_attentions=cfg.look_weight > 0)
+    hidden = out.last_hidden_state
     logits = model.llm.lm_head(hidden[:, :-1])
     lab = labels[:, 1:].reshape(-1)
     ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), lab, ignore_index=IGNORE, reduction="none")
     weight = (1 + (cfg.yes_no_weight - 1) * torch.isin(lab, enc.yes_no).float()
               + (cfg.index_weight - 1) * torch.isin(lab, enc.obj_ids).float())
     loss = (ce * weight).sum() / (weight * (lab != IGNORE)).sum()
+    look = torch.zeros(())
+    if cfg.look_weight > 0 and len(looks):
+        masses = [att_l[looks[:, 0], :2, looks[:, 1]][torch.arange(len(looks)), :, looks[:, 2]]
+                  for att_l in out.attentions[-2:]]                          # [L,2] each
+        look = -torch.log(torch.stack(masses) + 1e-4).mean()
+        loss = loss + cfg.look_weight * look
     aux = torch.zeros(())
     if classify is not None and obj_rows:
         aux = F.cross_entropy(classify(torch.cat(obj_rows)), classes)
@@ -214,7 +240,7 @@ def loss_of(model, enc: Encoder, batch, cfg: RetrievalTrainConfig, classify=None
         pred = logits.reshape(-1, logits.shape[-1]).argmax(-1)
         idx = torch.isin(lab, enc.obj_ids)
         acc = (pred[idx] == lab[idx]).float().mean().item() if idx.any() else float("nan")
-    return loss, {"loss": loss.item(), "index_acc": acc, "class_ce": aux.item()}
+    return loss, {"loss": loss.item(), "index_acc": acc, "class_ce": aux.item(), "look": look.item()}
 
 
 def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: str, init: Path | None = None) -> dict:
@@ -267,7 +293,7 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
             if (step + 1) % 300 == 0 and step + 1 < cfg.steps:       # a checkpoint to look at while it trains
                 save_retrieval(model, out / "partial", tokenizer_dir=src_dir)
             print(f"[train-retrieval] step {step + 1}/{cfg.steps} loss {avg['loss']:.4f} index acc "
-                  f"{avg['index_acc']:.3f} class ce {avg['class_ce']:.3f} lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
+                  f"{avg['index_acc']:.3f} class ce {avg['class_ce']:.3f} look {avg['look']:.3f} lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
                   file=sys.stderr, flush=True)
     model.eval()
     proposals_meta = json.loads((proposals_dir / "proposals.json").read_text())
