@@ -80,7 +80,7 @@ def test_a_box_is_streamed_when_objects_closes_with_its_phrase(retrieval_pipe, p
     closes = retrieval_pipe.manifest.token_id("</objects>")
     for k, e in enumerate(events):
         if isinstance(e, Box):
-            assert isinstance(events[k - 1], Token) and events[k - 1].token_id == closes
+            assert isinstance(events[k - 1], Token) and events[k - 1].id == closes
             assert e.detection.phrase.startswith("a ") and e.detection.mask is None, e.detection.phrase
     done = events[-1]
     assert isinstance(done, Done) and tokens and any(isinstance(e, Box) for e in events)
