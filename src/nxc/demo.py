@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         for i, det in enumerate(r.detections):
             k = len(boxes)
             best = max(scene.objects, key=lambda o: box_iou(det.box, o.box))
-            score = "" if det.score is None else f"  {'mask' if det.mask is not None else 'proposal'} score {det.score:.2f}"
+            kind = "mask" if det.mask is not None else "proposal"
+            score = "" if det.score is None else f"  {kind} score {det.score:.2f}"
             print(f"  [{i}] box {np.round(det.box.astype(float), 1).tolist()}{score}  "
                   f"IoU with the drawn {best.phrase}: {box_iou(det.box, best.box):.2f}  (drawn as [{k}])")
             boxes.append(det.box)

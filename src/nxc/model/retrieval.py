@@ -12,7 +12,8 @@ The object rows follow RexSeek's multi-level RoI path (visual_prompt_encoder/mul
 levels upsampled to the first and concatenated, RoI-align 7x7 (aligned), mean-pooled, plus a sine embedding of the
 box, through a 2-layer GELU projector. The proposal detector is the small `nxc.model.proposals.ProposalNet` (UPN's
 place), trained on its own. Region input is a box appended to the object list: `[k]` in a question becomes
-`<objN><objfeat>` with its row from the same encoder, so the model can answer with that index too.
+`<objN><objfeat>` with its row from the same encoder, so the model can answer with that index too. Each row also
+carries a learned vector of its index in the object list (a deviation from RexSeek, for a small LLM).
 
 Checkpoint layout (nxc's own; ChatRex's is remote code): the NExT-Chat layout's config.json (LLaMA + mm fields,
 `"grounding": "retrieval"`, `"objects": ObjectSizes`), model.safetensors with `model.*` / `lm_head.*` (LLaMA),

@@ -183,9 +183,9 @@ def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
     rows = [(label, vals) for label, vals in rows if any(v is not None for v in vals)]
     width = max(len(r[0]) for r in rows) if rows else 10
     lines = []
+    cell = max([6] + [len(n) for n in names or []])
     if names:
-        lines.append(f"{'':<{width}}  " + "  ".join(f"{n[-24:]:>24}" for n in names))
-    cell = 24 if names else 6
+        lines.append(f"{'':<{width}}  " + "  ".join(f"{n:>{cell}}" for n in names))
     for label, vals in rows:
         lines.append(f"{label:<{width}}  " + "  ".join(f"{v:{cell}.3f}" if v is not None else f"{'-':>{cell}}"
                                                       for v in vals))

@@ -5,9 +5,13 @@
            (nxc.shapes.train_proposals; frozen, as ChatRex's UPN)
     each step: conversations of 1-2 turns (ChatRex-phrased tasks, nxc.shapes.retrieval_tasks); every prompt lists
            its objects after the image (`<objN><objfeat>`, rows from the object encoder); token cross-entropy on
-           the answers. The object lists are the detector's proposals (`proposal_share` of the conversations;
-           an object it misses is appended with its true box) or the true boxes moved a little, with a false
-           positive or two, in random order.
+           the answers (Yes/No and `<objN>` weighted up). The object lists are the detector's proposals
+           (`proposal_share` of the conversations; an object it misses is appended with its true box) or the true
+           boxes moved a little, with a false positive or two, in random order.
+    two auxiliary losses, as the shapes NExT-Chat's training has (nxc.shapes.train): a linear probe on every
+           object row names its object's colour and shape (discarded after training), and two heads of the last
+           two layers attend, from `<ground>` to the `<objN>`, to object N's row (`look_weight`). Without them
+           the index plateaued at chance: the LLM never matched a phrase to a row.
 
 `python -m nxc.shapes.train_retrieval --out DIR --proposals DIR` writes the retrieval checkpoint layout plus
 `training.json` (config, command, losses, minutes).
@@ -187,7 +191,8 @@ def sample_batch(model, enc: Encoder, rng, cfg: RetrievalTrainConfig):
     for i, (x, lab, _, _) in enumerate(rows):
         ids[i, :len(x)], att[i, :len(x)], labels[i, :len(x)] = torch.tensor(x), 1, torch.tensor(lab)
     pixels = torch.cat([processing.clip_pixels(s.image, model.config.vision.image_size) for s in scenes])
-    return (ids, att, labels, pixels, obj_px, [r[2] for r in rows], torch.from_numpy(np.concatenate([r[3] for r in rows])),
+    classes = torch.from_numpy(np.concatenate([r[3] for r in rows]))
+    return (ids, att, labels, pixels, obj_px, [r[2] for r in rows], classes,
             torch.tensor(looks, dtype=torch.long).reshape(-1, 3))
 
 
@@ -293,7 +298,8 @@ def train(out: Path, proposals_dir: Path, cfg: RetrievalTrainConfig, command: st
             if (step + 1) % 300 == 0 and step + 1 < cfg.steps:       # a checkpoint to look at while it trains
                 save_retrieval(model, out / "partial", tokenizer_dir=src_dir)
             print(f"[train-retrieval] step {step + 1}/{cfg.steps} loss {avg['loss']:.4f} index acc "
-                  f"{avg['index_acc']:.3f} class ce {avg['class_ce']:.3f} look {avg['look']:.3f} lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
+                  f"{avg['index_acc']:.3f} class ce {avg['class_ce']:.3f} look {avg['look']:.3f} "
+                  f"lr {lr:.2e} | {el:.0f} s, eta {el / (step + 1) * (cfg.steps - step - 1):.0f} s",
                   file=sys.stderr, flush=True)
     model.eval()
     proposals_meta = json.loads((proposals_dir / "proposals.json").read_text())
