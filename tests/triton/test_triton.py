@@ -295,3 +295,9 @@ def test_a_graph_model_that_is_down_is_named_in_the_error(triton, scene):
     status, events, errors = stream(triton, {"prompt": "Describe the image.", "image": b64_png(scene.image),
                                              "max_new_tokens": 3})
     assert status == 200 and not errors and events[-1]["type"] == "done"
+
+
+def test_refuses_a_retrieval_build_in_one_line(retrieval_build, tmp_path):
+    with pytest.raises(RepoError, match="a retrieval .ChatRex-style. build; nxc-triton writes NExT-Chat's repository "
+                                        "only. Serve it with nxc-serve"):
+        write_repository(retrieval_build, tmp_path / "repo")

@@ -136,6 +136,9 @@ def _chat_params(variant: str, backend: str, engines: Path | None) -> dict[str, 
 
 def _write(tmp: Path, build: Path, *, variant: str, backend: str, engines: Path | None, instances: int) -> None:
     m = load_manifest(build)
+    if m.config.objects is not None:
+        raise RepoError(f"{build}: a retrieval (ChatRex-style) build; nxc-triton writes NExT-Chat's repository only. "
+                        "Serve it with nxc-serve")
     missing = [g for g in names.GRAPHS if g not in m.graphs]
     if missing:
         raise RepoError(f"{build}: the build has no {', '.join(missing)} graph; nxc_chat needs all of "
