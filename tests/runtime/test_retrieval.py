@@ -188,3 +188,18 @@ def test_nxc_run_answers_with_boxes_on_a_retrieval_build(retrieval_build, tmp_pa
     assert main([str(retrieval_build), "--image", str(img), "--prompt", q, "--out", str(tmp_path / "out.png")]) == 0
     out = capsys.readouterr().out
     assert sc.objects[0].phrase in out and (tmp_path / "out.png").is_file()
+
+
+def test_an_index_can_name_this_turns_region_box(retrieval_pipe, prompts):
+    """A region box joins the object list after the proposals; a reply naming its index gets that box (the
+    watcher reads the object list of the turn being answered, as the reference's)."""
+    from nxc.runtime.pipeline import _Reply
+    sc, q, boxes = prompts[3]
+    conv = retrieval_pipe.conversation(sc.image)
+    ids, region, _ = conv._prompt(q, boxes)
+    conv._prefill_rows(ids, region)
+    n = len(conv.objects()[0])
+    watch = retrieval_pipe.dispatch.index_head.kind.watch(conv, _Reply())
+    text = f"<ground>a thing</ground><objects><obj{n}></objects>"
+    (d,) = [d for t in retrieval_pipe.tokenizer.encode(text)[1:] for d in watch.feed(t)]
+    np.testing.assert_allclose(d.box, boxes[0], atol=0.5)

@@ -22,6 +22,7 @@ NExT-Chat tokens and then nxc.object_index.ADDED_TOKENS in added_tokens.json.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -100,7 +101,7 @@ class RetrievalChat(nn.Module):
         h = config.llm.hidden_size
         self.vision_tower = CLIPVisionModel(clip_config(config.vision))
         self.mm_projector = build_projector(config.mm_hidden_size, h, config.mm_depth)
-        with torch.device(llm_device) if llm_device else _nullcontext():
+        with torch.device(llm_device) if llm_device else contextlib.nullcontext():
             self.llm = LlamaForCausalLM(llama_config(config.llm))
         self.object_encoder = ObjectEncoder(config.objects, h)
         self.proposal_net = ProposalNet(ProposalSizes.from_dict(config.objects.proposals))
@@ -120,14 +121,6 @@ class RetrievalChat(nn.Module):
     def proposals(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1,3,S,S] -> (boxes [1,K,4], scores [1,K]) before the score threshold and NMS."""
         return self.proposal_net(pixels)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # -- checkpoint ----------------------------------------------------------------------------------------------------

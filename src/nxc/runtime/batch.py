@@ -99,6 +99,7 @@ def _twin(conv: Conversation) -> Conversation:
     twin = Conversation(conv.pipe, conv.image)
     twin.history, twin.history_slots = list(conv.history), list(conv.history_slots)
     twin._features, twin._sam_embedding = conv._features, conv._sam_embedding
+    twin._objects, twin._turn_values = conv._objects, conv._turn_values    # a retrieval build's object list
     conv._sam_share = twin._sam_share = conv._sam_share or _Shared()     # one SAM encoding for all n
     return twin
 

@@ -232,6 +232,7 @@ class Conversation:
         self._sam_embedding: np.ndarray | None = None
         self._sam_share: _Shared | None = None      # n completions of one turn share one SAM image encoding
         self._objects: tuple | None = None          # retrieval: (boxes, scores, feature map) of the proposals graph
+        self._turn_values: list | None = None       # the slot values of the turn being prefilled / answered
         self.timeline = NO_TIMELINE
         self._busy, self._owner = threading.Lock(), None      # one turn at a time: stream / add_turn claim it
 
@@ -299,8 +300,9 @@ class Conversation:
         return pp.boxes_to_pixels(boxes, self.width, self.height), scores
 
     def object_values(self) -> list[np.ndarray]:
-        """Retrieval builds: the boxes of the conversation's object list so far (proposals, then region boxes)."""
-        return self.history_slots
+        """Retrieval builds: the boxes of the object list the turn being answered sees (proposals, then every
+        region box so far, this turn's included): what an index in its reply names."""
+        return self._turn_values if self._turn_values is not None else self.history_slots
 
     def image_output(self, source: str) -> np.ndarray:
         """A head input fed from a once-per-image graph output ("proposals:features")."""
@@ -380,6 +382,7 @@ class Conversation:
                 keep += 1
             self.cache.truncate(keep)
             values = np.asarray(self.history_slots + list(region), np.float32)
+            self._turn_values = list(values)
 
         def slot_rows(ks: list[int]) -> np.ndarray:
             with self.timeline.stage(head.head.graph):
@@ -521,6 +524,7 @@ class Conversation:
             self.history.append(Turn(user_text, raw))
             fed_back = [b.kind.slot_value(r) for b, r in reply.found]
             self.history_slots += list(region) + [v for v in fed_back if v is not None]
+            self._turn_values = None
             eos = self.pipe.tokens[names.EOS]
             text = render_reply(raw)
             for bound, watch in reply.watches.items():
