@@ -203,3 +203,16 @@ def test_an_index_can_name_this_turns_region_box(retrieval_pipe, prompts):
     text = f"<ground>a thing</ground><objects><obj{n}></objects>"
     (d,) = [d for t in retrieval_pipe.tokenizer.encode(text)[1:] for d in watch.feed(t)]
     np.testing.assert_allclose(d.box, boxes[0], atol=0.5)
+
+
+def test_nxc_profile_and_nxc_demo_run_a_retrieval_build(retrieval_build, tmp_path, capsys):
+    from nxc.demo import main as demo
+    from nxc.profile.cli import main as profile
+    assert profile([str(retrieval_build), "--runs", "1", "--warmup", "0", "--max-new-tokens", "8",
+                    "--json", str(tmp_path / "p.json")]) == 0
+    report = json.loads((tmp_path / "p.json").read_text())
+    stages = report["builds"][0]["stages"]
+    assert stages["proposals"]["median_ms"] > 0 and stages["sam_encoder"]["median_ms"] == 0
+    assert demo(["--build", str(retrieval_build), "--out", str(tmp_path / "demo.png")]) == 0
+    out = capsys.readouterr().out
+    assert "proposals:" in out and "IoU with the drawn" in out and (tmp_path / "demo.png").is_file()

@@ -53,3 +53,13 @@ def test_streamed_text_and_boxes_equal_pipeline(client, retrieval_pipe, image, q
     same(ids, text, final, r)
     assert len(early) == len(r.detections) >= 1, "each box is streamed when its </objects> closes"
     assert "<ground>" not in text and "<obj" not in text
+
+
+def test_earlier_turns_are_refused_in_one_line_not_guessed(client):
+    image, question, _ = cases()[0]
+    resp = client.post("/v1/chat/completions", json={"messages": [
+        user(question, image), {"role": "assistant", "content": "It is a red circle."},
+        {"role": "user", "content": "What else?"}]})
+    assert resp.status_code == 400, resp.text
+    assert "answers one turn per request" in resp.json()["error"]["message"]
+    assert client.get("/healthz").status_code == 200

@@ -133,6 +133,11 @@ class Server:
 
     def _conversation(self, req: proto.ChatRequest):
         """The request's conversation, rebuilt from the messages it sent."""
+        if req.history and self.pipe.dispatch.index_head is not None:
+            # an earlier reply's [k] cannot be turned back into the <objN> it was: refused, not guessed
+            raise proto.ApiError(400, "this server runs a retrieval (ChatRex-style) build, which answers one turn per "
+                                      "request: send the last user message only (earlier assistant messages cannot "
+                                      "be replayed yet)")
         conv = self.pipe.conversation(req.image)
         for t in req.history:
             conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
