@@ -62,7 +62,18 @@ def test_stream_events_and_max_new_tokens(embedded_pipe, prompts, alone):
 
 
 def test_a_cancelled_row_frees_its_slot_and_others_are_unchanged(embedded_pipe, prompts, alone):
+    import time
     b = Batcher(embedded_pipe, max_batch=2)
+    real = b.runner
+
+    class Slowed:                     # 20 ms a step: the cancel below lands long before the reply could end
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run_rows(self, *args, **kwargs):
+            time.sleep(0.02)
+            return real.run_rows(*args, **kwargs)
+    b.runner = Slowed()
     _, img, q, boxes = prompts[0]
     gone = b.submit(embedded_pipe.conversation(img), "Describe the image.", max_new_tokens=40)
     it = iter(gone)
