@@ -25,6 +25,7 @@ from nxc.model.processing import CLIP_MEAN, CLIP_STD, ClipPreprocess
 from nxc.model.sam import infer_sam_sizes
 
 if TYPE_CHECKING:
+    from nxc.config import LlamaSizes
     from nxc.model.sp_tokenizer import SentencePieceOracle
 
 
@@ -206,6 +207,18 @@ def read_clip_preprocess(clip_dir: Path, image_size: int) -> ClipPreprocess:
                           std=_triple(cfg, "image_std", CLIP_STD, bad, positive=True), resample=_PIL_RESAMPLE[resample])
 
 
+def read_config_and_tokenizer(ckpt: Path) -> tuple[dict, "LlamaSizes", "SentencePieceOracle"]:
+    """(config.json, its LLaMA sizes, the tokenizer) of a checkpoint, checked to belong together."""
+    from nxc.model.sp_tokenizer import SentencePieceOracle
+    cfg = read_config(ckpt)
+    llm_sizes = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
+    tokenizer = SentencePieceOracle.from_dir(ckpt)
+    if tokenizer.vocab_size != llm_sizes.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
+                              f"{llm_sizes.vocab_size}: the tokenizer files do not belong to these weights.")
+    return cfg, llm_sizes, tokenizer
+
+
 def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_file: str | Path | None = None,
                   llm: bool = True) -> tuple[NextChat, "SentencePieceOracle"]:
     """Build the reference model and its tokenizer from an official-layout checkpoint.
@@ -215,15 +228,8 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
     by `model.parts` (nxc.model.parts.LazyParts), reading tensors one at a time (nxc.model.lazy)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from nxc.model.sp_tokenizer import SentencePieceOracle
-
     ckpt = Path(ckpt)
-    cfg = read_config(ckpt)
-    llm_sizes = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
-    tokenizer = SentencePieceOracle.from_dir(ckpt)
-    if tokenizer.vocab_size != llm_sizes.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
-                              f"{llm_sizes.vocab_size}: the tokenizer files do not belong to these weights.")
+    cfg, llm_sizes, tokenizer = read_config_and_tokenizer(ckpt)
     clip_path = resolve_clip_dir(ckpt, cfg, clip_dir)
     clip = (CLIPVisionModel.from_pretrained(str(clip_path), local_files_only=True, attn_implementation="eager")
             if llm else None)

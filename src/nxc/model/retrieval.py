@@ -140,19 +140,13 @@ def load_retrieval(ckpt, *, clip_dir=None):
 
     from transformers import CLIPVisionModel
 
-    from nxc.config import NextChatConfig, ObjectSizes, llama_sizes_from_config_json
+    from nxc.config import NextChatConfig, ObjectSizes
     from nxc.model.checkpoint import (CheckpointError, internal_key, load_state_dict, read_clip_preprocess,
-                                      read_config, resolve_clip_dir)
+                                      read_config_and_tokenizer, resolve_clip_dir)
     from nxc.model.nextchat import vision_sizes_from_clip
-    from nxc.model.sp_tokenizer import SentencePieceOracle
 
     ckpt = Path(ckpt)
-    cfg = read_config(ckpt)
-    llm_sizes = llama_sizes_from_config_json(cfg, source=str(ckpt / "config.json"))
-    tokenizer = SentencePieceOracle.from_dir(ckpt)
-    if tokenizer.vocab_size != llm_sizes.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but config.json says vocab_size "
-                              f"{llm_sizes.vocab_size}: the tokenizer files do not belong to these weights.")
+    cfg, llm_sizes, tokenizer = read_config_and_tokenizer(ckpt)
     if "objects" not in cfg:
         raise CheckpointError(f"{ckpt / 'config.json'} says grounding 'retrieval' but has no 'objects' sizes")
     clip_path = resolve_clip_dir(ckpt, cfg, clip_dir)

@@ -221,6 +221,8 @@ class Dispatch:
         self.heads = [BoundHead(h, pipe, i) for i, h in enumerate(pipe.manifest.heads)]
         self.triggers = {b.trigger: b for b in self.heads if b.trigger is not None}
         self.index_head = next((b for b in self.heads if b.head.kind == "index"), None)
+        # heads that read the reply's tokens (their kind has a watcher): the only ones _on_token asks each token
+        self.watchers = [b for b in self.heads if type(b.kind).watch is not HeadKind.watch]
         self.slot_head = next((b for b in self.heads if b.head.encode_input), None)
         # Never sampled (nxc.sampling.pick_token's `banned`): a head's emitted slot comes only after its trigger,
         # and the image span only where the prompt puts it; the reference bans the same ids (TokenIds.never_sampled).

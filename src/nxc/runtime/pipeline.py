@@ -499,12 +499,9 @@ class Conversation:
             event = found.head.kind.event(len(reply.found) - 1, record)
             if event is not None:
                 events.append(event)
-        for bound in self.pipe.dispatch.heads:              # heads that read the tokens (retrieval's indices)
+        for bound in self.pipe.dispatch.watchers:           # heads that read the tokens (retrieval's indices)
             if bound not in reply.watches:
-                watch = bound.kind.watch(self, reply)
-                if watch is None:
-                    continue
-                reply.watches[bound] = watch
+                reply.watches[bound] = bound.kind.watch(self, reply)
             for record in reply.watches[bound].feed(token):
                 reply.found.append((bound, record))
                 events.append(bound.kind.event(len(reply.found) - 1, record))
