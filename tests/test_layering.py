@@ -8,7 +8,8 @@ A ◀── B: B may import A, and A never imports B.
          ▲                       ▲
        calib ◀─────────────── export
 
-and nxc.model never imports nxc.serve or nxc.triton either.
+and nxc.model never imports nxc.serve or nxc.triton either; nxc.doctor runs on the device beside the runtime and
+keeps the runtime's rules.
 """
 import ast
 from pathlib import Path
@@ -22,6 +23,7 @@ FORBIDDEN = {
     "nxc.model": ("nxc.runtime", "nxc.export", "nxc.calib", "nxc.serve", "nxc.triton"),
     "nxc.calib": ("nxc.export",),
     "nxc.runtime": ("nxc.model", "nxc.export", "nxc.calib", "nxc.shapes", "torch", "transformers", "onnx"),
+    "nxc.doctor": ("nxc.model", "nxc.export", "nxc.calib", "nxc.shapes", "torch", "transformers", "onnx"),
     **{m: CONTRACT_FORBIDS for m in ("nxc.prompt", "nxc.tokens", "nxc.names", "nxc.config", "nxc.specs",
                                      "nxc.manifest", "nxc.manifest_types", "nxc.jsonfield")},
 }

@@ -180,7 +180,7 @@ def test_prompt_longer_than_the_context_gives_both_lengths(embedded_pipe):
         embedded_pipe.chat(RGB, text)
 
 
-def test_max_new_tokens_beyond_the_context_ends_with_length(embedded_pipe, tmp_path):
+def test_max_new_tokens_beyond_the_context_ends_with_length(embedded_pipe, tmp_path, export_extra):
     from nxc.export.exporter import ExportOptions, export_build
     from nxc.runtime.pipeline import Pipeline
     question = "Can you describe the image and include object locations?"
@@ -206,7 +206,7 @@ def _hidden_as_float16(model):
     g.node.insert(0, helper.make_node("Cast", ["hidden"], ["hidden_f32"], to=TensorProto.FLOAT))
 
 
-def test_swapped_graph_with_matching_hashes_is_refused(embedded_build, tmp_path):
+def test_swapped_graph_with_matching_hashes_is_refused(embedded_build, tmp_path, export_extra):
     """The hashes in the manifest are rewritten to the swapped file's, so only the I/O check can tell."""
     import onnx
     from nxc.manifest import write_manifest

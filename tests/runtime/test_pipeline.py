@@ -4,7 +4,6 @@ import pytest
 from PIL import Image
 
 from nxc import names
-from nxc.model import processing
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
 from nxc.prompt import PromptError, Turn
 from nxc.shapes.data import make_sample, make_scene
@@ -91,6 +90,7 @@ def test_multi_turn_equals_rerunning_the_conversation(embedded_pipe, embedded_re
         prev = r
         history.append(Turn(conv.history[-1].user, q.raw_text))
         if boxes is not None:       # slots in order: this turn's region boxes, then the reply's detections
+            from nxc.model import processing
             history_boxes += list(processing.normalise_boxes(np.asarray(boxes), *scene.image.size).numpy())
         history_boxes += [d.box_norm for d in q.detections]
     assert [g for g, _ in calls].count(names.GRAPH_VISION) == 1
@@ -213,6 +213,7 @@ def test_earlier_turns_sent_back_cannot_forge_tokens(embedded_pipe, embedded_ref
     conv = embedded_pipe.conversation(scene.image)
     conv.add_turn(history[0].user, history[0].assistant, boxes=[[2, 3, 20, 30]], reply_boxes=[box])
     r = conv.ask("And now?", max_new_tokens=16)
+    from nxc.model import processing
     region = processing.normalise_boxes(np.asarray([[2, 3, 20, 30]]), *scene.image.size).numpy()
     q = embedded_ref.chat(scene.image, "And now?", history=history, history_boxes=[region[0], box], max_new_tokens=16)
     assert_same(r, q, "history")

@@ -233,7 +233,7 @@ def test_decode_rejects_out_of_range_ids(tiny_tokenizer):
         tiny_tokenizer.decode([1, 605])
 
 
-def test_export_refuses_a_non_llama_sentencepiece_model(tmp_path):
+def test_export_refuses_a_non_llama_sentencepiece_model(tmp_path, export_extra):
     import sentencepiece as spm
     from nxc.export.tokenizer_json import build_tokenizer_json
     from nxc.model.sp_files import tiny_corpus, write_tokenizer_files

@@ -221,7 +221,7 @@ def _build_one(trt, builder, logger, *, onnx: Path, profile: Profile, precision:
         f.write(plan)
 
 
-def _onnx_fingerprint(m: Manifest, graph: str) -> str:
+def onnx_fingerprint(m: Manifest, graph: str) -> str:
     """sha256 over the manifest's hashes of a graph's .onnx and its external data (no file is re-read)."""
     g = m.graphs[graph]
     parts = [m.files[rel].sha256 for rel in [g.file, *g.external_data]]
@@ -241,7 +241,7 @@ def _carry_over(m: Manifest, target: Path, tmp: Path, now: dict, rebuilt: list[s
     for g, rec in old.get("graphs", {}).items():
         src = target / str(rec.get("file", ""))
         if (g in rebuilt or g not in m.graphs or not src.is_file() or src.stat().st_size != rec.get("bytes")
-                or rec.get("onnx_sha256") != _onnx_fingerprint(m, g)):
+                or rec.get("onnx_sha256") != onnx_fingerprint(m, g)):
             continue
         try:
             os.link(src, tmp / src.name)
@@ -317,7 +317,7 @@ def build_engines(build: str | Path, *, options: EngineOptions = EngineOptions()
             print(f"{seconds:.1f} s, {size / 1e6:.1f} MB", file=stream, flush=True)
             shapes = {n: dict(zip(("min", "opt", "max"), map(list, s))) for n, s in profiles[g].items()}
             records[g] = {"file": plan.name, "sha256": sha256_file(plan), "bytes": size, "onnx": m.graphs[g].file,
-                          "onnx_sha256": _onnx_fingerprint(m, g), "profile": shapes, "build_seconds": round(seconds, 1)}
+                          "onnx_sha256": onnx_fingerprint(m, g), "profile": shapes, "build_seconds": round(seconds, 1)}
         info = {"schema": ENGINE_SCHEMA, "tensorrt": trt.__version__, "gpu": gpu["name"],
                 "compute_capability": gpu["compute_capability"], "precision": precision,
                 "build_precision": build_precision, "workspace_mb": options.workspace_mb,
