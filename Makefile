@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nxc-installed
 TRITON := $(VENV)/pytriton/pytriton/tritonserver/bin/tritonserver
 
-.PHONY: demo test install browser clean
+.PHONY: demo test test-aarch64 install browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ demo: $(STAMP)
 test: $(STAMP) browser
 	$(PY) -m pytest -q
 
+# The runtime for real on aarch64 under emulation (issue 20): an arm64 Debian userland (debootstrap, qemu-user through
+# binfmt_misc, chroot; root; apt-get installs qemu-user-static and debootstrap where missing), aarch64 wheels of the
+# runtime only, builds exported here; the answers must equal x86's. The userland and its venv stay in .aarch64/.
+# AARCH64_FLAGS=--quick runs five of tests/runtime's files (what CI runs); times are in the README.
+AARCH64_FLAGS ?=
+test-aarch64: $(STAMP)
+	$(PY) tests/aarch64/harness.py $(AARCH64_FLAGS)
+
 # The headless Chromium that tests/serve/test_browser.py drives (Playwright's own download is not needed). Installed
 # with apt when missing and apt-get is there; never fails: without it that test skips and says why.
 CHROMIUM_SHELL := /usr/bin/chromium-headless-shell
@@ -44,4 +52,4 @@ browser:
 	else echo "no chromium-headless-shell, and no apt-get as root: tests/serve/test_browser.py will skip"; fi
 
 clean:
-	rm -rf $(VENV) build
+	rm -rf $(VENV) build .aarch64

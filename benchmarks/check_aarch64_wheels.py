@@ -4,10 +4,12 @@ index.)
 Resolves nxc's runtime dependencies (pyproject's `dependencies`, plus the `serve` extra with --serve) for JetPack 6's
 Python, CPython 3.10 on aarch64 with glibc 2.35 (Ubuntu 22.04), wheels only (`pip download --only-binary=:all:`
 with every manylinux tag that glibc accepts). Prints JSON: each wheel resolved, and `ok` false naming what has no
-binary wheel (a dependency that would need a compiler on the device). TensorRT and cuda-python are not resolved
-here: JetPack brings TensorRT's Python bindings itself (no pip `tensorrt` on a Jetson), see the README.
+binary wheel (a dependency that would need a compiler on the device). TensorRT is not resolved: JetPack brings
+TensorRT's Python bindings itself (no pip `tensorrt` on a Jetson, so not nxc's `trt` extra either); with --cuda
+the check adds cuda-python for JetPack 6's CUDA 12 (`cuda-python>=12,<13`), which the tensorrt backend needs beside
+JetPack's TensorRT. See the README's "On a Jetson".
 
-    python benchmarks/check_aarch64_wheels.py [--serve] [--python 3.10] [--glibc 2.35]
+    python benchmarks/check_aarch64_wheels.py [--serve] [--cuda] [--python 3.10] [--glibc 2.35]
 """
 from __future__ import annotations
 
@@ -25,11 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 FIRST_GLIBC_MINOR = 17
 
 
-def requirements(serve: bool) -> list[str]:
+JETSON_CUDA_PYTHON = "cuda-python>=12,<13"        # JetPack 6 ships CUDA 12.x
+
+
+def requirements(serve: bool, cuda: bool = False) -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
     if serve:
         reqs += project["optional-dependencies"]["serve"]
+    if cuda:
+        reqs.append(JETSON_CUDA_PYTHON)
     return reqs
 
 
@@ -61,10 +68,11 @@ def check(reqs: list[str], python: str, glibc: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--serve", action="store_true", help="the serve extra too")
+    ap.add_argument("--cuda", action="store_true", help=f"and {JETSON_CUDA_PYTHON} (the tensorrt backend's CUDA calls)")
     ap.add_argument("--python", default="3.10", help="JetPack 6: 3.10 (JetPack 5: 3.8)")
     ap.add_argument("--glibc", default="2.35", help="JetPack 6 (Ubuntu 22.04): 2.35 (JetPack 5: 2.31)")
     a = ap.parse_args(argv)
-    report = check(requirements(a.serve), a.python, a.glibc)
+    report = check(requirements(a.serve, a.cuda), a.python, a.glibc)
     print(json.dumps(report, indent=2))
     if not report["ok"]:
         print(f"[check-wheels] no binary wheel for: {', '.join(report['no_binary_wheel']) or report['pip_error']}",

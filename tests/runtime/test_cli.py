@@ -131,7 +131,7 @@ def test_nxc_run_rejects_a_malformed_box(embedded_build, scene_png, capsys):
     assert "--box expects 4 numbers" in capsys.readouterr().err
 
 
-def test_nxc_eval_on_build_equals_reference(embedded_build, capsys):
+def test_nxc_eval_on_build_equals_reference(embedded_build, capsys, export_extra):
     from nxc.shapes.evaluate import evaluate, reference_chat, runtime_chat
     from nxc.assets import embedded_checkpoint
     a = evaluate(runtime_chat(embedded_build).chat, n_per_task=15, seed=5, progress=False)
