@@ -41,7 +41,7 @@ def jetson_facts(tmp_path, *, tensorrt="10.3.0", gpu=("Orin", "8.7")) -> dict:
     stated (neither exists on this machine)."""
     facts = machine.machine_facts(fake_root(tmp_path))
     facts["tensorrt"] = {"version": tensorrt, "problem": None}
-    facts["gpu"] = {"name": gpu[0], "compute_capability": gpu[1], "source": "CUDA runtime (cuda-python)"} if gpu else None
+    facts["gpu"] = {"name": gpu[0], "compute_capability": gpu[1], "source": "the CUDA runtime via cuda-python"} if gpu else None
     return facts
 
 

@@ -68,7 +68,19 @@ def _one_line_refusal(capsys, argv, code=2):
 def test_cli_without_tensorrt_says_so_in_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)                      # import tensorrt -> ImportError
     err = _one_line_refusal(capsys, [str(tmp_path / "no-such-build")])
-    assert err.strip() == cli.NO_TENSORRT
+    assert err.strip() == cli.no_tensorrt()
+
+
+@pytest.mark.parametrize("jetson, what, hint", [
+    (False, "tensorrt", "pip install 'nxc[trt]'"),
+    (True, "tensorrt", "on a Jetson: sudo apt install python3-libnvinfer (JetPack), in a venv made with "
+                       "`python3 -m venv --system-site-packages`"),
+    (True, "cuda-python", "on a Jetson: pip install 'cuda-python>=12,<13' (JetPack 6's CUDA 12; not nxc[trt], which "
+                          "asks pip for tensorrt)"),
+])
+def test_install_hints_name_jetpack_on_a_jetson(jetson, what, hint):
+    from nxc.runtime.backends.trt import install_hint
+    assert install_hint(what, jetson=jetson) == hint
 
 
 # ---- a real engine build: runs where TensorRT and an NVIDIA GPU exist ------------------------------------------

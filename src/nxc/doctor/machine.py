@@ -121,7 +121,7 @@ def gpu_facts(jetson: dict | None) -> dict | None:
         from nxc.runtime.backends import BackendError
         from nxc.runtime.backends.trt import gpu_identity
         try:
-            return {**gpu_identity(), "source": "CUDA runtime (cuda-python)"}
+            return {**gpu_identity(), "source": "the CUDA runtime via cuda-python"}
         except BackendError:
             pass
     except Exception:                                        # cuda-python present but its driver library is not

@@ -7,8 +7,10 @@ from pathlib import Path
 
 from nxc import names
 
-NO_TENSORRT = ("nxc-build: TensorRT is not installed (pip install 'nxc[trt]'); engines can only be built on a "
-               "machine with an NVIDIA GPU")
+def no_tensorrt() -> str:
+    from nxc.runtime.backends.trt import install_hint
+    return (f"nxc-build: TensorRT is not installed ({install_hint('tensorrt')}); engines can only be built on a "
+            "machine with an NVIDIA GPU")
 
 
 class _Unavailable(Exception):
@@ -49,7 +51,7 @@ def _environment():
     try:
         import tensorrt as trt
     except ImportError:
-        raise _Unavailable(NO_TENSORRT) from None
+        raise _Unavailable(no_tensorrt()) from None
     except OSError as e:                                     # the wheel is there but its CUDA libraries are not
         raise _Unavailable(f"nxc-build: TensorRT could not be loaded ({e}); engines can only be built on a "
                            "machine with an NVIDIA GPU and its driver") from None

@@ -17,6 +17,21 @@ from nxc.runtime.backends import BackendError
 from nxc.specs import GraphSpec
 
 
+JETSON_RELEASE = Path("/etc/nv_tegra_release")
+
+
+def install_hint(what: str, *, jetson: bool | None = None) -> str:
+    """How to install TensorRT's bindings ("tensorrt") or cuda-python ("cuda-python") here. On a Jetson TensorRT
+    comes from JetPack (apt), never pip, and a venv sees it only with --system-site-packages."""
+    jetson = JETSON_RELEASE.exists() if jetson is None else jetson
+    if not jetson:
+        return "pip install 'nxc[trt]'"
+    if what == "tensorrt":
+        return ("on a Jetson: sudo apt install python3-libnvinfer (JetPack), in a venv made with "
+                "`python3 -m venv --system-site-packages`")
+    return "on a Jetson: pip install 'cuda-python>=12,<13' (JetPack 6's CUDA 12; not nxc[trt], which asks pip for tensorrt)"
+
+
 def _cudart():
     try:
         from cuda.bindings import runtime as cudart      # cuda-python >= 12.6
@@ -24,7 +39,7 @@ def _cudart():
         try:
             from cuda import cudart                          # older cuda-python
         except ImportError:
-            raise BackendError("the tensorrt backend needs cuda-python: pip install 'nxc[trt]'") from None
+            raise BackendError(f"the tensorrt backend needs cuda-python: {install_hint('cuda-python')}") from None
     return cudart
 
 
@@ -151,7 +166,7 @@ class TrtBackend:
         try:
             import tensorrt as trt
         except ImportError:
-            raise BackendError("the tensorrt backend needs TensorRT's Python package: pip install 'nxc[trt]' "
+            raise BackendError(f"the tensorrt backend needs TensorRT's Python package: {install_hint('tensorrt')} "
                                "(or use --backend onnxruntime)") from None
         self.trt, self.cudart = trt, _cudart()
         self.gpu = gpu_identity()
