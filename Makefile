@@ -35,7 +35,7 @@ test: $(STAMP) browser
 # The runtime for real on aarch64 under emulation (issue 20): an arm64 Debian userland (debootstrap, qemu-user through
 # binfmt_misc, chroot; root; apt-get installs qemu-user-static and debootstrap where missing), aarch64 wheels of the
 # runtime only, builds exported here; the answers must equal x86's. The userland and its venv stay in .aarch64/.
-# AARCH64_FLAGS=--quick runs five of tests/runtime's files (what CI runs); times are in the README.
+# AARCH64_FLAGS=--quick runs four of tests/runtime's files (what CI runs); times are in the README.
 AARCH64_FLAGS ?=
 test-aarch64: $(STAMP)
 	$(PY) tests/aarch64/harness.py $(AARCH64_FLAGS)
