@@ -215,13 +215,23 @@ def guest_facts(guest: Guest) -> dict:
     return json.loads(out.stdout)
 
 
+def find_python310() -> str | None:
+    """A python3.10 that runs: on PATH (a pyenv shim there may refuse to), else pyenv's own, else None."""
+    candidates = [shutil.which("python3.10"), *sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python3.10")),
+                  "/usr/bin/python3.10", "/usr/local/bin/python3.10"]
+    for c in filter(None, candidates):
+        if subprocess.run([str(c), "-c", "import venv"], capture_output=True).returncode == 0:
+            return str(c)
+    return None
+
+
 def jetpack6_python(x86: dict) -> dict:
     """JetPack 6's Python is CPython 3.10, and PyPI gives it older wheels (onnxruntime 1.23 where 3.11 gets the
     newest): the emulated guest is Debian's 3.11, so the same answers are also made here with a python3.10 and the
     runtime's wheels as PyPI resolves them for 3.10, and compared with x86's. Skipped (said so) without a python3.10."""
-    python310 = shutil.which("python3.10")
+    python310 = find_python310()
     if python310 is None:
-        return {"ok": True, "skipped": "no python3.10 on this machine"}
+        return {"ok": True, "skipped": "no working python3.10 on this machine"}
     venv = WORK / "py310"
     if not (venv / ".nxc-deps").is_file():
         shutil.rmtree(venv, ignore_errors=True)
