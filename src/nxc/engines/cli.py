@@ -7,6 +7,7 @@ from pathlib import Path
 
 from nxc import names
 
+
 def no_tensorrt() -> str:
     from nxc.runtime.backends.trt import install_hint
     return (f"nxc-build: TensorRT is not installed ({install_hint('tensorrt')}); engines can only be built on a "
