@@ -72,11 +72,15 @@ def _qemu_major(qemu: str) -> int:
 
 
 def _apt_install(packages: list[str], *, release: str | None = None) -> None:
+    """apt-get install (after an update if the first try fails); Unavailable with apt's last line if it cannot."""
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-qq", *(["-t", release] if release else []), *packages]
     if subprocess.run(cmd, env=env, capture_output=True).returncode:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, check=True)
-        subprocess.run(cmd, env=env, capture_output=True, check=True)
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if out.returncode:
+            last = (out.stderr.strip().splitlines() or ["?"])[-1]
+            raise Unavailable(f"apt-get could not install {' '.join(packages)}: {last}")
 
 
 def _where(tool: str) -> str | None:
@@ -101,7 +105,7 @@ def ensure_tools() -> dict[str, str]:
                               f"runtime crashes under qemu 7; install qemu >= {QEMU_MIN}")
         log(f"qemu-aarch64-static < {QEMU_MIN}: installing bookworm-backports' qemu-user-static")
         Path("/etc/apt/sources.list.d/nxc-bookworm-backports.list").write_text(f"deb {MIRROR} bookworm-backports main\n")
-        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, check=True)
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True)
         _apt_install(["qemu-user-static"], release="bookworm-backports")
     tools = {"qemu": _where("qemu-aarch64-static"), "debootstrap": _where("debootstrap"),
              "unshare": _where("unshare"), "chroot": _where("chroot")}
@@ -163,9 +167,12 @@ class Guest:
             return
         shutil.rmtree(self.rootfs, ignore_errors=True)
         with stage("debootstrap_first_stage", f"debootstrap arm64 {SUITE} (first stage: download and unpack)"):
-            subprocess.run([self.tools["debootstrap"], "--arch=arm64", "--foreign", "--variant=minbase",
-                            "--include=python3,python3-venv", SUITE, str(self.rootfs), MIRROR],
-                           capture_output=True, check=True)
+            out = subprocess.run([self.tools["debootstrap"], "--arch=arm64", "--foreign", "--variant=minbase",
+                                  "--include=python3,python3-venv", SUITE, str(self.rootfs), MIRROR],
+                                 capture_output=True, text=True)
+            if out.returncode:                               # the mirror unreachable, most often
+                last = ((out.stderr + out.stdout).strip().splitlines() or ["?"])[-1]
+                raise Unavailable(f"debootstrap could not fetch Debian {SUITE} arm64 from {MIRROR}: {last}")
         with stage("debootstrap_second_stage", "debootstrap second stage, emulated (configures the packages)"):
             out = subprocess.run([self.tools["unshare"], "--mount", "--propagation", "private", self.tools["chroot"],
                                   str(self.rootfs), "/usr/bin/env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",

@@ -84,7 +84,9 @@ def download_wheels(dest: Path, python: str, glibc: str) -> list[str]:
            python, "--implementation", "cp", "--abi", "cp" + python.replace(".", "")]
     for p in platforms:
         cmd += ["--platform", p]
-    run(cmd + requirements(), capture_output=True)
+    out = subprocess.run(cmd + requirements(), capture_output=True, text=True)
+    if out.returncode:                                       # no index, or a dependency with no aarch64 wheel
+        raise Unavailable(f"pip could not download the aarch64 wheels: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return sorted(p.name for p in dest.glob("*.whl"))
 
 
@@ -333,18 +335,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="run part of tests/runtime (CI; QUICK_TESTS)")
     ap.add_argument("--skip-unavailable", action="store_true",
-                    help="exit 0, saying why, where this machine cannot run the guest (not root, no binfmt_misc)")
+                    help="exit 0, saying why, where this machine cannot make or run the guest (not root, no "
+                         "binfmt_misc, no Debian mirror or package index)")
     a = ap.parse_args(argv)
     t_start = time.perf_counter()
     WORK.mkdir(exist_ok=True)
     try:
         tools = ensure_tools()
         interpreter = ensure_binfmt(tools["qemu"])
+        guest = Guest(tools, root=ROOT, work=WORK)
+        facts = prepare(guest)
     except Unavailable as e:
         log(f"{'skipped' if a.skip_unavailable else 'cannot run'}: {e}")
         return 0 if a.skip_unavailable else 2
-    guest = Guest(tools, root=ROOT, work=WORK)
-    facts = prepare(guest)
     results = checks(guest, a.quick)
     why = failures(facts, results)
     qemu = subprocess.run([tools["qemu"], "--version"], capture_output=True, text=True).stdout.split("\n")[0]
