@@ -47,13 +47,19 @@ def platforms(glibc: str) -> list[str]:
     return tags
 
 
+def download_command(dest, python: str, glibc: str) -> list[str]:
+    """`pip download` of binary wheels only into `dest`, for CPython `python` on aarch64 with `glibc` (requirements
+    to be appended)."""
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(dest), "--python-version", python,
+           "--implementation", "cp", "--abi", "cp" + python.replace(".", "")]
+    for p in platforms(glibc):
+        cmd += ["--platform", p]
+    return cmd
+
+
 def check(reqs: list[str], python: str, glibc: str) -> dict:
-    abi = "cp" + python.replace(".", "")
     with tempfile.TemporaryDirectory() as d:
-        cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "--no-cache-dir", "-d", d,
-               "--python-version", python, "--implementation", "cp", "--abi", abi]
-        for p in platforms(glibc):
-            cmd += ["--platform", p]
+        cmd = download_command(d, python, glibc) + ["--no-cache-dir"]
         print(f"[check-wheels] resolving {len(reqs)} requirements for CPython {python} aarch64, glibc {glibc}",
               file=sys.stderr, flush=True)
         out = subprocess.run(cmd + reqs, capture_output=True, text=True)

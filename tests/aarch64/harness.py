@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import check_aarch64_wheels as wheel_check  # noqa: E402  (the same resolution as the wheel check)
 from compare import compare_answers  # noqa: E402
 from guest import GUEST_VENV, QEMU_CPU, SUITE, Guest, Unavailable, ensure_binfmt, ensure_tools, log  # noqa: E402
 
@@ -68,23 +70,14 @@ class Stage:
 
 def requirements(*, runtime_only: bool = False) -> list[str]:
     """pyproject's runtime dependencies; unless `runtime_only`, with the serve extra and what the tests import."""
-    import tomllib
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    if runtime_only:
-        return list(project["dependencies"])
-    return list(project["dependencies"]) + project["optional-dependencies"]["serve"] + TEST_PACKAGES
+    return wheel_check.requirements(serve=not runtime_only) + ([] if runtime_only else TEST_PACKAGES)
 
 
 def download_wheels(dest: Path, python: str, glibc: str) -> list[str]:
     """aarch64 wheels (binary only) of the runtime's dependencies for the guest's Python and glibc."""
     dest.mkdir(parents=True, exist_ok=True)
-    major, minor = (int(v) for v in glibc.split("."))
-    platforms = ["manylinux2014_aarch64"] + [f"manylinux_{major}_{m}_aarch64" for m in range(17, minor + 1)]
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "-d", str(dest), "--python-version",
-           python, "--implementation", "cp", "--abi", "cp" + python.replace(".", "")]
-    for p in platforms:
-        cmd += ["--platform", p]
-    out = subprocess.run(cmd + requirements(), capture_output=True, text=True)
+    out = subprocess.run(wheel_check.download_command(dest, python, glibc) + ["-q"] + requirements(),
+                         capture_output=True, text=True)
     if out.returncode:                                       # no index, or a dependency with no aarch64 wheel
         raise Unavailable(f"pip could not download the aarch64 wheels: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
     return sorted(p.name for p in dest.glob("*.whl"))

@@ -22,6 +22,7 @@ from nxc import __version__
 from nxc.engines.trt_build import ENGINE_JSON, engine_folder_name, onnx_fingerprint
 from nxc.manifest import MANIFEST, SCHEMA, BuildError, Manifest, load_manifest
 from nxc.runtime.backends.ort import PROVIDER_FLAGS
+from nxc.runtime.backends.trt import engine_mismatch
 
 GPU_ONNXRUNTIME = ("install onnxruntime-gpu built for this machine's CUDA (on a Jetson: the wheel for your JetPack "
                    "from NVIDIA's Jetson AI Lab index), or run on the CPU provider (the default)")
@@ -76,29 +77,37 @@ def _onnxruntime_row(m: Manifest, graph: str, facts: dict, providers: list[str],
             "load_seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _engine_folder_status(build: Path, folder: Path, facts: dict) -> dict:
-    """One engines/<name>/ folder: what it was built for and whether it runs here."""
+def _tensorrt_unavailable(facts: dict) -> dict | None:
+    """Why no engine can run on this machine at all (no TensorRT, no GPU), or None."""
+    if facts["tensorrt"].get("version") is None:
+        return {"ok": False, "why": f"TensorRT: {facts['tensorrt'].get('problem')}",
+                "fix": "install TensorRT (JetPack brings it), or run the build with --backend onnxruntime"}
+    if facts.get("gpu") is None:
+        return {"ok": False, "why": "no NVIDIA GPU is visible here", "fix": "run with --backend onnxruntime"}
+    return None
+
+
+def _engine_folder_status(build: Path, folder: Path, facts: dict) -> tuple[dict, dict | None]:
+    """One engines/<name>/ folder: (what it was built for and whether it runs here, its engine.json)."""
     meta = folder / ENGINE_JSON
     try:
         info = json.loads(meta.read_text())
     except (OSError, ValueError) as e:
-        return {"folder": folder.name, "ok": False, "why": f"{meta}: unreadable ({e})", "fix": f"nxc-build {build}"}
+        return {"folder": folder.name, "ok": False, "why": f"{meta}: unreadable ({e})", "fix": f"nxc-build {build}"}, None
     row = {"folder": folder.name, "tensorrt": info.get("tensorrt"), "gpu": info.get("gpu"),
            "compute_capability": info.get("compute_capability"), "precision": info.get("precision"),
            "graphs": sorted(info.get("graphs", {}))}
-    trt_version, gpu = facts["tensorrt"].get("version"), facts.get("gpu")
-    if trt_version is None:
-        return {**row, "ok": False, "why": f"TensorRT: {facts['tensorrt'].get('problem')}",
-                "fix": "install TensorRT (JetPack brings it), or run the build with --backend onnxruntime"}
-    if gpu is None:
-        return {**row, "ok": False, "why": "no NVIDIA GPU is visible here", "fix": "run with --backend onnxruntime"}
-    if info.get("tensorrt") != trt_version or info.get("compute_capability") != gpu["compute_capability"]:
+    unavailable = _tensorrt_unavailable(facts)
+    if unavailable:
+        return {**row, **unavailable}, info
+    trt_version, gpu = facts["tensorrt"]["version"], facts["gpu"]
+    if engine_mismatch(info, tensorrt=trt_version, gpu=gpu, meta=meta, build=build):
         return {**row, "ok": False,
                 "why": f"built for TensorRT {info.get('tensorrt')} on {info.get('gpu')} (compute capability "
                        f"{info.get('compute_capability')}); this is TensorRT {trt_version} on {gpu['name']} "
                        f"({gpu['compute_capability']})",
-                "fix": f"nxc-build {build}"}
-    return {**row, "ok": True, "why": None, "fix": None}
+                "fix": f"nxc-build {build}"}, info
+    return {**row, "ok": True, "why": None, "fix": None}, info
 
 
 def _tensorrt_row(m: Manifest, graph: str, facts: dict, here: dict | None) -> dict:
@@ -109,12 +118,10 @@ def _tensorrt_row(m: Manifest, graph: str, facts: dict, here: dict | None) -> di
         return {"ok": False, "why": f"TensorRT cannot parse this {m.graphs[graph].precision} graph: {problems[0]}",
                 "fix": "run it with --backend onnxruntime, or export at --fp16 for TensorRT"}
     if here is None:
-        trt_version, gpu = facts["tensorrt"].get("version"), facts.get("gpu")
-        if trt_version is None:
-            return {"ok": False, "why": f"TensorRT: {facts['tensorrt'].get('problem')}",
-                    "fix": "install TensorRT (JetPack brings it), or run with --backend onnxruntime"}
-        if gpu is None:
-            return {"ok": False, "why": "no NVIDIA GPU is visible here", "fix": "run with --backend onnxruntime"}
+        unavailable = _tensorrt_unavailable(facts)
+        if unavailable:
+            return unavailable
+        trt_version, gpu = facts["tensorrt"]["version"], facts["gpu"]
         return {"ok": False, "why": f"no engines for {gpu['name']} with TensorRT {trt_version} "
                 f"(engines/{engine_folder_name(gpu['name'], trt_version)}/ is missing)", "fix": f"nxc-build {build}"}
     if not here["ok"]:
@@ -147,14 +154,12 @@ def check_build(build: Path | str, facts: dict, *, providers: list[str] | None =
         report["note"] = f"exported by nxc {m.nxc_version}; this is nxc {__version__}"
     folders = sorted(p for p in (build / "engines").glob("*") if p.is_dir() and not p.name.startswith(".")) \
         if (build / "engines").is_dir() else []
-    report["engines"] = [_engine_folder_status(build, f, facts) for f in folders]
+    statuses = [_engine_folder_status(build, f, facts) for f in folders]
+    report["engines"] = [row for row, _ in statuses]
     here = None
-    if facts["tensorrt"].get("version") and facts.get("gpu"):
+    if _tensorrt_unavailable(facts) is None:
         name = engine_folder_name(facts["gpu"]["name"], facts["tensorrt"]["version"])
-        status = next((s for s in report["engines"] if s["folder"] == name), None)
-        if status is not None:
-            here = {**status, "info": json.loads((build / "engines" / name / ENGINE_JSON).read_text())} \
-                if status["ok"] else status
+        here = next(({**row, "info": info} for row, info in statuses if row["folder"] == name), None)
     elif report["engines"]:
         here = report["engines"][0]                           # the reason no engine runs here is the same for all
     wanted = _requested_providers(providers)
