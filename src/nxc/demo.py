@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     else:                                     # a retrieval build (nxc.model.retrieval): its own phrasing
         from nxc.shapes.retrieval_tasks import CAPTION_TEMPLATES, REC_TEMPLATES
         questions = (REC_TEMPLATES[0].replace("<expr>", f"the {target.phrase}"), CAPTION_TEMPLATES[0])
-        print(f"proposals: {len(conv.objects()[0])} boxes from the proposals graph")
+        print(f"proposals: {len(conv.state('index').objects()[0])} boxes from the proposals graph")
     for question in questions:
         r = conv.ask(question, max_new_tokens=48)
         print(f"\nUSER      : {question}\nASSISTANT : {r.text}")

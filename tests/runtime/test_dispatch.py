@@ -61,6 +61,71 @@ def test_a_second_head_kind_through_the_manifest_alone(embedded_build, embedded_
     assert names.GRAPH_SAM_ENCODER not in pipe._runners          # no finish stage: SAM never ran
 
 
+CENTRE_MODULE = """
+from nxc.runtime.heads import HeadKind, register
+from nxc.runtime.heads.box import BoxKind
+
+
+@register("centre_point")
+class CentrePoint(HeadKind):
+    def record(self, conv, outputs, text_before):
+        det = BoxKind.record(self, conv, outputs, text_before)
+        return ((det.box[0] + det.box[2]) / 2, (det.box[1] + det.box[3]) / 2, det.box_norm)
+
+    def event(self, index, record):
+        return ("point", index, record[:2])
+
+    def slot_value(self, record):
+        return record[2]
+"""
+
+
+def test_a_kind_is_one_new_module_of_nxc_runtime_heads(embedded_build, embedded_pipe, tmp_path, monkeypatch):
+    """A build naming kind "centre_point" loads the module nxc.runtime.heads.centre_point the first time: nothing
+    else (no registry edit, no import in dispatch or Conversation) is needed to add a kind."""
+    import sys
+    from nxc.runtime import heads
+    (tmp_path / "centre_point.py").write_text(CENTRE_MODULE)
+    monkeypatch.setattr(heads, "__path__", [*heads.__path__, str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "nxc.runtime.heads.centre_point", raising=False)
+    monkeypatch.delitem(heads.KINDS, "centre_point", raising=False)
+    head = {**box_head(embedded_build), "kind": "centre_point", "collect": ["box"], "finish": None}
+    pipe = Pipeline.load(with_heads(embedded_build, tmp_path, [head]))
+    try:
+        scene = make_scene(np.random.default_rng(3), max_objects=3)
+        q = "Can you describe the image and include object locations?"
+        want = embedded_pipe.chat(scene.image, q)
+        got = list(pipe.stream(scene.image, q))
+        points = [e for e in got if isinstance(e, tuple)]
+        assert want.detections and got[-1].result.token_ids == want.token_ids
+        assert len(points) == len(want.detections)
+        for (_, _, (cx, cy)), d in zip(points, want.detections):
+            np.testing.assert_allclose([cx, cy], [(d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2], atol=1e-3)
+    finally:
+        heads.KINDS.pop("centre_point", None)
+        sys.modules.pop("nxc.runtime.heads.centre_point", None)
+
+
+def test_conversation_and_dispatch_name_no_family():
+    """Family-specific names live in their kind's module (nxc.runtime.heads.<kind>), not in the conversation, the
+    dispatch or the pipeline."""
+    import ast
+    import inspect
+    from nxc.runtime import conversation, dispatch as d, pipeline
+    for mod in (conversation, d, pipeline):
+        tree = ast.parse(inspect.getsource(mod))
+        for node in ast.walk(tree):               # docstrings may give examples; the code may not
+            body = getattr(node, "body", None)
+            if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                body[0] = ast.Pass()
+        tree.body = [n for n in tree.body
+                     if not (isinstance(n, ast.ImportFrom) and n.module.startswith("nxc.runtime.heads"))]
+        code = ast.unparse(tree)
+        for word in ("sam_", "SAM", "proposals", "objects", "index_head", "'index'", "'box'", "BoxKind", "IndexKind"):
+            assert word not in code, f"{mod.__name__} names {word!r}"
+
+
 def test_an_unknown_head_kind_is_refused_at_load(embedded_build, tmp_path):
     head = {**box_head(embedded_build), "kind": "vitron_call"}
     with pytest.raises(BuildError, match=r"heads\[0\]\.kind 'vitron_call' is not a kind this runtime knows \(box"):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from nxc.runtime.images import ImageError, load_image
+from nxc.runtime.turn import check_boxes
 from nxc.prompt import SLOT, PromptError, build_prompt, expand_region_refs
 
 TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=80) | \
@@ -44,7 +45,7 @@ BOX = st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), min_siz
 def test_box_checks(embedded_pipe, values):
     conv = embedded_pipe.conversation(Image.new("RGB", (50, 40)))
     try:
-        b = conv._check_boxes(values)
+        b = check_boxes(values, conv.width, conv.height)
     except PromptError:
         return
     assert b.shape == (len(values) // 4, 4) and np.isfinite(b).all()

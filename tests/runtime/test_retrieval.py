@@ -66,7 +66,7 @@ def test_runtime_answers_equal_the_reference(answers, prompts):
 def test_proposals_equal_the_reference(retrieval_ref, retrieval_pipe, prompts):
     for sc, _, _ in prompts[::4]:
         want, want_scores = retrieval_ref.proposals(sc.image)
-        got, got_scores, _ = retrieval_pipe.conversation(sc.image).objects()
+        got, got_scores, _ = retrieval_pipe.conversation(sc.image).state("index").objects()
         np.testing.assert_allclose(got, want, atol=1e-4)
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-4)
         assert len(got) >= 1
@@ -90,7 +90,7 @@ def test_a_region_box_joins_the_object_list_after_the_proposals(retrieval_pipe, 
     sc, q, boxes = prompts[3]
     conv = retrieval_pipe.conversation(sc.image)
     r = conv.ask(q, boxes=boxes, max_new_tokens=24)
-    n = len(conv.objects()[0])
+    n = len(conv.state("index").objects()[0])
     feat = retrieval_pipe.manifest.token_id("<objfeat>")
     assert r.prompt_ids.count(feat) == n + 1
     assert r.prompt_ids.count(retrieval_pipe.manifest.token_id(f"<obj{n}>")) == 1
@@ -113,11 +113,11 @@ def test_a_follow_up_turn_equals_the_reference_given_the_history(retrieval_ref, 
 def watch_tokens(pipe, image, text: str) -> tuple[list, object]:
     """Feed the reply `text` (tags and indices as tokens) to the index head's watcher of a conversation on
     `image`: -> (detections, watcher)."""
-    from nxc.runtime.pipeline import _Reply
+    from nxc.runtime.turn import Reply
     conv = pipe.conversation(image)
     conv._format()                                # the object list: proposals first
-    head = pipe.dispatch.index_head
-    watch = head.kind.watch(conv, _Reply())
+    head = pipe.dispatch.head_of_kind("index")
+    watch = head.kind.watch(conv, Reply())
     ids = pipe.tokenizer.encode(text)[1:]
     found = [d for t in ids for d in watch.feed(t)]
     return found, watch
@@ -125,14 +125,14 @@ def watch_tokens(pipe, image, text: str) -> tuple[list, object]:
 
 def test_index_head_maps_an_index_to_its_proposal(retrieval_pipe, prompts):
     sc = prompts[0][0]
-    boxes = retrieval_pipe.conversation(sc.image).objects()[0]
+    boxes = retrieval_pipe.conversation(sc.image).state("index").objects()[0]
     (d,), _ = watch_tokens(retrieval_pipe, sc.image, "<ground>a thing</ground><objects><obj0></objects>")
     np.testing.assert_allclose(d.box_norm, boxes[0]) and d.phrase == "a thing"
 
 
 def test_index_head_drops_an_index_past_the_object_list(retrieval_pipe, prompts):
     sc = prompts[0][0]
-    n = len(retrieval_pipe.conversation(sc.image).objects()[0])
+    n = len(retrieval_pipe.conversation(sc.image).state("index").objects()[0])
     found, watch = watch_tokens(retrieval_pipe, sc.image, f"<ground>a thing</ground><objects><obj{n}></objects>")
     assert found == [] and watch.groundings[0].dropped == [n]
 
@@ -154,7 +154,7 @@ def test_an_index_typed_by_the_user_stays_text(retrieval_pipe, prompts):
 def test_an_image_without_proposals_lists_no_objects_and_drops_every_index(retrieval_pipe):
     blank = Image.fromarray(np.full((80, 120, 3), 230, np.uint8))
     conv = retrieval_pipe.conversation(blank)
-    assert len(conv.objects()[0]) == 0
+    assert len(conv.state("index").objects()[0]) == 0
     r = conv.ask(REC_TEMPLATES[0].replace("<expr>", "the red circle"), max_new_tokens=24)
     assert r.prompt_ids.count(retrieval_pipe.manifest.token_id("<objfeat>")) == 0 and r.detections == []
     found, watch = watch_tokens(retrieval_pipe, blank, "<ground>a thing</ground><objects><obj0></objects>")
@@ -193,13 +193,13 @@ def test_nxc_run_answers_with_boxes_on_a_retrieval_build(retrieval_build, tmp_pa
 def test_an_index_can_name_this_turns_region_box(retrieval_pipe, prompts):
     """A region box joins the object list after the proposals; a reply naming its index gets that box (the
     watcher reads the object list of the turn being answered, as the reference's)."""
-    from nxc.runtime.pipeline import _Reply
+    from nxc.runtime.turn import Reply
     sc, q, boxes = prompts[3]
     conv = retrieval_pipe.conversation(sc.image)
     ids, region, _ = conv._prompt(q, boxes)
     conv._prefill_rows(ids, region)
-    n = len(conv.objects()[0])
-    watch = retrieval_pipe.dispatch.index_head.kind.watch(conv, _Reply())
+    n = len(conv.state("index").objects()[0])
+    watch = retrieval_pipe.dispatch.head_of_kind("index").kind.watch(conv, Reply())
     text = f"<ground>a thing</ground><objects><obj{n}></objects>"
     (d,) = [d for t in retrieval_pipe.tokenizer.encode(text)[1:] for d in watch.feed(t)]
     np.testing.assert_allclose(d.box, boxes[0], atol=0.5)

@@ -1,6 +1,6 @@
 """Continuous batching: many conversation turns decoded together, one llm call per step for all of them.
 
-    submit(conv, text) ─▶ checked, image rows made (caller's thread) ─▶ waiting (at most max_queue, else QueueFull)
+    submit(conv, text) ─▶ checked, image rows made (caller's thread) ─▶ waiting (QueueFull: no row, max_queue wait)
                                                                             │ a free row, at a step boundary
     scheduler thread, per step:                                             ▼
       1. the prefilling row (one at a time) takes one prompt chunk ─▶ when done, it decodes from the next step
@@ -28,12 +28,15 @@ import numpy as np
 
 from nxc import names
 from nxc.decode import Row, choose
-from nxc.runtime.pipeline import PREFILL_CHUNK, Conversation, Done, _Reply, _Shared, _Turn
+from nxc.runtime.conversation import Conversation
+from nxc.runtime.events import Done
+from nxc.runtime.pipeline import PREFILL_CHUNK
+from nxc.runtime.turn import Reply, Turn
 from nxc.runtime.timing import NO_TIMELINE
 
 
 class QueueFull(RuntimeError):
-    """More turns wait than the batcher's max_queue: try again later (nxc-serve answers 503)."""
+    """No free row for the turn and max_queue turns already wait for one: try again later (nxc-serve answers 503)."""
 
 
 class Closed(RuntimeError):
@@ -43,12 +46,12 @@ class Closed(RuntimeError):
 @dataclass
 class _Request:
     conv: Conversation
-    turn: _Turn
+    turn: Turn
     rows: np.ndarray                      # [T,H] prompt rows still to feed
     handle: "Handle"
     submitted: float = field(default_factory=time.perf_counter)
     fed: int = 0                          # prompt rows fed so far
-    reply: _Reply = field(default_factory=_Reply)
+    reply: Reply = field(default_factory=Reply)
     row: Row | None = None
     choice: object = None                 # this step's Choice, until the step feeds it
     clones: list = field(default_factory=list)   # n > 1: the other completions, rows copied from this prefill
@@ -74,8 +77,7 @@ class Handle:
             elif kind == "end":
                 req: _Request = value
                 conv = req.conv
-                result = conv._finish(req.reply, req.turn.ids, req.turn.region, req.turn.user_text,
-                                      req.turn.threshold)
+                result = conv._finish(req.reply, req.turn)
                 conv.timeline.finish()
                 conv.timeline = NO_TIMELINE
                 yield Done(result)
@@ -92,16 +94,6 @@ class Handle:
             if isinstance(ev, Done):
                 done = ev.result
         return done
-
-
-def _twin(conv: Conversation) -> Conversation:
-    """Another Conversation on the same image and history, sharing the image features already computed."""
-    twin = Conversation(conv.pipe, conv.image)
-    twin.history, twin.history_slots = list(conv.history), list(conv.history_slots)
-    twin._features, twin._sam_embedding = conv._features, conv._sam_embedding
-    twin._objects, twin._turn_values = conv._objects, conv._turn_values    # a retrieval build's object list
-    conv._sam_share = twin._sam_share = conv._sam_share or _Shared()     # one SAM encoding for all n
-    return twin
 
 
 class Batcher:
@@ -143,7 +135,7 @@ class Batcher:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= self.max_batch:
             raise ValueError(f"n must be a whole number from 1 to the batch's {self.max_batch} rows, got {n!r}")
         with self._cond:
-            self._check_admission()
+            self._check_admission(n)              # early, before the prompt's work; decided again below
         turn = conv._begin(text, boxes=kwargs.pop("boxes", None), max_new_tokens=kwargs.pop("max_new_tokens", None),
                            temperature=kwargs.pop("temperature", 0.0), top_p=kwargs.pop("top_p", 1.0),
                            top_k=kwargs.pop("top_k", 0), seed=kwargs.pop("seed", None),
@@ -157,21 +149,38 @@ class Batcher:
         req = _Request(conv, turn, rows, Handle())
         for i in range(1, n):
             seed = None if turn.sampling.seed is None else turn.sampling.seed + i
-            twin = _twin(conv)
+            twin = conv.twin()
             twin.timeline = timelines[i]
             req.clones.append(_Request(twin, replace(turn, sampling=replace(turn.sampling, seed=seed)), rows,
                                        Handle()))
         with self._cond:
-            self._check_admission()
+            self._check_admission(n)
             self._waiting.append(req)
             self._cond.notify()
         return [req.handle] + [c.handle for c in req.clones]
 
-    def _check_admission(self) -> None:
+    def _check_admission(self, n: int) -> None:
+        """Under self._cond: admit a turn of n rows (n <= max_batch) or raise. One that free rows will start is
+        admitted whatever max_queue says; max_queue bounds only the turns waiting for a row (0: no waiting)."""
         if self._closing:
             raise Closed("the batcher is shutting down and takes no new turns")
-        if len(self._waiting) >= self.max_queue:
-            raise QueueFull(f"{len(self._waiting)} turns are waiting (max_queue {self.max_queue}); retry shortly")
+        free, blocked = self._promised()
+        if blocked >= self.max_queue and not (blocked == 0 and n <= free):
+            raise QueueFull(f"no row for the turn ({n} needed, {free} of {self.max_batch} free) and {blocked} turns "
+                            f"wait for a row (max_queue {self.max_queue}); retry shortly")
+
+    def _promised(self) -> tuple[int, int]:
+        """Under self._cond: (rows free, turns waiting for a row). Rows are promised in arrival order: to the
+        decoding rows, the prefilling turn's n, then each waiting turn's n while they fit; the first waiting turn
+        that does not fit, and every turn behind it, waits for a row (the scheduler starts turns in order)."""
+        free = self.max_batch - len(self._rows)
+        if self._prefilling is not None:
+            free -= 1 + len(self._prefilling.clones)
+        for i, r in enumerate(self._waiting):
+            if 1 + len(r.clones) > free:
+                return free, len(self._waiting) - i
+            free -= 1 + len(r.clones)
+        return free, 0
 
     def stats(self) -> dict:
         with self._cond:
@@ -231,17 +240,18 @@ class Batcher:
                 p.conv.timeline.add("prefill", t0, time.perf_counter())
                 p.fed += len(chunk)
                 if p.fed == len(p.rows):
-                    self._prefilling = None
-                    src = len(self._rows)
-                    for r in [p, *p.clones]:
-                        if r is not p:
-                            r.conv.cache = self.cache.open(len(self._rows))
-                            self.cache.copy(src, len(self._rows))
-                        r.conv.cached_ids = list(r.turn.ids)
-                        r.row = Row(logits=out["logits"][0], hidden=out["hidden"], fed=r.turn.ids[-1],
-                                    pick=r.conv._picker(r.turn.sampling), max_new=r.turn.max_new,
-                                    room=r.conv.cache.room, tag=r)
-                        self._rows.append(r)
+                    with self._cond:               # admission sees p's rows prefilling or decoding, never neither
+                        self._prefilling = None
+                        src = len(self._rows)
+                        for r in [p, *p.clones]:
+                            if r is not p:
+                                r.conv.cache = self.cache.open(len(self._rows))
+                                self.cache.copy(src, len(self._rows))
+                            r.conv.cached_ids = list(r.turn.ids)
+                            r.row = Row(logits=out["logits"][0], hidden=out["hidden"], fed=r.turn.ids[-1],
+                                        pick=r.conv._picker(r.turn.sampling), max_new=r.turn.max_new,
+                                        room=r.conv.cache.room, tag=r)
+                            self._rows.append(r)
         if not self._rows:
             return
         heads = self.pipe.dispatch.triggers

@@ -89,16 +89,17 @@ class Server:
     """Request handling over one Pipeline; create_app wires its methods to routes.
 
     Turns decode on a continuous-batching scheduler (nxc.runtime.batch) when the backend allows it (ONNX Runtime,
-    KV cache in host memory): up to max_batch rows per llm step, max_queue turns waiting, beyond that 503 with
-    Retry-After; a client that goes away frees its row at the next step. Beam search, and backends that cannot
-    batch, run one turn per worker thread as before."""
+    KV cache in host memory): up to max_batch rows per llm step (a request of n completions takes n, and n over
+    max_batch is a 400), then up to max_queue turns waiting for a row, beyond that 503 with Retry-After; a client
+    that goes away frees its row at the next step. Beam search, and backends that cannot batch, run one turn per
+    worker thread as before."""
 
     def __init__(self, pipe: Pipeline, model: str, limits: proto.Limits, *, max_batch: int = 8, max_queue: int = 32,
                  drain_seconds: float = 300.0):
         self.pipe, self.model, self.limits, self.drain_seconds = pipe, model, limits, drain_seconds
         self.metrics = Metrics()
         # the token a Box event follows: a box head's slot, or `</objects>` closing a retrieval build's grounding
-        self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.index_head is not None
+        self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.head_of_kind("index") is not None
                      else pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None)
         self.batcher = None
         if max_batch > 0:
@@ -133,7 +134,7 @@ class Server:
 
     def _conversation(self, req: proto.ChatRequest):
         """The request's conversation, rebuilt from the messages it sent."""
-        if req.history and self.pipe.dispatch.index_head is not None:
+        if req.history and self.pipe.dispatch.head_of_kind("index") is not None:
             # an earlier reply's [k] cannot be turned back into the <objN> it was: refused, not guessed
             raise proto.ApiError(400, "this server runs a retrieval (ChatRex-style) build, which answers one turn per "
                                       "request: send the last user message only (earlier assistant messages cannot "
@@ -146,6 +147,9 @@ class Server:
     def start(self, req: proto.ChatRequest) -> "_Turns":
         """Start the request's turn (n of them for n > 1). Prompt errors raise here (400s); a full queue is a 503."""
         if self.batcher is not None and not req.beams:
+            if req.n > self.batcher.max_batch:      # n rows at once: more could never start
+                raise proto.ApiError(400, f"n {req.n} is more than this server decodes at once (--max-batch "
+                                          f"{self.batcher.max_batch}); ask for at most {self.batcher.max_batch}")
             timelines = [Timeline() for _ in range(req.n)]
             conv = self._conversation(req)
             try:
@@ -169,7 +173,7 @@ class Server:
         return _Turns(sources, timelines, [], self._objects(conv))
 
     def _objects(self, conv) -> int | None:
-        return len(conv.object_values()) if self.pipe.dispatch.index_head is not None else None
+        return len(conv.slot_values()) if self.pipe.dispatch.head_of_kind("index") is not None else None
 
     def collect(self, turns: "_Turns") -> list:
         """Every turn's ChatResult (None for a cancelled one), metrics recorded."""

@@ -28,7 +28,8 @@ def parser() -> argparse.ArgumentParser:
                     help="rows decoded together by the continuous-batching scheduler (default 8; 0: one turn per "
                          "thread, no scheduler)")
     ap.add_argument("--max-queue", type=int, default=32,
-                    help="turns waiting for a row before requests get 503 with Retry-After (default 32)")
+                    help="turns that may wait for a row when all --max-batch rows are taken; beyond that, 503 "
+                         "with Retry-After (default 32; 0: served while a row is free, else 503)")
     ap.add_argument("--max-request-mb", type=float, default=20.0, help="largest request body (default 20 MB)")
     ap.add_argument("--max-image-mpixels", type=float, default=25.0, help="largest image, in M pixels (default 25)")
     ap.add_argument("--max-tokens", type=int, help="cap on the max_tokens a client may ask for")

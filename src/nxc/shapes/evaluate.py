@@ -166,7 +166,7 @@ def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime
     if pipe.config.objects is None:
         return Target(str(build), chat)
     return Target(str(build), chat, "retrieval",
-                  lambda image: boxes_to_pixels(pipe.conversation(image).objects()[0], *image.size))
+                  lambda image: boxes_to_pixels(pipe.conversation(image).state("index").objects()[0], *image.size))
 
 
 ROWS = (("REC Acc@0.5", "rec", "acc@0.5"), ("REC mean IoU", "rec", "mean_iou"), ("RES cIoU", "res", "ciou"),

@@ -1,0 +1,47 @@
+"""What a turn gives: the events `Conversation.stream` yields and the `ChatResult` a turn ends with. A head kind's
+records and events are its own (nxc.runtime.heads); the grounding ones both families give live here.
+
+    stream(...) ─▶ Token per generated token, a head's event when it finds something (Box), then Done(ChatResult)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ChatResult:
+    text: str                  # reply with each `<at> <boxes>` rendered as [k]
+    raw_text: str              # reply as decoded, with the literal tokens
+    token_ids: list[int]       # generated ids (`<boxes>` after every `<at>`)
+    prompt_ids: list[int]      # the whole conversation's ids for this turn
+    finish_reason: str         # "stop" (</s>) or "length" (max_new_tokens or the build's context)
+    detections: list = field(default_factory=list)     # what the heads found, in order (Detection for boxes)
+
+
+@dataclass
+class Token:
+    id: int
+    text: str                  # decoded text this token adds
+
+
+@dataclass
+class Done:
+    result: ChatResult
+
+
+@dataclass
+class Detection:
+    box: np.ndarray            # [4] xyxy pixels on the original image (not clamped, as the reference)
+    box_norm: np.ndarray       # [4] normalised xyxy in the padded square (what loc_decoder gave)
+    phrase: str                # the reply text this detection follows, e.g. "a blue circle"
+    mask: np.ndarray | None = None    # [H,W] bool (all False when the mask score is under the threshold)
+    score: float | None = None        # SAM's IoU prediction for the mask
+    seg_prompt: np.ndarray | None = None   # [4,C] for the SAM decoder
+
+
+@dataclass
+class Box:
+    index: int
+    detection: Detection       # box known now; mask and score come with Done

@@ -1,0 +1,118 @@
+"""Head kinds: what a manifest head's outputs mean. One module per kind, named as the kind (`heads/box.py` is
+`"kind": "box"`), imported the first time a build names it; a new kind is a new module here plus its manifest
+entry, never a branch in the decode loop or in `Conversation`.
+
+    a kind (HeadKind subclass, @register("name"))
+      per trigger   record(conv, outputs, text) ─▶ the reply's record; event(k, record) ─▶ streamed (Box)
+      per token     watch(conv, reply) ─▶ a watcher whose feed(token) gives records (heads with no trigger)
+      per reply     finish(conv, records, threshold) (SAM masks); render(text, watcher)
+      per turn      slot_value(record) ─▶ fed back into the emitted slot of later turns
+      per image     new_state(conv) ─▶ what the kind keeps for the conversation's image (SAM embedding,
+                    proposals): conv.state(kind); prepare(conv) before a turn's prompt; prompt_format(conv);
+                    image_input(conv, "graph:output") for the head's encode graph
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from nxc.manifest import BuildError, Head
+
+KINDS: dict[str, type["HeadKind"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a HeadKind available to manifest heads of `"kind": name`."""
+    def add(cls):
+        KINDS[name] = cls
+        return cls
+    return add
+
+
+def kind_class(name: str) -> type["HeadKind"] | None:
+    """The registered kind `name`, importing its module (nxc.runtime.heads.<name>) the first time; None if there is
+    no such kind."""
+    if name not in KINDS and name.isidentifier():
+        try:
+            importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+    return KINDS.get(name)
+
+
+def known_kinds() -> list[str]:
+    """Every kind this runtime has: registered ones and the modules of this package."""
+    from importlib.resources import files
+    mods = {p.name[:-3] for p in files(__name__).iterdir() if p.name.endswith(".py") and not p.name.startswith("_")}
+    return sorted(mods | set(KINDS))
+
+
+@dataclass
+class Found:
+    head: object                       # the BoundHead that fired
+    outputs: dict[str, np.ndarray]     # the collected outputs of this trigger, first row of each
+
+
+class HeadState:
+    """What a kind keeps for one conversation's image (made on first use by conv.state(kind))."""
+
+    def __init__(self, conv):
+        self.conv = conv
+
+    def twin(self, conv) -> "HeadState":
+        """The state of another conversation on the same image (n completions of one turn): shares what this one
+        computed, so that no once-per-image graph runs twice."""
+        raise NotImplementedError
+
+
+class HeadKind:
+    """What a head's outputs mean. One instance per head of a loaded build."""
+
+    def __init__(self, head: Head, pipe):
+        self.head, self.pipe = head, pipe
+        self.name = head.kind          # its key in conv.state()
+
+    def record(self, conv, outputs: dict[str, np.ndarray], text_before: str):
+        """The reply's record of one trigger (`text_before`: the reply text since the previous slot)."""
+        raise NotImplementedError
+
+    def event(self, index: int, record):
+        """What `stream` yields when the trigger fires (None: nothing)."""
+        return None
+
+    def slot_value(self, record) -> np.ndarray | None:
+        """The value a later turn encodes into this trigger's emitted slot (through the head's encode graph); None:
+        nothing is fed back."""
+        raise NotImplementedError
+
+    def finish(self, conv, records: list, threshold) -> None:
+        """Once per reply, after the last token, for this head's records (e.g. SAM masks)."""
+
+    def watch(self, conv, reply) -> "object | None":
+        """A head that reads the reply's tokens as they come (no trigger): an object with feed(token) -> the
+        records the token completes; None for a head fired by its trigger."""
+        return None
+
+    def render(self, text: str, watch) -> str:
+        """The reply as shown (after nxc.prompt.render_reply), for a head that watched it (`watch`, its watcher)."""
+        return text
+
+    # -- the conversation's image ----------------------------------------------------------------------
+    def new_state(self, conv) -> HeadState | None:
+        """What this kind keeps for `conv`'s image (conv.state(kind) makes it once); None: nothing."""
+        return None
+
+    def prepare(self, conv) -> None:
+        """Before a turn's prompt is made: the once-per-image graphs the prompt needs (timed as their own stages)."""
+
+    def prompt_format(self, conv):
+        """The grounding format of the prompt (nxc.prompt.PromptFormat) if this kind sets it, else None."""
+        return None
+
+    def image_input(self, conv, source: str) -> np.ndarray:
+        """A head input fed from a once-per-image graph output (`"graph:output"`, e.g. "proposals:features")."""
+        raise BuildError(f"{self.pipe.manifest.root}: a head input comes from {source!r}, which this runtime does not "
+                         "know; use the nxc that wrote the build")
