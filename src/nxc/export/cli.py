@@ -32,8 +32,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--graphs", nargs="+", choices=names.ALL_GRAPHS, default=[], metavar="GRAPH",
                     help=f"graphs to export (default: all of the model's: {', '.join(names.GRAPHS)} for NExT-Chat, "
                          f"{', '.join(names.RETRIEVAL_GRAPHS)} for a retrieval model)")
-    ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4 (default for the "
-                    "embedded model: generated shapes scenes; required for a real checkpoint)")
+    ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4's calibrated graphs, "
+                    "vision and sam_encoder (default for the embedded model: generated shapes scenes; required for a "
+                    "real checkpoint that exports either of them quantized; the weight-only llm and loc_heads need "
+                    "none)")
     ap.add_argument("--calib-prompts", metavar="FILE", help="calibration prompts, one per line")
     ap.add_argument("--calib-method", choices=("minmax", "entropy", "percentile"), default="minmax")
     ap.add_argument("--calib-samples", type=int, default=32, metavar="N", help="calibration images to use (32)")

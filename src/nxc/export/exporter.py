@@ -5,12 +5,15 @@
     tokenizer.json first (a tokenizer that does not convert fails before any graph is exported), all of it in
     .<out>.partial-<pid>/ under <out>.lock, renamed to <out> last (nxc.export.outdir): an interrupted export
     leaves nothing that loads, and the next one cleans up after it.
+Here: one graph's export (wrapper_for, export_graph) and the build's steps in order. Elsewhere in nxc.export: the
+options (options), the manifest's body and head table (build_manifest), progress lines and the fp16 accuracy report
+(reports), the int8 / int4 step and its calibration data check (quantized), the llm writer and check (llm_writer,
+llm_check).
 """
 from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,47 +25,20 @@ import torch
 from nxc import __version__, names
 from nxc.config import NextChatConfig
 from nxc.export import outdir
+from nxc.export.build_manifest import manifest_body
+from nxc.export.options import FLOAT32_GRAPHS, PRECISIONS, ExportOptions, check_options, family_options
 from nxc.export.outdir import ExportError
-from nxc.specs import GraphSpec, axis_ranges, graph_specs
+from nxc.export.reports import accuracy_vs_fp32, graph_mb, lint_summary, peak
+from nxc.export.reports import log as _log
+from nxc.specs import GraphSpec, graph_specs
 
-PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# the names callers import from here (the options, the manifest body and the error live in their own modules)
+__all__ = ["EXTERNAL_DATA_BYTES", "FLOAT32_GRAPHS", "LLM_INLINE_BYTES", "PRECISIONS", "ExportError", "ExportOptions",
+           "LlmWeights", "dummy_inputs", "export_build", "export_graph", "export_model", "manifest_body", "wrapper_for"]
+
 EXTERNAL_DATA_BYTES = 1 << 30      # graphs whose weights exceed this are written with ONNX external data (< 2 GB)
 # the llm keeps its streamed external-data file above this: inlining it would hold the weights twice in memory
 LLM_INLINE_BYTES = 64 << 20
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    precision: str = "fp32"
-    max_context: int | None = None     # default: the model's max_position_embeddings, capped at 4096
-    opset: int = 17
-    graphs: tuple[str, ...] = ()        # default: every graph of the model's family (names.family_graphs)
-    parity: bool = True
-    # int8 / int4 (nxc.calib): calibration of vision, sam_encoder and loc_heads
-    calib_images: str | None = None    # folder; None: generated shapes scenes (embedded model only)
-    calib_prompts: str | None = None   # file, one prompt per line
-    calib_method: str = "minmax"
-    calib_samples: int = 32
-    recalibrate: bool = False          # ignore ranges cached in <out>/calib
-    float_graphs: tuple[str, ...] = ()  # int8 / int4: encoders kept float32 (not calibrated), e.g. ("sam_encoder",)
-
-    @property
-    def graph_precision(self) -> str:
-        """Precision the graphs are exported in before any quantization."""
-        return "fp16" if self.precision == "fp16" else "fp32"
-
-    def precision_of(self, graph: str) -> str:
-        """A graph's export precision: the retrieval family's small per-image graphs stay float32 in every build
-        (a top-k over near-equal fp16 scores and RoI-align in fp16 would change which boxes come out)."""
-        return "fp32" if graph in FLOAT32_GRAPHS else self.graph_precision
-
-
-# graphs kept float32 at every precision (a few hundred thousand weights; see ExportOptions.precision_of)
-FLOAT32_GRAPHS = (names.GRAPH_PROPOSALS, names.GRAPH_OBJECT_FEATURES)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -143,69 +119,13 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     return external
 
 
-def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, source: dict) -> dict:
-    from nxc.model import processing
-    from nxc.model.sam import SAM_PIXEL_MEAN, SAM_PIXEL_STD
-    cfg = model.config
-    added = tokenizer.added_token_ids
-    tokens = {**added, names.BOS: tokenizer.bos_id, names.EOS: tokenizer.eos_id,
-              names.UNK: tokenizer.token_to_id(names.UNK)}
-    heads = []                                  # the decode loop's dispatch table (nxc.manifest.Head)
-    if names.GRAPH_OBJECT_FEATURES in opts.graphs:
-        # retrieval: no decode-time graph call (indices are tokens, nxc.runtime.dispatch.IndexKind parses them);
-        # its slot `<objfeat>` holds the object rows of the prompt (proposals, then region boxes)
-        from nxc.object_index import OBJ_FEAT
-        heads.append({"kind": "index", "trigger": None, "emit": OBJ_FEAT, "graph": names.GRAPH_OBJECT_FEATURES,
-                      "inputs": {"features": f"{names.GRAPH_PROPOSALS}:features", "boxes": "zeros",
-                                 "indices": "slot_index"},
-                      "collect": [], "feedback": None, "finish": None,
-                      "encode_input": "boxes", "encode_output": "rows"})
-    if names.GRAPH_LOC_HEADS in opts.graphs:
-        sam = {names.GRAPH_SAM_ENCODER, names.GRAPH_SAM_DECODER} <= set(opts.graphs)
-        heads.append({"kind": "box", "trigger": names.AT, "emit": names.BOXES, "graph": names.GRAPH_LOC_HEADS,
-                      "inputs": {"hidden": "hidden", "boxes": "zeros"}, "collect": ["box", "seg_prompt"],
-                      "feedback": "feedback", "finish": "sam_masks" if sam else None,
-                      "encode_input": "boxes", "encode_output": "loc_embeds"})
-    return {
-        "nxc_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "source": source,
-        "precision": opts.precision,
-        "config": cfg.to_dict(),
-        "tokens": tokens,
-        "prompt": {"template": "vicuna_v1.1", "system": names.SYSTEM_PROMPT, "roles": list(names.ROLES),
-                   "sep": names.SEP, "sep2": names.SEP2, "image_placeholder": names.IMAGE_PLACEHOLDER,
-                   "num_image_tokens": cfg.num_image_tokens, "use_im_start_end": cfg.mm_use_im_start_end},
-        "preprocess": {
-            "clip": {**processing.clip_preprocess_of(model).manifest(), "pad": "white square, centred"},
-            **({"sam": {"size": cfg.sam.image_size, "mean": list(SAM_PIXEL_MEAN), "std": list(SAM_PIXEL_STD),
-                        "resample": "bilinear", "pad": "longest side to size, zeros, centred"}}
-               if cfg.sam is not None else {}),
-            **({"objects": {"size": cfg.objects.image_size, "mean": list(processing.CLIP_MEAN),
-                            "std": list(processing.CLIP_STD), "resample": "bicubic", "pad": "white square, centred"}}
-               if cfg.objects is not None else {})},
-        "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
-                       "eos": names.EOS},
-        "heads": heads,
-        "max_context": max_context,
-        "kv_cache": {"dtype": "float16" if opts.precision == "fp16" else "float32",
-                     "layout": "[batch, position, kv_heads, head_dim]",
-                     # rows of different lengths decode together by mask (ONNX Runtime; TensorRT engines: batch 1)
-                     "batch_rows": "masked"},
-        "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64)),
-        "embeddings": {"file": "embeddings.npy", "shape": [cfg.llm.vocab_size, cfg.llm.hidden_size],
-                       "dtype": "float32"},
-        "tokenizer": {"file": "tokenizer.json"},
-    }
-
-
 def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=None, sam_file=None,
                  options: ExportOptions = ExportOptions()) -> Path:
     """Export `checkpoint` (default: the embedded shapes model) into the build directory `out`."""
     from nxc.model.checkpoint import load_nextchat
 
     from nxc import assets
-    _check_options(options)
+    check_options(options)
     embedded = checkpoint is None
     if embedded:
         checkpoint = assets.embedded_checkpoint()
@@ -238,7 +158,7 @@ def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOption
             embedded: bool) -> Path:
     """Under <out>.lock: clean up after a killed export, convert the tokenizer (before the model is even loaded:
     a tokenizer that does not convert fails in seconds, not after the graphs), load, write, publish."""
-    _check_options(options)
+    check_options(options)
     out = Path(out)
     t0 = time.perf_counter()
     with outdir.locked(out, log=_log):
@@ -247,13 +167,16 @@ def _export(load, out: str | Path, *, tokenizer_dir: Path, options: ExportOption
         try:
             _convert_tokenizer(tokenizer_dir, tmp / "tokenizer.json")
             model, tokenizer, llm_weights = load()
-            options = _family_options(model.config, options)
+            options = family_options(model.config, options)
+            if options.precision in ("int8", "int4"):      # calibration data, when a graph needs it, before graphs
+                from nxc.export.quantized import check_calibration_data
+                check_calibration_data(options, options.graphs, embedded=embedded)
             _write_build(model, tokenizer, llm_weights, tmp, out, options, source, embedded)
             outdir.publish(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s{_peak()}")
+    _log(f"[nxc-export] wrote {out} in {time.perf_counter() - t0:.1f} s{peak()}")
     return out
 
 
@@ -287,65 +210,6 @@ def _fp32_reference_graphs(model, scratch: Path, options: ExportOptions) -> Path
     return scratch
 
 
-def _accuracy_vs_fp32(reference: Path, tmp: Path, graphs: dict, specs: dict, cfg) -> dict:
-    """Per graph: cosine similarity and max abs error of the build's graph against fp32, on fresh random inputs
-    at the parity shapes."""
-    from nxc.calib.quantize import compare_graphs
-    from nxc.export.parity import SHAPES, random_inputs
-    report = {"reference": "fp32 graphs of the same model, fresh random inputs", "graphs": {}}
-    for g in graphs:
-        if not (reference / f"{g}.onnx").is_file():
-            continue
-        spec = graph_specs(cfg)[g]                                   # float32 feeds; compare_graphs casts per graph
-        feeds = [random_inputs(spec, {**a, "batch": 1}, np.random.default_rng(100 + i), sam_size=_sam_size(cfg))
-                 for i, a in enumerate(SHAPES)]
-        report["graphs"][g] = compare_graphs(reference / f"{g}.onnx", tmp / graphs[g]["file"], feeds)
-        worst = min(v["cosine"] for v in report["graphs"][g].values())
-        _log(f"[nxc-export] {g}: cosine vs fp32 >= {worst:.5f}")
-    return report
-
-
-def _family_options(config, options: ExportOptions) -> ExportOptions:
-    """`options` with its graphs resolved for the model's family: all of them by default; refused when a graph
-    named belongs to the other family."""
-    from dataclasses import replace
-    own = names.family_graphs(config.grounding)
-    if not options.graphs:
-        return replace(options, graphs=own)
-    other = [g for g in options.graphs if g not in own]
-    if other:
-        raise ExportError(f"graph {other[0]!r} is not part of a {config.grounding} model; its graphs are "
-                          f"{', '.join(own)}")
-    return options
-
-
-def _check_options(options: ExportOptions) -> None:
-    if options.precision not in PRECISIONS:
-        raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
-    unknown = [g for g in options.graphs if g not in names.ALL_GRAPHS]
-    if unknown:
-        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.ALL_GRAPHS)}")
-
-
-def _lint_summary(findings: dict) -> str:
-    """A graph's TensorRT lint in its progress line (the manifest records all of it)."""
-    if findings["ok"]:
-        return "TensorRT lint ok"
-    n = findings["problem_count"]
-    more = f" (+{n - 1} more in the manifest)" if n > 1 else ""
-    return f"TensorRT lint: {n} problem(s): {findings['problems'][0]}{more}"
-
-
-def _peak() -> str:
-    """", peak RSS so far x GB" for a progress line (ru_maxrss of this process: what a machine must have)."""
-    import resource
-    return f", peak RSS so far {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB"
-
-
-def _graph_mb(tmp: Path, record: dict) -> float:
-    return sum((tmp / f).stat().st_size for f in [record["file"], *record["external_data"]]) / 1e6
-
-
 def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, options: ExportOptions,
                    accuracy: dict) -> dict:
     """Per graph: export, TensorRT lint, ONNX Runtime parity against torch, one progress line each; writes
@@ -367,8 +231,8 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         _log(f"[nxc-export] [{i}/{n}] {g}: exporting")
         if g == names.GRAPH_LLM:
             graphs[g], parity[g] = _write_llm(llm_weights, cfg, tmp, specs[g], options, f"[{i}/{n}]", accuracy)
-            _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, "
-                 f"{_lint_summary(graphs[g]['tensorrt_lint'])}, {time.perf_counter() - tg:.1f} s{_peak()}")
+            _log(f"[nxc-export] [{i}/{n}] {g}: {graph_mb(tmp, graphs[g]):.1f} MB, "
+                 f"{lint_summary(graphs[g]['tensorrt_lint'])}, {time.perf_counter() - tg:.1f} s{peak()}")
             continue
         parts = getattr(model, "parts", None)          # modules made real for this graph only (nxc.model.parts)
         if parts is not None:
@@ -391,9 +255,9 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         del wrapper
         if parts is not None:
             parts.release(g, keep=options.graphs[i:])
-        lint_msg = "fp32 before quantization" if quantized else _lint_summary(findings)
-        _log(f"[nxc-export] [{i}/{n}] {g}: {_graph_mb(tmp, graphs[g]):.1f} MB, {lint_msg}, "
-             f"{time.perf_counter() - tg:.1f} s{_peak()}")
+        lint_msg = "fp32 before quantization" if quantized else lint_summary(findings)
+        _log(f"[nxc-export] [{i}/{n}] {g}: {graph_mb(tmp, graphs[g]):.1f} MB, {lint_msg}, "
+             f"{time.perf_counter() - tg:.1f} s{peak()}")
     (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
     return graphs
 
@@ -470,14 +334,14 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
     if options.precision == "fp16":
         for g in graphs:
             graphs[g]["fp32_nodes"] = float32_nodes(tmp / graphs[g]["file"])
-        accuracy = _accuracy_vs_fp32(reference, tmp, graphs, specs, cfg)
+        accuracy = accuracy_vs_fp32(reference, tmp, graphs, cfg, sam_size=_sam_size(cfg))
         shutil.rmtree(reference)
     if options.precision in ("int8", "int4"):
         from nxc.export.quantized import quantize_build
         accuracy = quantize_build(tmp, out, model, tokenizer, options, graphs, embedded=embedded, log=_log)
         for g, rec in graphs.items():                   # the lint of what ships: the quantized graphs
-            _log(f"[nxc-export] {g}: {rec['precision']}, {_graph_mb(tmp, rec):.1f} MB, "
-                 f"{_lint_summary(rec['tensorrt_lint'])}")
+            _log(f"[nxc-export] {g}: {rec['precision']}, {graph_mb(tmp, rec):.1f} MB, "
+                 f"{lint_summary(rec['tensorrt_lint'])}")
     if accuracy is not None and llm_accuracy:
         accuracy["graphs"].update(llm_accuracy)
     if accuracy is not None:

@@ -6,8 +6,10 @@
         llm: already written as MatMulNBits (8 or 4 bits) by nxc.export.llm_writer, one weight at a time
     reports/accuracy.json: per graph, cosine and max error against the fp32 graph on inputs not used to calibrate.
 Ranges are reused from <out>/calib when the fp32 graphs, the calibration data and the method are all unchanged
-(calib/calib.json records their hashes) and --recalibrate is not given. The calibration data and the quantizers
-are nxc.calib's; this module is the export's use of them (nxc.calib never imports nxc.export).
+(calib/calib.json records their hashes) and --recalibrate is not given. Calibration data is asked for only when a
+graph is calibrated (`calibrated_graphs`): the weight-only graphs need none, and their accuracy report then runs on
+random inputs. The calibration data and the quantizers are nxc.calib's; this module is the export's use of them
+(nxc.calib never imports nxc.export).
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nxc.calib.data import calibration_images, calibration_prompts, fingerprint
+from nxc.calib.data import CalibrationError, calibration_images, calibration_prompts, fingerprint
 from nxc.calib.quantize import (STATIC_GRAPHS, WEIGHT_ONLY_GRAPHS, collect_feeds, compare_graphs,
                                 quantize_static_graph, quantize_weights_int8)
 from nxc.manifest import sha256_file
@@ -34,6 +36,31 @@ def _reusable(prev: Path, key: dict, graphs: list[str]) -> bool:
     return same and all((prev / f"{g}.json").is_file() for g in graphs)
 
 
+def calibrated_graphs(options, graphs) -> list[str]:
+    """The graphs among `graphs` that options.precision calibrates: the static QDQ encoders (vision, sam_encoder)
+    in an int8 / int4 build, less those --float-graphs keeps float32. The weight-only llm and loc_heads are not."""
+    if options.precision not in ("int8", "int4"):
+        return []
+    return [g for g in STATIC_GRAPHS if g in graphs and g not in options.float_graphs]
+
+
+def check_calibration_data(options, graphs, *, embedded: bool) -> None:
+    """Before any graph is exported: the calibration data a calibrated graph needs is there and readable (a real
+    checkpoint has no default images), so that a long export does not fail at its quantization step."""
+    static = calibrated_graphs(options, graphs)
+    if not static:
+        return
+    if options.calib_images is None and not embedded:
+        raise CalibrationError(
+            f"int8/int4 calibration of {' and '.join(static)} needs --calib-images DIR for a real checkpoint (a few "
+            "dozen images like the ones it will see): activation ranges measured on the kit's synthetic shapes would "
+            f"clip a real model's activations; or keep {'them' if len(static) > 1 else 'it'} float32 with "
+            f"--float-graphs {' '.join(static)}")
+    calibration_prompts(options.calib_prompts, embedded=embedded)
+    if options.calib_images is not None:
+        calibration_images(options.calib_images, samples=options.calib_samples, embedded=embedded)
+
+
 def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict, *, embedded: bool, log) -> dict:
     """Quantize the graphs in `tmp` in place for options.precision ("int8" | "int4"); updates `graphs` (the
     manifest's per-graph records) and returns the accuracy report."""
@@ -42,26 +69,26 @@ def quantize_build(tmp: Path, out: Path, model, tokenizer, options, graphs: dict
     from nxc.export.parity import SHAPES, random_inputs
     from nxc.export.trt_lint import lint
 
-    static = [g for g in STATIC_GRAPHS if g in graphs and g not in options.float_graphs]
+    static = calibrated_graphs(options, graphs)
     weight_only = [g for g in WEIGHT_ONLY_GRAPHS if g in graphs]
+    # loc_heads' report feeds are the trigger hiddens of real replies where the torch LLaMA exists (it does not in
+    # an export, which never builds it) and there are images to reply about; otherwise random hiddens
+    detections = (bool(weight_only) and model.llm.lm_head.weight.device.type != "meta"
+                  and (bool(static) or options.calib_images is not None or embedded))
     calib_dir = tmp / "calib"
     calib_dir.mkdir()
     scratch = tmp / ".fp32"
     scratch.mkdir()
     report: dict = {"precision": options.precision, "graphs": {}}
     fresh: dict = {}
-    if static or weight_only:
+    if static or detections:
         images = calibration_images(options.calib_images, samples=options.calib_samples, embedded=embedded)
         prompts = calibration_prompts(options.calib_prompts, embedded=embedded)
         # inputs not used for calibration, for the accuracy report
         fresh_images = (calibration_images(None, samples=4, embedded=True, seed=1) if options.calib_images is None
                         else calibration_images(options.calib_images, samples=options.calib_samples + 4,
                                                 embedded=embedded)[-4:])
-        # loc_heads' report feeds are the trigger hiddens of real replies where the torch LLaMA exists (it does not
-        # in an export, which never builds it: then random hiddens, as for a graph without calibration data)
-        llm_in_torch = model.llm.lm_head.weight.device.type != "meta"
-        fresh = collect_feeds(model, tokenizer, fresh_images, prompts, log=lambda _m: None,
-                              detections=bool(weight_only) and llm_in_torch)
+        fresh = collect_feeds(model, tokenizer, fresh_images, prompts, log=lambda _m: None, detections=detections)
     if static:
         key = {"fingerprint": fingerprint(images, prompts, method=options.calib_method,
                                           extra=f"{options.calib_samples}"),
