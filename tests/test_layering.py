@@ -9,7 +9,8 @@ A ◀── B: B may import A, and A never imports B.
        calib ◀─────────────── export
 
 and nxc.model never imports nxc.serve or nxc.triton either; nxc.doctor runs on the device beside the runtime and
-keeps the runtime's rules.
+keeps the runtime's rules. Inside nxc.model no two modules import each other, directly or around a longer circle
+(a function-level import that only dodges the circle still counts): a name both need lives in a module both import.
 """
 import ast
 from pathlib import Path
@@ -111,3 +112,55 @@ def test_a_crossing_import_is_reported_with_file_line_and_statement(module, sour
 ])
 def test_allowed_imports_pass(module, source):
     assert violations(module, source, path="x.py") == []
+
+
+# packages inside which no import circle may form (every import counts, function-level ones included)
+NO_CYCLES_IN = ("nxc.model",)
+
+
+def import_cycles(sources: dict[str, str], within: str) -> list[str]:
+    """Each import circle among the modules of `sources` ({module: code}) under `within`, once, as
+    `a -> b -> a` with the file line of each step."""
+    mods = {m for m in sources if _within(m, within)}
+    edges: dict[str, dict[str, int]] = {m: {} for m in mods}
+    for m in sorted(mods):
+        for line, name, _ in imports(m, sources[m], is_package=m == within):
+            if name in mods and name != m:
+                edges[m].setdefault(name, line)
+    found: dict[frozenset, str] = {}
+    for start in sorted(mods):                    # the shortest circle through each module, breadth first
+        back: dict[str, str] = {}
+        frontier = [start]
+        while frontier and start not in back:
+            nxt = []
+            for a in frontier:
+                for b in sorted(edges[a]):
+                    if b not in back:
+                        back[b] = a
+                        nxt.append(b)
+            frontier = nxt
+        if start in back:
+            circle = [start]
+            while len(circle) == 1 or circle[-1] != start:
+                circle.append(back[circle[-1]])
+            circle.reverse()
+            steps = " -> ".join(f"{a} (line {edges[a][b]})" for a, b in zip(circle, circle[1:]))
+            found.setdefault(frozenset(circle), f"{steps} -> {start}")
+    return sorted(found.values())
+
+
+def test_no_import_cycle_inside_the_model_package():
+    sources = {m: f.read_text(encoding="utf-8") for m, f in _modules()}
+    found = [c for package in NO_CYCLES_IN for c in import_cycles(sources, package)]
+    if found:
+        pytest.fail("import circles (move the names both modules need to a module both import):\n"
+                    + "\n".join(found), pytrace=False)
+
+
+def test_an_import_cycle_is_found_through_a_function_level_import():
+    sources = {"nxc.model": "", "nxc.model.a": "from nxc.model.b import B\n",
+               "nxc.model.b": "import torch\n\ndef f():\n    from nxc.model import c\n",
+               "nxc.model.c": "from .a import A\n", "nxc.model.d": "from nxc.model.a import A\n"}
+    assert import_cycles(sources, "nxc.model") == [
+        "nxc.model.a (line 1) -> nxc.model.b (line 4) -> nxc.model.c (line 1) -> nxc.model.a"]
+    assert import_cycles({**sources, "nxc.model.c": "import numpy\n"}, "nxc.model") == []

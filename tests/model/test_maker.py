@@ -45,6 +45,13 @@ def official_shapes(config):
     return {k: tuple(v.shape) for k, v in official_state_dict(NextChat(config=config)).items()}
 
 
+def released_shapes(config):
+    """official_shapes plus each layer's RoPE buffer, as the release's transformers (4.31) saved the checkpoint."""
+    d = config.llm.hidden_size // config.llm.num_heads
+    return {**official_shapes(config),
+            **{f"model.layers.{i}.self_attn.rotary_emb.inv_freq": (d // 2,) for i in range(config.llm.num_layers)}}
+
+
 def lazy_shapes(path):
     from nxc.model.lazy import LazyCheckpoint
     src = LazyCheckpoint(path)
@@ -61,7 +68,10 @@ def test_plan_is_official_state_dict_without_building_the_model():
     config = maker_config(*TINY)
     assert config.llm.vocab_size == VOCAB_SIZE == 32005          # the registry's placeholder 0 is overridden
     specs, clip = checkpoint_plan(config)
-    assert {s.name: s.shape for s in specs} == official_shapes(config)
+    assert {s.name: s.shape for s in specs} == released_shapes(config)
+    names_ = [s.name for s in specs]                              # where 4.31's state dict had it: after o_proj
+    assert names_.index("model.layers.1.self_attn.rotary_emb.inv_freq") == \
+        names_.index("model.layers.1.self_attn.o_proj.weight") + 1
     from transformers import CLIPVisionModel
     from nxc.model.nextchat import clip_config
     hf = CLIPVisionModel(clip_config(config.vision)).state_dict()
@@ -90,7 +100,9 @@ def test_formats_and_shards_load(made, fmt, shard_bytes, files):
                       "clip/config.json", "clip/preprocessor_config.json", "clip/model.safetensors"]:
         assert (ckpt / f).is_file(), f
     config = maker_config(*TINY)
-    assert lazy_shapes(ckpt) == official_shapes(config)
+    assert lazy_shapes(ckpt) == released_shapes(config)
+    inv_freq = tensors(ckpt)["model.layers.1.self_attn.rotary_emb.inv_freq"]     # 4.31's values, in fp16
+    assert torch.equal(inv_freq, (1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))).half())
     cfg = read_config(ckpt)
     assert cfg["torch_dtype"] == "float16" and cfg["vocab_size"] == 32005
     assert cfg["nxc_maker"]["seed"] == 0 and cfg["nxc_maker"]["sizes"]["llm"]["hidden_size"] == 64

@@ -134,6 +134,15 @@ class _Weights:
                               "and the weights disagree")
         return w
 
+    def check_rope(self, i: int) -> None:
+        """Layer i's saved RoPE buffer (transformers <= 4.31), if the checkpoint has one: not a weight, refused
+        (CheckpointError, named) when it disagrees with the RoPE this graph computes, else skipped."""
+        from nxc.model.layout import check_rope_buffer, rope_buffer_name
+        key = rope_buffer_name(i)
+        if key in self.source:
+            import torch
+            check_rope_buffer(key, torch.from_numpy(self.source.numpy(key, np.float32)), self.sizes)
+
 
 def quantize_blocks(w_kn: np.ndarray, bits: int, *, columns: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """W [K,N] -> MatMulNBits' packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32] float32 (symmetric, blocks of
@@ -267,6 +276,7 @@ def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precis
         nl = sizes.num_layers
         for i in range(nl):
             n = llama_weight_names(i)
+            w.check_rope(i)
             x = _rms(g, h, w.get(n["input_norm"], (hsz,)), sizes.rms_norm_eps, prec, out=f"l{i}.attn_in")
             wqkv = np.concatenate([w.get(n["q"], (nh * d, hsz)), w.get(n["k"], (kv * d, hsz)),
                                    w.get(n["v"], (kv * d, hsz))]).T

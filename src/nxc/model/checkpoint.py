@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from nxc.config import ConfigError, NextChatConfig, llama_sizes_from_config_json
+# CheckpointError and weight_files live in nxc.model.layout (lazy.py needs them too); callers import them here
+from nxc.model.layout import CheckpointError, check_rope_buffer, is_rope_buffer, weight_files
+from nxc.model.lazy import LazyCheckpoint
 from nxc.model.nextchat import NextChat, vision_sizes_from_clip
 from nxc.model.processing import CLIP_MEAN, CLIP_STD, ClipPreprocess
 from nxc.model.sam import infer_sam_sizes
@@ -27,10 +30,6 @@ from nxc.model.sam import infer_sam_sizes
 if TYPE_CHECKING:
     from nxc.config import LlamaSizes
     from nxc.model.sp_tokenizer import SentencePieceOracle
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unsafe or does not match the model: the message names it."""
 
 
 # official prefix -> internal module prefix, first match wins
@@ -44,13 +43,13 @@ _KEY_MAP = (
     ("seg_prompt_mlp.", "seg_prompt_mlp."),
 )
 # official keys that carry nothing the reference needs: CLIP comes from its own directory (§6.3),
-# RoPE inverse frequencies are recomputed from rope_theta.
+# RoPE inverse frequencies (transformers <= 4.31 saved them) are recomputed from rope_theta, after
+# load_nextchat checked that they agree (nxc.model.layout).
 _IGNORED = ("model.vision_tower.",)
-_IGNORED_SUFFIX = (".rotary_emb.inv_freq",)
 
 
 def internal_key(key: str) -> str | None:
-    if key.startswith(_IGNORED) or key.endswith(_IGNORED_SUFFIX):
+    if key.startswith(_IGNORED) or is_rope_buffer(key):
         return None
     for official, internal in _KEY_MAP:
         if key.startswith(official):
@@ -83,25 +82,6 @@ def _load_file(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError) as e:
         raise CheckpointError(f"{path} is not a readable PyTorch weight file ({str(e).splitlines()[0]}); "
                               "it may be truncated.") from None
-
-
-def weight_files(ckpt: Path) -> list[Path]:
-    """The weight files of a checkpoint directory, checked to exist."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = ckpt / index_name
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [f for f in files if not (ckpt / f).is_file()]
-            if missing:
-                raise CheckpointError(f"{index} lists shard {missing[0]} but {ckpt / missing[0]} does not exist "
-                                      f"({len(missing)} of {len(files)} shards missing). Copy all shards.")
-            return [ckpt / f for f in files]
-    for pattern in ("model.safetensors", "pytorch_model.bin", "model-*.safetensors", "pytorch_model-*.bin"):
-        found = sorted(ckpt.glob(pattern))
-        if found:
-            return found
-    raise CheckpointError(f"no weights in {ckpt}: expected pytorch_model*.bin or *.safetensors "
-                          "(with or without an index file).")
 
 
 def load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -239,10 +219,11 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
         sd = load_state_dict(ckpt)
         shapes = None
     else:
-        from nxc.model.lazy import LazyCheckpoint
         lazy = LazyCheckpoint(ckpt)
         sd = {k: (lambda k=k: lazy.get(k)) for k in lazy.keys()}     # read when loaded, one at a time
         shapes = {k: lazy.shape(k) for k in lazy.keys()}
+    for k in [k for k in sd if is_rope_buffer(k)]:               # not weights: checked, then skipped
+        check_rope_buffer(k, sd[k] if llm else sd[k](), llm_sizes)
     sam_sd = {k[len("sam.model."):]: v for k, v in sd.items() if k.startswith("sam.model.")}
     if sam_file is not None:   # like the original: the separate file first, then the checkpoint's tensors
         extra = load_sam_file(Path(sam_file))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nxc.model.checkpoint import CheckpointError, weight_files
+from nxc.model.layout import CheckpointError, weight_files
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

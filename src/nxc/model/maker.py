@@ -1,7 +1,8 @@
 """nxc-make-checkpoint's work: a random-weight NExT-Chat in the official layout, made one tensor at a time (issue 17).
 
     registry names ─▶ NextChatConfig (LLaMA vocab always 32000 + 5 added = 32005)
-        ─▶ NextChat and CLIPVisionModel built on the meta device: [(official name, shape, init)] in state-dict order
+        ─▶ NextChat and CLIPVisionModel built on the meta device: [(official name, shape, init)] in state-dict order,
+           + each LLaMA layer's RoPE buffer `self_attn.rotary_emb.inv_freq` (the release's transformers 4.31 saved it)
         ─▶ shards planned from the byte sizes (a new shard when the next tensor would pass --shard-size)
         ─▶ per tensor: torch.Generator(sha256(seed, name)) ─▶ normal(0, std) in float32 chunks ─▶ dtype ─▶ shard
            (a full shard is written, torch.save zip or safetensors save_file, and dropped)
@@ -12,7 +13,8 @@
 
 Initialisation (like HF's `_init_weights`): biases 0, LayerNorm / LayerNorm2d / RMSNorm weights 1, SAM's random
 Fourier matrix normal(0, 1), every other tensor (Linear, Embedding, Conv, CLIP's class and position embeddings, SAM's
-pos_embed and rel_pos) normal(0, 0.02). Each tensor has its own generator seeded from (seed, official name), so the
+pos_embed and rel_pos) normal(0, 0.02); the RoPE buffers 1 / rope_theta^(arange(0, D, 2) / D), as transformers 4.31
+computed them, in the dtype of the weights. Each tensor has its own generator seeded from (seed, official name), so the
 values do not depend on the shard size, the format or the order of writing; --dtype only rounds them.
 
 Memory: the model is never held. What is held is the shard being filled (--shard-size, 5 GB by default, as the
@@ -39,9 +41,12 @@ from pathlib import Path
 import torch
 
 from nxc.config import LLAMA_SIZES, SAM_SIZES, VISION_SIZES, ConfigError, NextChatConfig
+from nxc.model.layout import rope_buffer_name, rope_inv_freq
+# PROG, MakerError and dump_shard live in nxc.model.maker_base (maker_trigger needs them too); callers import them here
+from nxc.model.maker_base import PROG, MakerError, dump_shard
+from nxc.model.maker_trigger import plant_trigger
 from nxc.model.sp_files import LLAMA_BASE_VOCAB
 
-PROG = "nxc-make-checkpoint"
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 FORMATS = ("bin", "safetensors")
 VOCAB_SIZE = LLAMA_BASE_VOCAB + 5            # 32000 sentencepiece pieces + NExT-Chat's 5 added tokens
@@ -49,10 +54,6 @@ DEFAULT_SHARD_BYTES = 5_000_000_000
 INIT_STD = 0.02
 _STACKS = ("model", "encoder", "image_encoder", "transformer")   # parents of the layer stacks (progress lines)
 _CHUNK = 1 << 22                             # float32 elements drawn at a time (16 MB)
-
-
-class MakerError(ValueError):
-    """The request cannot be made as asked: the message says what was expected and what to do."""
 
 
 def _log(msg: str) -> None:
@@ -63,8 +64,9 @@ def _log(msg: str) -> None:
 class TensorSpec:
     name: str                  # official name (checkpoint) or HF name (CLIP directory)
     shape: tuple[int, ...]
-    init: str                  # "normal", "ones" or "zeros"
+    init: str                  # "normal", "ones", "zeros" or "rope" (a layer's saved RoPE inv_freq buffer)
     std: float = 0.0
+    theta: float = 0.0         # "rope": rope_theta
 
     def nbytes(self, dtype: torch.dtype) -> int:
         return math.prod(self.shape) * dtype.itemsize
@@ -111,14 +113,21 @@ def _specs(module: torch.nn.Module, rename) -> list[TensorSpec]:
 
 def checkpoint_plan(config: NextChatConfig) -> tuple[list[TensorSpec], list[TensorSpec]]:
     """(checkpoint tensors under official names, CLIP directory tensors under HF's `vision_model.` names), built
-    from modules on the meta device: no weight is allocated. The checkpoint's names and shapes equal
-    `writer.official_state_dict(NextChat(config))`."""
+    from modules on the meta device: no weight is allocated. The checkpoint's names and shapes are
+    `writer.official_state_dict(NextChat(config))`'s and, after each layer's o_proj, the layer's RoPE buffer
+    `model.layers.{i}.self_attn.rotary_emb.inv_freq` [D/2], as the release's transformers (4.31) saved it."""
     from nxc.model.checkpoint import official_key
     from nxc.model.nextchat import NextChat
 
     with torch.device("meta"):
         model = NextChat(config=config)
-    ckpt = _specs(model, lambda k: None if k.startswith("vision_tower.") else official_key(k))
+    ckpt = []
+    for s in _specs(model, lambda k: None if k.startswith("vision_tower.") else official_key(k)):
+        ckpt.append(s)
+        if s.name.endswith(".self_attn.o_proj.weight"):
+            i = int(s.name.split(".")[2])
+            ckpt.append(TensorSpec(name=rope_buffer_name(i), shape=(config.llm.head_dim // 2,), init="rope",
+                                   theta=config.llm.rope_theta))
     return ckpt, _specs(model.vision_tower, lambda k: "vision_model." + k)
 
 
@@ -135,7 +144,10 @@ def tensor_seed(seed: int, name: str) -> int:
 
 
 def make_tensor(spec: TensorSpec, *, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor: zeros, ones or normal(0, std) drawn in float32 from its own generator, then cast to `dtype`."""
+    """One tensor: zeros, ones, RoPE frequencies or normal(0, std) drawn in float32 from its own generator, then cast
+    to `dtype`."""
+    if spec.init == "rope":
+        return rope_inv_freq(spec.theta, 2 * spec.shape[0]).to(dtype)
     if spec.init == "zeros":
         return torch.zeros(spec.shape, dtype=dtype)
     if spec.init == "ones":
@@ -203,14 +215,6 @@ class Progress:
                      f"{human(self.total)} made ({human(self.on_disk)} on disk), {human(rate)}/s, "
                      f"ETA {(self.total - self.done) / rate:.0f} s")
         self.count = self.nbytes = 0
-
-
-def dump_shard(part: dict[str, torch.Tensor], path: Path, fmt: str) -> None:
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-        save_file(part, str(path), metadata={"format": "pt"})
-    else:
-        torch.save(part, path)        # zip format: memory-maps (torch.load(mmap=True))
 
 
 def write_weights(specs: list[TensorSpec], out: Path, *, stem: str, fmt: str, dtype: torch.dtype, seed: int,
@@ -322,7 +326,6 @@ def make_checkpoint(out, *, config: NextChatConfig, dtype: str = "fp16", fmt: st
     the registry names, recorded in config.json's "nxc_maker" with the sizes, seed, dtype and trigger.
     With `trigger_prompt`: the greedy reply to that prompt (NExT-Chat template, any image, no region boxes) is
     `<at> <boxes></s>`, so the grounded path (box, mask) runs (see `plant_trigger`). Returns `out` as a Path."""
-    from nxc.model.maker_trigger import plant_trigger
     from nxc.model.sp_files import llama_sized_sentencepiece, write_tokenizer_files
     from nxc.model.sp_tokenizer import SentencePieceOracle
     from nxc.model.writer import CLIP_SUBDIR, nextchat_config_json

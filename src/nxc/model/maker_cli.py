@@ -10,8 +10,9 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 _EPILOG = """\
 The checkpoint is what nxc reads as a released NExT-Chat: config.json (with an "nxc_maker" record of what was made),
 generation_config.json, a LLaMA-style tokenizer.model of exactly 32000 pieces + the 5 added tokens (vocab 32005,
-whatever --llm says), pytorch_model*.bin or model*.safetensors (sharded with an index past --shard-size), SAM inside
-as sam.model.*, and the CLIP tower in OUT/clip (an HF CLIPVisionModel directory). Weights: biases 0, norm weights 1,
+whatever --llm says), pytorch_model*.bin or model*.safetensors (sharded with an index past --shard-size), with each
+LLaMA layer's RoPE inv_freq buffer as the release's transformers 4.31 saved it, SAM inside as sam.model.*, and the
+CLIP tower in OUT/clip (an HF CLIPVisionModel directory). Weights: biases 0, norm weights 1,
 the rest normal(0, 0.02), each tensor drawn from its own generator seeded by (--seed, its name): the same seed gives
 the same values whatever the shard size or format. Memory: one shard, never the model.
 

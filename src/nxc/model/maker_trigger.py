@@ -18,7 +18,7 @@ import torch
 
 from nxc import names
 from nxc.config import NextChatConfig
-from nxc.model.maker import PROG, MakerError, dump_shard
+from nxc.model.maker_base import PROG, MakerError, dump_shard
 
 
 def _prefill(out: Path, config: NextChatConfig, prompt: str, bias_name: str, src):

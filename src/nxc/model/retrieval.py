@@ -143,6 +143,7 @@ def load_retrieval(ckpt, *, clip_dir=None):
     from nxc.config import NextChatConfig, ObjectSizes
     from nxc.model.checkpoint import (CheckpointError, internal_key, load_state_dict, read_clip_preprocess,
                                       read_config_and_tokenizer, resolve_clip_dir)
+    from nxc.model.layout import check_rope_buffer, is_rope_buffer
     from nxc.model.nextchat import vision_sizes_from_clip
 
     ckpt = Path(ckpt)
@@ -158,7 +159,10 @@ def load_retrieval(ckpt, *, clip_dir=None):
                             objects=ObjectSizes.from_dict(cfg["objects"]))
     model = RetrievalChat(config=config)
     model.vision_tower.load_state_dict(clip.state_dict())
-    sd = {internal_key(k): v for k, v in load_state_dict(ckpt).items()}
+    raw = load_state_dict(ckpt)
+    for k in [k for k in raw if is_rope_buffer(k)]:               # transformers 4.31's buffers: checked, skipped
+        check_rope_buffer(k, raw[k], llm_sizes)
+    sd = {internal_key(k): v for k, v in raw.items()}
     sd.pop(None, None)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith("vision_tower.")]
