@@ -2,6 +2,7 @@
 torch traces from LlmGraph, at every precision, through ONNX Runtime and through the runtime's greedy decoding; its
 piecewise parity check passes on correct weights and refuses each planted mapping mistake."""
 import json
+import re
 import shutil
 
 import numpy as np
@@ -180,6 +181,10 @@ def _plant(monkeypatch, mistake, ckpt, other):
     if mistake == "swapped q/k":
         monkeypatch.setattr(llm_writer, "llama_weight_names",
                             lambda i: {**names(i), "q": names(i)["k"], "k": names(i)["q"]} if i == 3 else names(i))
+    elif mistake == "swapped gate/up":
+        monkeypatch.setattr(llm_writer, "llama_weight_names",                # layer 1's MLP: silu(up) * gate
+                            lambda i: {**names(i), "gate": names(i)["up"], "up": names(i)["gate"]} if i == 1
+                            else names(i))
     elif mistake == "layers out of order":
         monkeypatch.setattr(llm_writer, "llama_weight_names", lambda i: names({2: 3, 3: 2}.get(i, i)))
     elif mistake == "transposed matrix":
@@ -195,19 +200,33 @@ def _plant(monkeypatch, mistake, ckpt, other):
                             if self.path == ckpt and self.shard_of(k).name == last else real(self, k))
 
 
-MISTAKES = ("swapped q/k", "layers out of order", "transposed matrix", "wrong shard")
+MISTAKES = ("swapped q/k", "swapped gate/up", "layers out of order", "transposed matrix", "wrong shard")
 
 
-def test_mha_checkpoint_exports_cleanly(mha_ckpt, tmp_path):
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_mha_checkpoint_exports_cleanly(mha_ckpt, tmp_path, precision):
+    """A correct build passes, every layer's K, V, output and both branches compared, far inside the tolerance
+    (int8 / int4 too: their pieces run the build's blocks in float arithmetic)."""
+    from nxc.export.llm_check import TOLERANCE
     a, _ = mha_ckpt
-    for precision in ("fp32", "int4"):
-        out = export_build(a, tmp_path / precision, options=ExportOptions(precision=precision, graphs=("llm",)))
-        parity = json.loads((out / "reports" / "parity.json").read_text())["llm"]
-        assert parity["ok"] and [c["run"] for c in parity["checks"]] == ["prefill", "decode"]
-        assert len(parity["checks"][0]["rel_l2"]) == 2 + 2 * 4 + 3               # logits, hidden, every K, V, h
+    out = export_build(a, tmp_path / precision, options=ExportOptions(precision=precision, graphs=("llm",)))
+    parity = json.loads((out / "reports" / "parity.json").read_text())["llm"]
+    assert parity["ok"] and [c["run"] for c in parity["checks"]] == ["prefill", "decode"]
+    for c in parity["checks"]:
+        assert len(c["rel_l2"]) == 2 + 2 * 4 + 3                                 # logits, hidden, every K, V, h
+        assert sorted(c["branch_rel_l2"]) == sorted(f"layer {i} {b} output" for i in range(4)
+                                                    for b in ("attention", "mlp"))
+        assert max(*c["rel_l2"].values(), *c["branch_rel_l2"].values()) < TOLERANCE[precision] / 10
 
 
-@pytest.mark.parametrize("precision", ("fp32", "int4"))
+# the layer (and what in it) each planted mistake must be refused for: the worst output the refusal names
+WHERE = {"swapped q/k": r"'present\.3\.key'", "swapped gate/up": r"'layer 1 mlp output'",
+         "layers out of order": r"'(present\.[23]\.(key|value)|h\.[34]|layer [23] (attention|mlp) output)'",
+         "transposed matrix": r"'layer 2 attention output'",              # the layer whose o_proj was planted
+         "wrong shard": r"'"}
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("mistake", MISTAKES)
 def test_planted_mapping_mistake_is_refused(mha_ckpt, tmp_path, monkeypatch, capsys, mistake, precision):
     a, b = mha_ckpt
@@ -215,7 +234,32 @@ def test_planted_mapping_mistake_is_refused(mha_ckpt, tmp_path, monkeypatch, cap
     with pytest.raises(ExportError, match="does not match transformers' LLaMA layers") as e:
         export_build(a, tmp_path / "out", options=ExportOptions(precision=precision, graphs=("llm",)))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.partial-*"))
-    where = {"swapped q/k": "'present.3.key'", "layers out of order": "'present.2.key'",
-             "transposed matrix": "'h.3'",                   # layer 2's output: the layer whose o_proj was planted
-             "wrong shard": "'"}[mistake]
-    assert where in str(e.value), str(e.value)
+    assert re.search(WHERE[mistake], str(e.value)) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_a_broken_branch_shows_under_a_large_residual_stream(embedded, tmp_path, precision):
+    """Embeddings 1000x the tiny model's (as a 7B's few huge residual values make its stream far larger than what a
+    layer adds): a correct build passes at every precision, and one layer's gate and up swapped is refused by that
+    layer's MLP output, where its whole output (h.2) moves by less than the fp16 tolerance."""
+    import copy
+
+    from nxc.export.llm_check import TOLERANCE
+    model, _ = embedded
+    llm = copy.deepcopy(model.llm)
+    with torch.no_grad():
+        llm.model.embed_tokens.weight.mul_(1000)
+    spec = graph_specs(model.config, kv_dtype="float16" if precision == "fp16" else "float32")["llm"]
+    kv = np.float16 if precision == "fp16" else np.float32
+    swapped = ModelWeights(llm)
+    gate, up = "model.layers.1.mlp.gate_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    swapped._sd[gate], swapped._sd[up] = swapped._sd[up], swapped._sd[gate]
+    for weights, ok in ((ModelWeights(llm), True), (swapped, False)):
+        write_llm_graph(weights, model.config.llm, tmp_path / "llm.onnx", spec, precision=precision)
+        report = check_llm(tmp_path / "llm.onnx", ReferenceWeights.from_module(llm, precision=precision),
+                           model.config.llm, precision=precision, kv_dtype=kv)
+        assert report["ok"] is ok, report
+        if not ok:
+            for c in report["checks"]:
+                assert c["worst"] == "layer 1 mlp output" and c["worst_rel_l2"] > 0.3, c
+                assert c["rel_l2"]["h.2"] < 1e-2                      # the whole hidden alone would not show it
