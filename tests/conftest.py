@@ -137,3 +137,81 @@ def retrieval_build(tmp_path_factory):
 def retrieval_pipe(retrieval_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(retrieval_build)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator(tmp_path_factory):
+    """A tiny random generator in diffusers' layout (nxc.model.generator.make_tiny_generator, seed 0: UNet and VAE
+    of blocks 32/64, latents [4, 8, 8], pixels 16 x 16, a CLIP text encoder of width 32). Read-only."""
+    require_export_extra("the tiny generator")
+    from nxc.model.generator import make_tiny_generator
+    return make_tiny_generator(tmp_path_factory.mktemp("generator") / "sd-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_generator_fp32(tiny_generator, tmp_path_factory):
+    """(folder, GeneratorExport) of the tiny generator exported fp32 (with its parity check) into a folder."""
+    from nxc.export.generator import export_generator
+    out = tmp_path_factory.mktemp("generator-fp32")
+    return out, export_generator(tiny_generator, out, precision="fp32", log=lambda _m: None)
+
+
+def _signals(tokenizer) -> list[str]:
+    """Four ordinary pieces of the vocabulary, late ids (rarely said by the shapes model)."""
+    import json
+    vocab = json.loads(tokenizer.read_text())["model"]["vocab"]
+    pieces = sorted(((i, p) for p, i in vocab.items() if p.isalpha() and len(p) > 3), reverse=True)
+    return [p for _, p in pieces[:4]]
+
+
+@pytest.fixture(scope="session")
+def drawing_build(embedded_build, tmp_path_factory):
+    """(build, signal tokens, projector module, generator folder): the embedded NExT-Chat build given four of its
+    vocabulary's pieces as signal tokens (a "signal" head), NExT-GPT's output projector (tiny, random, torch seed 0)
+    and a tiny random diffusers generator (seed 3), each exported by nxc's own exporters; axes.batch [1, 1, 2]."""
+    require_export_extra("a drawing build (NExT-GPT's projector and a diffusers generator)")
+    import json
+    import shutil
+
+    import torch
+    from nxc.config import ProjectorSizes
+    from nxc.export.generator import export_generator
+    from nxc.export.projector import export_projector
+    from nxc.manifest import sha256_file
+    from nxc.model.generator import make_tiny_generator
+    from nxc.model.nextgpt_projector import OutputProjector
+
+    root = tmp_path_factory.mktemp("drawing")
+    build = root / "build"
+    shutil.copytree(embedded_build, build)
+    folder = make_tiny_generator(root / "generator", seed=3, text_encoder=False)
+    gen = export_generator(folder, build, default_steps=20, default_guidance=3.0, log=lambda m: None)
+    m = json.loads((build / "manifest.json").read_text())
+    sizes = ProjectorSizes(llm_hidden=m["config"]["llm"]["hidden_size"], d_model=32, nhead=4, encoder_layers=1,
+                           decoder_layers=1, dim_feedforward=64, num_queries=gen.entry["sizes"]["context_length"],
+                           out_dim=gen.entry["sizes"]["cross_attention_dim"], num_signal_tokens=4)
+    torch.manual_seed(0)
+    projector = OutputProjector(sizes).eval()
+    record = export_projector(projector, sizes, build, log=lambda m: None)
+    graphs = {**gen.graphs, "projector": record}
+    signals = _signals(build / m["tokenizer"]["file"])
+    vocab = json.loads((build / m["tokenizer"]["file"]).read_text())["model"]["vocab"]
+    m["tokens"].update({s: vocab[s] for s in signals})
+    m["heads"].append({"kind": "signal", "signals": signals, "graph": "projector",
+                       "inputs": {"hidden": "hidden", "embeds": "signal_embeds"}, "collect": ["conditioning"],
+                       "finish": "generate"})
+    m["generator"] = gen.entry
+    m["axes"]["batch"] = [1, 1, 2]                    # the denoiser's [unconditional, conditional] rows
+    for name, rec in graphs.items():
+        m["graphs"][name] = {k: v for k, v in rec.items() if k not in ("parity", "accuracy")}
+    for rel in ["uncond.npy"] + [r["file"] for r in graphs.values()] + [
+            f"graphs/{x}" for r in graphs.values() for x in r.get("external_data", [])]:
+        m["files"][rel] = {"sha256": sha256_file(build / rel), "bytes": (build / rel).stat().st_size}
+    (build / "manifest.json").write_text(json.dumps(m, indent=1))
+    return build, signals, projector, folder
+
+
+@pytest.fixture(scope="session")
+def drawing_pipe(drawing_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(drawing_build[0])

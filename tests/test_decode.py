@@ -70,3 +70,52 @@ def test_assemble_prefill_places_image_and_slot_rows():
     with pytest.raises(PromptError, match="image span at position 1"):
         assemble_prefill([1, 5, 3, 4], rows[:4], image_span=(5, 6, 2), image_features=lambda: feats, slot=4,
                          num_slot_values=1, slot_rows=lambda ks: np.zeros((1, 2)))
+
+
+# ---- signal tokens: a chain of emitted tokens whose hiddens are read, the last head emitting None -------------------
+SIGNALS = (4, 5, 6)             # 4 is sampled; 5 and 6 are emitted after it; 6's head only reads its hidden
+
+
+def run_signals(seed: int, max_new: int, *, first_pick: int | None = None):
+    rng = np.random.default_rng(seed)
+    fed_log = []
+
+    def step(token, x):
+        fed_log.append(token)
+        return rng.standard_normal(V), f"h-after-{token}-{len(fed_log)}"
+
+    def head(k):
+        nxt = SIGNALS[k + 1] if k + 1 < len(SIGNALS) else None
+        return lambda hiddens: [(nxt, None, ("signal", k, h)) for h in hiddens]
+
+    def pick(lg, n):
+        if first_pick is not None and n == 0:
+            return first_pick
+        return int(np.argmax(np.where(np.isin(np.arange(V), SIGNALS[1:]), -np.inf, lg)))
+
+    out = list(decode_loop(logits=rng.standard_normal(V), hidden="h0", fed=0, step=step, pick=pick,
+                           heads={t: head(k) for k, t in enumerate(SIGNALS)}, max_new=max_new, eos=EOS))
+    return out, fed_log
+
+
+def test_a_signal_chain_reads_each_signal_tokens_hidden_and_sampling_goes_on():
+    out, fed = run_signals(0, max_new=12, first_pick=4)
+    tokens = [t for t, _ in out]
+    assert tokens[:3] == [4, 5, 6]
+    found = [f for _, f in out if f is not None]
+    assert [f[1] for f in found] == [0, 1, 2]
+    # each signal's hidden is the one the step that fed it returned
+    assert [f[2] for f in found] == [f"h-after-{t}-{i + 1}" for i, t in enumerate((4, 5, 6))]
+    # the last signal's head emitted nothing: the token after it was picked, and carries what the head read
+    assert out[3][1] == found[2] and out[3][0] not in SIGNALS and out[3][0] is not None
+
+
+@pytest.mark.parametrize("max_new", [1, 2, 3])
+def test_a_signal_chain_cut_by_the_limit_still_delivers_the_last_hidden(max_new):
+    """Emitted signal tokens are a trigger's tokens (they come even at the limit); after the last one only its
+    hidden is read: at the limit the loop ends with (None, found), no token made up."""
+    out, fed = run_signals(0, max_new=max_new, first_pick=4)
+    tokens = [t for t, _ in out]
+    assert tokens == [4, 5, 6, None]
+    assert [f[1] for _, f in out if f is not None] == [0, 1, 2]
+    assert fed == [4, 5, 6]

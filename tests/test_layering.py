@@ -9,8 +9,10 @@ A ◀── B: B may import A, and A never imports B.
        calib ◀─────────────── export
 
 and nxc.model never imports nxc.serve or nxc.triton either; nxc.doctor runs on the device beside the runtime and
-keeps the runtime's rules. Inside nxc.model no two modules import each other, directly or around a longer circle
-(a function-level import that only dodges the circle still counts): a name both need lives in a module both import.
+keeps the runtime's rules; nxc.diffusion, the generator's sampler that the reference and the runtime share, keeps
+the contracts' and imports no torch, transformers, onnx or diffusers either. Inside nxc.model no two modules import
+each other, directly or around a longer circle (a function-level import that only dodges the circle still counts):
+a name both need lives in a module both import.
 """
 import ast
 from pathlib import Path
@@ -25,8 +27,11 @@ FORBIDDEN = {
     "nxc.calib": ("nxc.export",),
     "nxc.runtime": ("nxc.model", "nxc.export", "nxc.calib", "nxc.shapes", "torch", "transformers", "onnx"),
     "nxc.doctor": ("nxc.model", "nxc.export", "nxc.calib", "nxc.shapes", "torch", "transformers", "onnx"),
+    # the generator's sampler, shared by the torch reference and the runtime: numpy and the contracts only
+    "nxc.diffusion": (*CONTRACT_FORBIDS, "nxc.shapes", "torch", "transformers", "onnx", "diffusers"),
     **{m: CONTRACT_FORBIDS for m in ("nxc.prompt", "nxc.tokens", "nxc.names", "nxc.config", "nxc.specs",
-                                     "nxc.manifest", "nxc.manifest_types", "nxc.jsonfield")},
+                                     "nxc.manifest", "nxc.manifest_types", "nxc.manifest_generator",
+                                     "nxc.jsonfield")},
 }
 
 
@@ -96,6 +101,7 @@ def test_every_rule_names_an_existing_module():
     ("nxc.calib.build", "from nxc.export.exporter import EXTERNAL_DATA_BYTES\n",
      "x.py:1: `from nxc.export.exporter import EXTERNAL_DATA_BYTES` imports nxc.export.exporter"),
     ("nxc.calib.build", "from nxc import export\n", "x.py:1: `from nxc import export` imports nxc.export,"),
+    ("nxc.diffusion.loop", "import diffusers.schedulers\n", "x.py:1: `import diffusers.schedulers` imports diffusers"),
     ("nxc.model.sam", "from ..runtime import images\n", "x.py:1: `from ..runtime import images` imports nxc.runtime,"),
     ("nxc.manifest", "import importlib\nimportlib.import_module('nxc.model.sam')\n",
      "x.py:2: `importlib.import_module('nxc.model.sam')` imports nxc.model.sam"),

@@ -113,6 +113,37 @@ class ObjectSizes:
         return cls(**{**d, "channels": tuple(d["channels"])})
 
 
+@dataclass(frozen=True)
+class GeneratorSizes:
+    """A latent diffusion generator's sizes (diffusers' UNet2DConditionModel + AutoencoderKL, read by
+    nxc.model.generator; a build's manifest "generator.sizes"). The denoiser works on latents
+    [latent_channels, latent_height, latent_width] conditioned on [context_length, cross_attention_dim] rows (SD-1.5:
+    the text encoder's 77 x 768); the decoder makes pixels [3, image_height, image_width], each side
+    vae_scale_factor x the latent's, from raw latents divided by scaling_factor inside the graph."""
+    latent_channels: int
+    latent_height: int
+    latent_width: int
+    vae_scale_factor: int
+    scaling_factor: float
+    context_length: int
+    cross_attention_dim: int
+
+    @property
+    def image_height(self) -> int:
+        return self.latent_height * self.vae_scale_factor
+
+    @property
+    def image_width(self) -> int:
+        return self.latent_width * self.vae_scale_factor
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GeneratorSizes":
+        return cls(**d)
+
+
 GROUNDING_FAMILIES = ("regression", "retrieval")
 
 
@@ -221,4 +252,38 @@ LLAMA_SIZES = {
     # vocab_size is set from the tokenizer when a tiny checkpoint is made.
     "tiny": LlamaSizes(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                        vocab_size=0, max_position_embeddings=512),
+}
+
+
+@dataclass(frozen=True)
+class ProjectorSizes:
+    """NExT-GPT's output projector (`TextFcLayer`, mode "transformer"; nxc.model.nextgpt_projector): the N signal
+    tokens' LLM hiddens [B,N,llm_hidden] -> Linear -> nn.Transformer(d_model) with num_queries learned queries ->
+    Linear -> conditioning [B,num_queries,out_dim] (out_dim: the generator's cross-attention width)."""
+    llm_hidden: int
+    d_model: int
+    nhead: int
+    encoder_layers: int
+    decoder_layers: int
+    dim_feedforward: int
+    num_queries: int
+    out_dim: int
+    num_signal_tokens: int = 4
+
+
+PROJECTOR_SIZES = {
+    # NExT-GPT's image projector: Vicuna-7B hiddens -> SD-1.5's 77 x 768 prompt embeddings (about 32 M parameters)
+    "nextgpt": ProjectorSizes(llm_hidden=4096, d_model=512, nhead=4, encoder_layers=4, decoder_layers=4,
+                              dim_feedforward=2048, num_queries=77, out_dim=768),
+    "tiny": ProjectorSizes(llm_hidden=64, d_model=32, nhead=4, encoder_layers=1, decoder_layers=1,
+                           dim_feedforward=64, num_queries=77, out_dim=32),
+}
+
+GENERATOR_SIZES = {
+    # Stable Diffusion 1.5 at 512 x 512: latents [4, 64, 64], CLIP ViT-L/14 text rows [77, 768]
+    "sd-1.5": GeneratorSizes(latent_channels=4, latent_height=64, latent_width=64, vae_scale_factor=8,
+                             scaling_factor=0.18215, context_length=77, cross_attention_dim=768),
+    # nxc.model.generator.make_tiny_generator's defaults: 16 x 16 pixels
+    "tiny": GeneratorSizes(latent_channels=4, latent_height=8, latent_width=8, vae_scale_factor=2,
+                           scaling_factor=0.18215, context_length=77, cross_attention_dim=32),
 }

@@ -5,6 +5,8 @@
 
     fed token is a head's trigger? ──yes──▶ head(hidden) ─▶ (emitted token, next input, what it found)
               │ no                                          e.g. <at> ─▶ loc heads ─▶ <boxes>, feedback embed, box
+              │                                             a head that emits None only read the hidden (a signal
+              │                                             token, [IMG3]): the row then picks as usual
               ▼
     pick(logits) ─▶ token; next input = its embedding row   (stop: eos, max_new tokens, no room in the context)
               ▼
@@ -83,7 +85,9 @@ def choose(rows: Sequence[Row], *, heads: Mapping[int, Callable], eos: int) -> l
     batch 1 (decode_loop) and batch B (nxc.runtime.batch, beam search):
 
       fed token is a head's trigger? ──yes──▶ heads[trigger]([hidden of each such row]) ─▶ (emitted token,
-              │ no                                next input, found) per row: one call for all of them
+              │ no                                next input, found) per row: one call for all of them; an
+              │                                   emitted None: the row picks (or ends at its limit) and what the
+              │                                   head found goes with that token (a Choice of token None at the end)
               ▼
       context full or max_new reached? ──yes──▶ ended, no token
               │ no
@@ -105,10 +109,19 @@ def choose(rows: Sequence[Row], *, heads: Mapping[int, Callable], eos: int) -> l
             chosen[i] = Choice(r, r.pick(r.logits, r.n), None, None)
     for trigger, idx in by_head.items():
         for i, (token, x, found) in zip(idx, heads[trigger]([rows[i].hidden for i in idx])):
-            chosen[i] = Choice(rows[i], token, x, found)
+            r = rows[i]
+            if token is not None:
+                chosen[i] = Choice(r, token, x, found)
+            elif r.n >= r.max_new or (r.room is not None and r.room() == 0):
+                r.ended = True       # a head that only read the hidden, at the limit: what it found, no token
+                chosen[i] = Choice(r, None, None, found)
+            else:                    # a head that only read the hidden (a signal token): the row picks as usual
+                chosen[i] = Choice(r, r.pick(r.logits, r.n), None, found)
     out = [chosen[i] for i in sorted(chosen)]
     for c in out:
         r = c.row
+        if c.token is None:
+            continue
         r.n += 1
         if c.token == eos or (r.n >= r.max_new and c.token not in heads) or (r.room is not None and r.room() == 0):
             r.ended = True           # at the limit: no step for a token nobody reads (a trigger needs its hidden)
@@ -130,7 +143,7 @@ def decode_loop(*, logits, hidden, fed: int, step: Callable, pick: Callable[[obj
         if not chosen:
             return
         c = chosen[0]
-        yield c.token, c.found
+        yield c.token, c.found           # token None: the row ended at its limit after a head read its hidden
         if row.ended:
             return
         row.feed(c.token, *step(c.token, c.x))
@@ -187,8 +200,9 @@ def beam_search(*, logits, hidden, fed: int, step: Callable, heads: Mapping[int,
         for trigger, idx in by_head.items():
             for i, out in zip(idx, heads[trigger]([rows[i] for i in idx])):
                 head_out[i] = out
-                logp[i] = -np.inf
-                logp[i, out[0]] = 0.0
+                if out[0] is not None:            # None: the head only read the hidden; the beam goes on as usual
+                    logp[i] = -np.inf
+                    logp[i, out[0]] = 0.0
         acc = (logp + scores[:, None]).reshape(-1)
         k = 2 * nb
         top = np.argsort(-acc, kind="stable")[:k]

@@ -25,8 +25,9 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from nxc import names
-from nxc.config import LlamaSizes, NextChatConfig, ObjectSizes, SamSizes, VisionSizes
+from nxc.config import GeneratorSizes, LlamaSizes, NextChatConfig, ObjectSizes, SamSizes, VisionSizes
 from nxc.jsonfield import Field, shown, too_deep
+from nxc.manifest_generator import check_uncond, parse_generator
 from nxc.manifest_types import (BATCH_ROWS, EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
                                 MAX_DEPTH, PRECISIONS, REQUIRED_TOKENS, SCHEMA, BuildError, EmbeddingsSpec, FileEntry,
                                 Generation, GraphEntry, Head, ImagePreprocess, KVCacheSpec, Manifest, PromptSpec)
@@ -94,6 +95,7 @@ def load_manifest(build: str | Path, *, verify: bool = True) -> Manifest:
         _inside(root, rel)
     if verify:
         verify_files(m)
+    check_uncond(m)                          # the generator's uncond.npy header (a build with a generator)
     return m
 
 
@@ -127,7 +129,8 @@ def _relpath(f: Field, rel: str) -> str:
 
 
 _TOP = ("schema", "nxc_version", "created", "source", "precision", "config", "tokens", "prompt", "preprocess",
-        "generation", "heads", "max_context", "kv_cache", "axes", "embeddings", "tokenizer", "graphs", "files")
+        "generation", "heads", "max_context", "kv_cache", "axes", "embeddings", "tokenizer", "graphs", "files",
+        "generator")
 _GRAPH = ("file", "external_data", "precision", "opset", "inputs", "outputs")
 
 
@@ -151,8 +154,10 @@ def _parse(data, root: Path) -> Manifest:
     files = {rel: _file_entry(top["files"], rel, f) for rel, f in top["files"].items()}
     axes = _axes(top["axes"])
     for g in top["graphs"].object():
-        if g not in names.ALL_GRAPHS:
-            raise top["graphs"].error(f"{g!r} is not a graph nxc exports ({', '.join(names.ALL_GRAPHS)})")
+        if g not in names.ALL_GRAPHS + names.GENERATOR_GRAPHS + (names.GRAPH_PROJECTOR,):
+            raise top["graphs"].error(f"{g!r} is not a graph nxc exports "
+                                      f"({', '.join(names.ALL_GRAPHS + names.GENERATOR_GRAPHS)}, "
+                                      f"{names.GRAPH_PROJECTOR})")
     graphs = {g: _graph(f, g, axes, files) for g, f in top["graphs"].items()}
     heads = tuple(_head(f, tokens, graphs) for f in top["heads"].elements())
     triggers = [h.trigger for h in heads if h.trigger is not None]
@@ -172,7 +177,17 @@ def _parse(data, root: Path) -> Manifest:
         generation=_generation(top["generation"], tokens), heads=heads, max_context=max_context,
         kv_cache=_kv_cache(top["kv_cache"], graphs.get(names.GRAPH_LLM)), axes=MappingProxyType(axes),
         embeddings=_embeddings(top["embeddings"], config, files), tokenizer_file=_listed(tokenizer["file"], files),
-        graphs=MappingProxyType(graphs), files=MappingProxyType(files))
+        graphs=MappingProxyType(graphs), files=MappingProxyType(files),
+        generator=_generator(top, graphs, files, axes))
+
+
+def _generator(top: Field, graphs: Mapping[str, GraphEntry], files: Mapping[str, FileEntry], axes: Mapping):
+    """The optional generator entry (nxc.manifest_generator), or None: builds without one load as before."""
+    f = top.optional("generator")
+    if f is None:
+        return None
+    return parse_generator(f, sizes=_sizes(f["sizes"], GeneratorSizes), graphs=graphs, axes=axes,
+                           uncond_file=_listed(f["uncond_file"], files))
 
 
 def _schema(f: Field) -> None:
@@ -319,6 +334,9 @@ def _head(f: Field, tokens: Mapping[str, int], graphs: Mapping[str, GraphEntry])
         f["inputs"][name]                                    # every input is fed: "missing" if absent
     trigger, feedback, finish, enc_in, enc_out = (f.optional(k) for k in ("trigger", "feedback", "finish",
                                                                           "encode_input", "encode_output"))
+    signals = f.optional("signals")
+    if signals is not None and signals.value:
+        return _signal_head(f, tokens, graph, inputs, outs, trigger, (feedback, enc_in))
     if (enc_in is None) != (enc_out is None):
         raise f.error("encode_input and encode_output come together (a region box in, its input row out)")
     if (trigger is None) != (feedback is None):
@@ -335,6 +353,28 @@ def _head(f: Field, tokens: Mapping[str, int], graphs: Mapping[str, GraphEntry])
                 finish=None if finish is None else finish.text(),
                 encode_input=None if enc_in is None else enc_in.choice(ins, f"an input of graph {graph}"),
                 encode_output=None if enc_out is None else enc_out.choice(outs, f"an output of graph {graph}"))
+
+
+def _signal_head(f: Field, tokens: Mapping[str, int], graph: str, inputs: dict, outs: tuple, trigger,
+                 others: tuple) -> Head:
+    """A head of signal tokens (Head.signals): the first is its trigger, the last its emit; no feedback."""
+    signals = tuple(s.choice(tokens, "a token of tokens") for s in f["signals"].elements())
+    if len(signals) < 2 or len(set(signals)) != len(signals):
+        raise f["signals"].error(f"{list(signals)}: a head's signal tokens are two or more distinct tokens")
+    if any(o is not None for o in others):
+        raise f.error("a head with signals has no feedback or encode_input (its first signal fires it, each next "
+                      "input is the next signal's embedding row)")
+    if trigger is not None and trigger.value != signals[0]:
+        raise trigger.error(f"{trigger.value!r}, but a head with signals is fired by its first, {signals[0]!r}")
+    emit = f.optional("emit")
+    if emit is not None and emit.value != signals[-1]:
+        raise emit.error(f"{emit.value!r}, but a head with signals emits its last, {signals[-1]!r}")
+    finish = f.optional("finish")
+    return Head(kind=f["kind"].text(), trigger=signals[0], emit=signals[-1], graph=graph,
+                inputs=MappingProxyType(inputs),
+                collect=tuple(c.choice(outs, f"an output of graph {graph}") for c in f["collect"].elements()),
+                feedback=None, finish=None if finish is None else finish.text(), encode_input=None,
+                encode_output=None, signals=signals)
 
 
 def _head_source(f: Field, graphs: Mapping[str, GraphEntry]) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nxc import names
-from nxc.config import NextChatConfig
+from nxc.config import GeneratorSizes, NextChatConfig
 from nxc.jsonfield import plain
 from nxc.specs import GraphSpec
 
@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")       # of a whole build (nxc-expo
 KV_DTYPES = ("float32", "float16")
 BATCH_ROWS = "masked"          # kv_cache.batch_rows: rows of different lengths decode together by mask
 EMBEDDING_DTYPES = ("float32", "float16")
-HEAD_SOURCES = ("hidden", "zeros", "slot_index")                  # what a head's graph inputs are fed from (see Head)
+HEAD_SOURCES = ("hidden", "zeros", "slot_index", "signal_embeds")                  # what a head's graph inputs are fed from (see Head)
 MAX_CONTEXT = 1 << 20
 MAX_DEPTH = 32                                      # JSON nesting; the exporter writes 6
 MAX_BYTES = 64 << 20                                # manifest.json itself (a 7B build's is under 1 MB)
@@ -76,7 +76,12 @@ class Head:
     "zeros" (zeros of the input's shape, dynamic axes 1), "slot_index" (when encoding slots: each slot's place
     among the prompt's slots) or "<graph>:<output>" (that output of a graph run once per image, e.g. the retrieval
     family's "proposals:features"). A head with no trigger (and no feedback) never fires
-    while decoding: it exists for its slot's rows (the retrieval family's `<objfeat>`, kind "index")."""
+    while decoding: it exists for its slot's rows (the retrieval family's `<objfeat>`, kind "index").
+
+    A head with `signals` (NExT-GPT's [IMG0]..[IMG3], kind "signal") fires when its first signal token is sampled:
+    the others are emitted after it, the hidden of each is kept, and once a reply its graph runs on them ("hidden":
+    [1,N,H], "signal_embeds": the signal tokens' embedding rows [1,N,H]); trigger is the first signal, emit the last,
+    no feedback (each next input is the next signal's embedding row)."""
     kind: str
     trigger: str | None            # None: the head is never fired while decoding (it only encodes slot rows)
     emit: str
@@ -87,6 +92,7 @@ class Head:
     finish: str | None
     encode_input: str | None
     encode_output: str | None
+    signals: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,31 @@ class GraphEntry:
                 "opset": self.opset, **self.spec.to_dict(), **self.extra}
 
 
+PIXEL_FORMATS = ("rgb01",)          # generator.pixel_format: [B,3,H,W] float RGB in [0, 1] (x255, round: uint8)
+
+
+@dataclass(frozen=True)
+class GeneratorEntry:
+    """The build's generator (issue 28; nxc.manifest_generator checks it): graph `denoiser` is called once per
+    step on [unconditional, conditional] rows, guided noise = u + default_guidance (c - u), a sampler configured
+    from `scheduler` (diffusers' scheduler_config.json as the model ships it) steps the latents
+    [B, sizes.latent_channels, sizes.latent_height, sizes.latent_width], and graph `decoder` turns the raw latents
+    into pixels in `pixel_format`. `uncond_file`: float32 [1, sizes.context_length, sizes.cross_attention_dim],
+    the text encoder's embedding of "" (no text encoder at run time)."""
+    sizes: GeneratorSizes
+    denoiser: str
+    decoder: str
+    scheduler: Mapping
+    default_scheduler: str          # one of names.GENERATOR_SCHEDULERS
+    default_steps: int
+    default_guidance: float
+    uncond_file: str
+    pixel_format: str
+
+    def to_dict(self) -> dict:
+        return {**vars(self), "sizes": self.sizes.to_dict(), "scheduler": plain(self.scheduler)}
+
+
 @dataclass(frozen=True)
 class Manifest:
     root: Path
@@ -149,6 +180,7 @@ class Manifest:
     graphs: Mapping[str, GraphEntry]
     files: Mapping[str, FileEntry]
     objects: ImagePreprocess | None = None  # retrieval builds: the square frame of proposals and object_features
+    generator: GeneratorEntry | None = None  # builds that draw (issue 28)
 
     def to_dict(self) -> dict:
         """The JSON form, as manifest.json holds it."""
@@ -159,11 +191,13 @@ class Manifest:
                                                               **({"sam": vars(self.sam)} if self.sam else {}),
                                                               **({"objects": vars(self.objects)} if self.objects
                                                                  else {})},
-            "generation": vars(self.generation), "heads": [vars(h) for h in self.heads],
+            "generation": vars(self.generation),
+            "heads": [{k: v for k, v in vars(h).items() if k != "signals" or v} for h in self.heads],
             "max_context": self.max_context, "kv_cache": vars(self.kv_cache), "axes": self.axes,
             "embeddings": vars(self.embeddings), "tokenizer": {"file": self.tokenizer_file},
             "graphs": {g: e.to_dict() for g, e in self.graphs.items()},
-            "files": {rel: vars(e) for rel, e in self.files.items()}})
+            "files": {rel: vars(e) for rel, e in self.files.items()},
+            **({"generator": self.generator.to_dict()} if self.generator is not None else {})})
 
     def _graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:

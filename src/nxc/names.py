@@ -41,6 +41,13 @@ GRAPH_PROPOSALS = "proposals"
 GRAPH_OBJECT_FEATURES = "object_features"
 RETRIEVAL_GRAPHS = (GRAPH_VISION, GRAPH_LLM, GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
 ALL_GRAPHS = GRAPHS + (GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
+# the generator (issue 28, nxc.model.generator): a latent diffusion decoder, in a build beside a family's graphs
+GRAPH_DENOISER = "denoiser"               # UNet: sample, timestep, encoder_hidden_states -> noise (epsilon)
+GRAPH_LATENT_DECODER = "latent_decoder"   # VAE decoder: raw latents -> pixels in [0, 1]
+GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER)
+GENERATOR_SCHEDULERS = ("ddim", "euler", "lcm")   # the runtime's samplers, named as a manifest's default_scheduler
+# NExT-GPT's output projector: the signal tokens' hiddens -> a generator's conditioning (nxc.model.nextgpt_projector)
+GRAPH_PROJECTOR = "projector"
 
 
 def family_graphs(grounding: str) -> tuple[str, ...]:

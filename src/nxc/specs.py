@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nxc import names
-from nxc.config import NextChatConfig
+from nxc.config import GeneratorSizes, NextChatConfig, ProjectorSizes
 
 DTYPES = ("float32", "float16", "int64", "int32", "int8", "bool")
 AXES = ("batch", "sequence", "past", "total", "detections", "boxes")
@@ -138,6 +138,38 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
                     _t("seg_prompt", ("detections", 4, c))),
             outputs=(_t("low_res_masks", ("detections", 1, sam.low_res_size, sam.low_res_size)),
                      _t("iou", ("detections", 1)))),
+    }
+
+
+def projector_spec(sizes: ProjectorSizes) -> GraphSpec:
+    """NExT-GPT's output projector: the N signal tokens' final-norm LLM hiddens and their input embedding rows (both
+    [batch, N, H], N = sizes.num_signal_tokens, fixed) -> conditioning [batch, num_queries, out_dim], the generator's
+    `encoder_hidden_states` (nxc.model.nextgpt_projector)."""
+    n, h = sizes.num_signal_tokens, sizes.llm_hidden
+    return GraphSpec(names.GRAPH_PROJECTOR,
+                     inputs=(_t("hidden", ("batch", n, h)), _t("embeds", ("batch", n, h))),
+                     outputs=(_t("conditioning", ("batch", sizes.num_queries, sizes.out_dim)),))
+
+
+def generator_specs(sizes: GeneratorSizes) -> dict[str, GraphSpec]:
+    """The generator's two graphs (nxc.model.generator), float32 I/O at every precision; `batch` is dynamic (the
+    runtime's denoiser call is 2 rows, [unconditional, conditional]), every other axis fixed by `sizes`.
+
+        denoiser        sample [B,C,h,w] (the scheduler's scaled input), timestep [B] (float, 0..num_train - 1),
+                        encoder_hidden_states [B,L,D] ─▶ noise [B,C,h,w] (epsilon prediction)
+        latent_decoder  latents [B,C,h,w] (raw, as the sampler ends) ─▶ pixels [B,3,H,W], RGB in [0, 1]"""
+    c, h, w = sizes.latent_channels, sizes.latent_height, sizes.latent_width
+    latent = ("batch", c, h, w)
+    return {
+        names.GRAPH_DENOISER: GraphSpec(
+            names.GRAPH_DENOISER,
+            inputs=(_t("sample", latent), _t("timestep", ("batch",)),
+                    _t("encoder_hidden_states", ("batch", sizes.context_length, sizes.cross_attention_dim))),
+            outputs=(_t("noise", latent),)),
+        names.GRAPH_LATENT_DECODER: GraphSpec(
+            names.GRAPH_LATENT_DECODER,
+            inputs=(_t("latents", latent),),
+            outputs=(_t("pixels", ("batch", 3, sizes.image_height, sizes.image_width)),)),
     }
 
 

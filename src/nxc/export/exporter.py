@@ -88,7 +88,8 @@ def dummy_inputs(spec: GraphSpec, config: NextChatConfig) -> tuple[torch.Tensor,
 
 
 def _sam_size(config) -> int:
-    return config.sam.image_size if config.sam is not None else 0
+    sam = getattr(config, "sam", None)          # sizes without SAM (a generator's graphs) have none
+    return sam.image_size if sam is not None else 0
 
 
 def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConfig, path: Path, opts: ExportOptions) -> list[str]:

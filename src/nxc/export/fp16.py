@@ -13,7 +13,7 @@ from torch import nn
 def _norm_types() -> tuple[type, ...]:
     from segment_anything.modeling.common import LayerNorm2d
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
-    return (nn.LayerNorm, LayerNorm2d, LlamaRMSNorm)
+    return (nn.LayerNorm, nn.GroupNorm, LayerNorm2d, LlamaRMSNorm)     # GroupNorm: diffusers' UNet and VAE
 
 
 def _to_float(_module, args):

@@ -80,6 +80,7 @@ class Handle:
                 result = conv._finish(req.reply, req.turn)
                 conv.timeline.finish()
                 conv.timeline = NO_TIMELINE
+                yield from result.images
                 yield Done(result)
                 return
             elif kind == "error":
@@ -140,7 +141,8 @@ class Batcher:
                            temperature=kwargs.pop("temperature", 0.0), top_p=kwargs.pop("top_p", 1.0),
                            top_k=kwargs.pop("top_k", 0), seed=kwargs.pop("seed", None),
                            iou_threshold=kwargs.pop("iou_threshold", ...),
-                           special_tokens_in_text=kwargs.pop("special_tokens_in_text", False))
+                           special_tokens_in_text=kwargs.pop("special_tokens_in_text", False),
+                           head_options=kwargs.pop("head_options", None))
         if kwargs:
             raise TypeError(f"unknown argument(s) {sorted(kwargs)}")
         conv.cached_ids = []                       # the turn's cache is a fresh batch row: the whole prompt is fed
@@ -260,7 +262,8 @@ class Batcher:
             req = c.row.tag
             req.choice = c
             events = req.conv._on_token(req.reply, c.token, c.found)
-            req.conv.timeline.add("loc_heads" if c.found is not None else "decode", t0, time.perf_counter())
+            stage = heads[c.row.fed].stage if c.found is not None else "decode"
+            req.conv.timeline.add(stage, t0, time.perf_counter())
             req.conv.timeline.mark_first_token()
             for ev in events:
                 req.handle._events.put(("event", ev))

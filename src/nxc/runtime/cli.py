@@ -92,13 +92,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt", required=True, type=_utf8, help="question; refer to --box k as [k]")
     ap.add_argument("--box", type=_box, action="append", metavar="x1,y1,x2,y2",
                     help="region input in pixels (repeat for [0], [1], ...)")
-    ap.add_argument("--out", type=_out, help="write the image with boxes, indices and masks drawn (.png, .jpg)")
+    ap.add_argument("--out", type=_out, help="write the image with boxes, indices and masks drawn (.png, .jpg); for a "
+                                             "build that draws, the picture(s) the reply made (pic.png, pic-1.png, ...)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
     ap.add_argument("--max-new-tokens", type=_whole(1), help="default: the build's (512)")
     ap.add_argument("--temperature", type=_number(0), default=0.0, help="0 = greedy (default)")
     ap.add_argument("--top-p", type=_number(0, 1, above=True), default=1.0, help="in (0, 1]; 1 = off (default)")
     ap.add_argument("--top-k", type=_whole(0), default=0, help="0 = off (default)")
-    ap.add_argument("--seed", type=_whole(0))
+    ap.add_argument("--seed", type=_whole(0), help="sampling seed; also the picture's (a build that draws; default 0)")
+    ap.add_argument("--steps", type=_whole(1), help="a build that draws: denoising steps (default: the build's)")
+    ap.add_argument("--guidance", type=_number(0), help="a build that draws: classifier-free guidance (default: the "
+                                                        "build's; <= 1: none)")
+    ap.add_argument("--scheduler", choices=("ddim", "euler", "lcm"),
+                    help="a build that draws: the sampler (default: the build's)")
     ap.add_argument("--num-beams", type=_whole(1), default=1,
                     help="beam search with this many beams (greedy; NExT-Chat's demo used 5); 1 = off (default)")
     ap.add_argument("--length-penalty", type=_number(-1e6), default=1.0,
@@ -119,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         image = load_image(a.image)
         pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider, low_memory=a.low_memory)
+        draws = pipe.dispatch.head_of_kind("signal") is not None
+        if not draws and any(v is not None for v in (a.steps, a.guidance, a.scheduler)):
+            raise ValueError(f"{a.build} does not draw (no signal head): --steps, --guidance and --scheduler are for "
+                             "a build that makes pictures")
+        options = {"signal": {"steps": a.steps, "guidance": a.guidance, "seed": a.seed or 0,
+                              "scheduler": a.scheduler}} if draws else None
         r = pipe.chat(image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                       top_p=a.top_p, top_k=a.top_k, seed=a.seed, num_beams=a.num_beams,
-                      length_penalty=a.length_penalty,
+                      length_penalty=a.length_penalty, head_options=options,
                       early_stopping={"false": False, "true": True}.get(a.early_stopping, a.early_stopping))
     except (ImageError, BuildError, BackendError, PromptError, ValueError) as e:
         print(f"nxc-run: {e}", file=sys.stderr)
@@ -130,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         from nxc.runtime.draw import annotate
         try:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-            annotate(image, [d.box for d in r.detections], [d.mask for d in r.detections]).save(a.out)
+            if r.images:
+                written = _write_pictures(r.images, Path(a.out))
+            else:
+                annotate(image, [d.box for d in r.detections], [d.mask for d in r.detections]).save(a.out)
+                written = [a.out]
         except (OSError, ValueError, KeyError) as e:          # Pillow: no writer for this mode, disk full, ...
             print(f"nxc-run: cannot write {a.out} ({getattr(e, 'strerror', None) or e})", file=sys.stderr)
             return 2
@@ -139,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
                           "finish_reason": r.finish_reason,
                           "detections": [{"box": [round(float(v), 2) for v in d.box], "phrase": d.phrase,
                                           "score": d.score, "mask_pixels": int(d.mask.sum()) if d.mask is not None else 0}
-                                         for d in r.detections], "annotated": a.out}, indent=2))
+                                         for d in r.detections], "annotated": a.out if a.out and not r.images else None,
+                          "pictures": [{"file": str(f) if a.out else None, "seed": im.seed, "steps": im.steps,
+                                        "guidance": im.guidance, "scheduler": im.scheduler}
+                                       for f, im in zip(written if a.out else [None] * len(r.images), r.images)]},
+                         indent=2))
         return 0
     print(r.text)
     if r.detections:
@@ -149,9 +169,20 @@ def main(argv: list[str] | None = None) -> int:
             score = "-" if d.score is None else f"{d.score:.2f}"
             mask = "-" if d.mask is None else str(int(d.mask.sum()))
             print(f"{k:>3}  {box:<34} {score:>6} {mask:>8}  {d.phrase}")
+    for im in r.images:
+        print(f"picture {im.index}: {im.pixels.shape[1]}x{im.pixels.shape[0]}, seed {im.seed}, {im.steps} "
+              f"{im.scheduler} steps, guidance {im.guidance:g}")
     if a.out:
-        print(f"\nwrote {a.out}")
+        print(f"\nwrote {', '.join(map(str, written))}")
     return 0
+
+
+def _write_pictures(images, out: Path) -> list[Path]:
+    """The reply's pictures: the first to `out`, the next to out-1.png, out-2.png, ..."""
+    files = [out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(len(images))]
+    for f, im in zip(files, images):
+        im.to_pil().save(f)
+    return files
 
 
 if __name__ == "__main__":

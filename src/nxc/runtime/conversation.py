@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -25,6 +25,7 @@ from nxc.prompt import (REGRESSION, SLOT, PromptError, PromptFormat, Turn as His
 from nxc.runtime import preprocess as pp
 from nxc.runtime.beams import beam_reply
 from nxc.runtime.events import Box, ChatResult, Done, Token
+from nxc.runtime.events import Image as Picture
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.turn import (Claim, Reply, Turn, check_beams, check_boxes, check_max_new, check_text, one_turn,
                               region_boxes)
@@ -124,17 +125,33 @@ class Conversation:
         return ids, region, text
 
     def _begin(self, text: str, *, boxes, max_new_tokens, temperature, top_p, top_k, seed, iou_threshold,
-               special_tokens_in_text) -> Turn:
+               special_tokens_in_text, head_options=None) -> Turn:
         """A turn's checked arguments and prompt (stream's, and nxc.runtime.batch's)."""
         gen = self.pipe.manifest.generation
         max_new = check_max_new(max_new_tokens, gen.max_new_tokens)
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        options = self._head_options(head_options)
         for bound in self.pipe.dispatch.heads:
             bound.kind.prepare(self)
         with self.timeline.stage("preprocess"):
             ids, region, user_text = self._prompt(text, boxes, special_tokens_in_text)
         return Turn(ids, region, user_text, max_new, sampling,
-                    gen.iou_threshold if iou_threshold is ... else iou_threshold)
+                    gen.iou_threshold if iou_threshold is ... else iou_threshold, options)
+
+    def _head_options(self, head_options) -> dict:
+        """{kind: options} for this turn, each checked by its kind; a kind this build has no head of is refused."""
+        if head_options is None:
+            return {}
+        if not isinstance(head_options, Mapping):
+            raise ValueError(f"head_options must be a mapping {{head kind: options}}, got {head_options!r}")
+        out = {}
+        for kind, options in head_options.items():
+            bound = self.pipe.dispatch.head_of_kind(kind)
+            if bound is None:
+                raise ValueError(f"head_options names {kind!r}, but this build's heads are "
+                                 f"{', '.join(b.head.kind for b in self.pipe.dispatch.heads) or 'none'}")
+            out[kind] = bound.kind.check_options(options)
+        return out
 
     def _prefill_rows(self, ids: list[int], region: np.ndarray) -> np.ndarray:
         """[T,H]: the rows of what the cache does not hold yet (a follow-up turn re-uses the earlier ones): image
@@ -190,7 +207,7 @@ class Conversation:
 
         def timed(head):
             def fire(h):
-                with tl.stage(head.head.graph):
+                with tl.stage(head.stage):
                     return head(h)
             return fire
         heads = {t: timed(b) for t, b in self.pipe.dispatch.triggers.items()}
@@ -215,6 +232,8 @@ class Conversation:
         if found is not None:
             record = found.head.kind.record(self, found.outputs, reply.text[reply.slot_end:])
             reply.found.append((found.head, record))
+        if token is None:                 # the reply ended at its limit right after a head read a hidden
+            return events
         reply.tokens.append(token)
         text = self.pipe.tokenizer.decode(reply.tokens)
         events.append(Token(token, text[len(reply.text):]))
@@ -239,8 +258,9 @@ class Conversation:
 
     def _finish(self, reply: Reply, turn: Turn) -> ChatResult:
         """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
+        made = []
         for bound in self.pipe.dispatch.heads:
-            bound.kind.finish(self, [r for b, r in reply.found if b is bound], turn.threshold)
+            made += bound.kind.finish(self, [r for b, r in reply.found if b is bound], turn) or []
         with self.timeline.stage("postprocess"):
             raw = self.pipe.tokenizer.decode(reply.tokens)
             self.history.append(HistoryTurn(turn.user_text, raw))
@@ -253,7 +273,8 @@ class Conversation:
                 text = bound.kind.render(text, watch)
             return ChatResult(text=text, raw_text=raw, token_ids=reply.tokens, prompt_ids=turn.ids,
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
-                              detections=[r for _, r in reply.found])
+                              detections=[r for b, r in reply.found if b.kind.detections],
+                              images=[e for e in made if isinstance(e, Picture)])
 
     # -- the public calls ------------------------------------------------------------------------------
     @one_turn
@@ -261,7 +282,7 @@ class Conversation:
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
                iou_threshold: float | None = ..., timeline: Timeline | None = None,
                special_tokens_in_text: bool = False, num_beams: int = 1, length_penalty: float = 1.0,
-               early_stopping: bool | str = False) -> Iterator[Token | Box | Done]:
+               early_stopping: bool | str = False, head_options=None) -> Iterator[Token | Box | Picture | Done]:
         """Yields Token per generated token, Box when a trigger's box is decoded, then Done with the result.
         iou_threshold: masks whose score is below it are dropped (default: the manifest's, 0.3); None keeps all.
         special_tokens_in_text: `<at>`, `</s>`, `<im_start>`... typed in the text (and in earlier turns) become
@@ -269,11 +290,14 @@ class Conversation:
         timeline: records the time of every stage (nxc-profile); time spent by the caller between events is not
         counted in any stage.
         num_beams > 1: beam search (Hugging Face's length_penalty / early_stopping semantics, greedy, triggers per
-        beam; nxc.decode.beam_search); the events come when the search ends, from the winning beam."""
+        beam; nxc.decode.beam_search); the events come when the search ends, from the winning beam.
+        head_options: {head kind: options} for this turn's heads, e.g. {"signal": {"steps": 4, "seed": 1}} (each kind
+        says what it takes: nxc.runtime.heads.<kind>.check_options); the pictures a reply made come as Image events
+        after its last token."""
         self.timeline = timeline or NO_TIMELINE
         turn = self._begin(text, boxes=boxes, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                            top_k=top_k, seed=seed, iou_threshold=iou_threshold,
-                           special_tokens_in_text=special_tokens_in_text)
+                           special_tokens_in_text=special_tokens_in_text, head_options=head_options)
         check_beams(num_beams, length_penalty, early_stopping, turn.sampling)
         logits, hidden = self._prefill(turn.ids, turn.region)
         reply = Reply()
@@ -287,6 +311,7 @@ class Conversation:
         result = self._finish(reply, turn)
         self.timeline.finish()
         self.timeline = NO_TIMELINE
+        yield from result.images
         yield Done(result)
 
     def ask(self, text: str, **kwargs) -> ChatResult:

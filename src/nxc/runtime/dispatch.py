@@ -34,7 +34,10 @@ class BoundHead:
         self.head, self.pipe = head, pipe
         self.trigger = None if head.trigger is None else pipe.manifest.token_id(head.trigger)
         self.emit = pipe.manifest.token_id(head.emit)
+        self.signals = [pipe.manifest.token_id(t) for t in head.signals]
+        self.stage = head.graph            # the timeline stage of a call (nxc-profile)
         self.kind = kind(head, pipe)
+        self.kind.bound = self             # the kind's own head (its graph's feeds: BoundHead.run)
         spec = pipe.manifest.graph_spec(head.graph)
         self._zeros = {t.name: np.zeros(t.resolve({a: 1 for a in t.dynamic_axes().values()}), t.dtype)
                        for t in spec.inputs}
@@ -48,6 +51,21 @@ class BoundHead:
         outs = self.pipe.run(h.graph, **feeds)
         return [(self.emit, outs[h.feedback][i][None, None], Found(self, {k: outs[k][i] for k in h.collect}))
                 for i in range(len(hiddens))]
+
+    def steps(self) -> dict:
+        """{token id: what the decode loop calls when that token was fed}: the trigger -> this head; for a head of
+        signal tokens each signal -> a SignalStep (the next signal is emitted, the last emits None)."""
+        if self.signals:
+            return {t: SignalStep(self, k) for k, t in enumerate(self.signals)}
+        return {} if self.trigger is None else {self.trigger: self}
+
+    def run(self, feeds_by_source: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The head's graph with each input fed from its source (`feeds_by_source`: {source: array}; "zeros" are
+        the graph's zero inputs)."""
+        h = self.head
+        feeds = {name: self._zeros[name] if source == "zeros" else feeds_by_source[source]
+                 for name, source in h.inputs.items()}
+        return self.pipe.run(h.graph, **feeds)
 
     def encode(self, values: np.ndarray, conv=None, slots=None) -> np.ndarray:
         """[k, ...] slot values -> [k, H] input rows of the emitted slot token (region input, earlier replies, a
@@ -68,6 +86,22 @@ class BoundHead:
         return self.pipe.run(h.graph, **feeds)[h.encode_output]
 
 
+class SignalStep:
+    """Signal token k of a head's signals was fed (NExT-GPT's [IMGk]): keep its hidden; the next signal follows
+    (emitted, never sampled; its input is its own embedding row), after the last the row samples as usual."""
+
+    stage = "decode"                       # no graph runs: the hidden is only kept
+
+    def __init__(self, bound: BoundHead, k: int):
+        self.bound, self.k = bound, k
+        self.next = bound.signals[k + 1] if k + 1 < len(bound.signals) else None
+
+    def __call__(self, hiddens: list[np.ndarray]) -> list[tuple[int | None, None, Found]]:
+        return [(self.next, None, Found(self.bound, {"signal": np.int64(self.k),
+                                                     "hidden": np.asarray(h, np.float32).reshape(-1)}))
+                for h in hiddens]
+
+
 class Dispatch:
     """The build's heads, bound. `triggers`: {trigger id: BoundHead}; `slot_head`: the head whose emitted slot
     carries region input (the first with an encode graph), or None."""
@@ -77,13 +111,14 @@ class Dispatch:
         self._by_kind = {}
         for b in self.heads:
             self._by_kind.setdefault(b.head.kind, b)
-        self.triggers = {b.trigger: b for b in self.heads if b.trigger is not None}
+        self.triggers = {t: step for b in self.heads for t, step in b.steps().items()}
         # heads that read the reply's tokens (their kind has a watcher): the only ones _on_token asks each token
         self.watchers = [b for b in self.heads if type(b.kind).watch is not HeadKind.watch]
         self.slot_head = next((b for b in self.heads if b.head.encode_input), None)
         # Never sampled (nxc.sampling.pick_token's `banned`): a head's emitted slot comes only after its trigger,
         # and the image span only where the prompt puts it; the reference bans the same ids (TokenIds.never_sampled).
-        self.never_sampled = tuple(sorted({b.emit for b in self.heads} | {
+        emitted = {b.emit for b in self.heads} | {t for b in self.heads for t in b.signals[1:]}
+        self.never_sampled = tuple(sorted(emitted | {
             pipe.manifest.token_id(t) for t in (names.IM_START, names.IM_PATCH, names.IM_END)}))
 
     def head_of_kind(self, kind: str) -> BoundHead | None:

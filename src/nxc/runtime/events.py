@@ -1,7 +1,8 @@
 """What a turn gives: the events `Conversation.stream` yields and the `ChatResult` a turn ends with. A head kind's
 records and events are its own (nxc.runtime.heads); the grounding ones both families give live here.
 
-    stream(...) ─▶ Token per generated token, a head's event when it finds something (Box), then Done(ChatResult)
+    stream(...) ─▶ Token per generated token, a head's event when it finds something (Box), the pictures a reply's
+                   heads made once it ends (Image), then Done(ChatResult)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ class ChatResult:
     prompt_ids: list[int]      # the whole conversation's ids for this turn
     finish_reason: str         # "stop" (</s>) or "length" (max_new_tokens or the build's context)
     detections: list = field(default_factory=list)     # what the heads found, in order (Detection for boxes)
+    images: list = field(default_factory=list)         # the pictures the reply made, in order (Image)
 
 
 @dataclass
@@ -45,3 +47,18 @@ class Detection:
 class Box:
     index: int
     detection: Detection       # box known now; mask and score come with Done
+
+
+@dataclass
+class Image:
+    """A picture a head made (NExT-GPT's signal tokens -> projector -> generator), streamed when it is done."""
+    index: int                 # the reply's k-th picture
+    pixels: np.ndarray         # [H,W,3] uint8 RGB
+    seed: int                  # the initial latents' seed (nxc.diffusion.initial_latents): the same seed, the same picture
+    steps: int
+    guidance: float
+    scheduler: str
+
+    def to_pil(self):
+        from PIL import Image as PILImage
+        return PILImage.fromarray(self.pixels, "RGB")

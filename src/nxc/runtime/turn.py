@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,6 +27,7 @@ class Turn:
     max_new: int
     sampling: SamplingParams
     threshold: float | None
+    head_options: Mapping[str, object] = field(default_factory=dict)   # per head kind, checked by the kind
 
 
 @dataclass

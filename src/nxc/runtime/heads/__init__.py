@@ -5,11 +5,12 @@ entry, never a branch in the decode loop or in `Conversation`.
     a kind (HeadKind subclass, @register("name"))
       per trigger   record(conv, outputs, text) ─▶ the reply's record; event(k, record) ─▶ streamed (Box)
       per token     watch(conv, reply) ─▶ a watcher whose feed(token) gives records (heads with no trigger)
-      per reply     finish(conv, records, threshold) (SAM masks); render(text, watcher)
+      per reply     finish(conv, records, turn) ─▶ events it made (SAM masks on its records; Image); render(text)
       per turn      slot_value(record) ─▶ fed back into the emitted slot of later turns
       per image     new_state(conv) ─▶ what the kind keeps for the conversation's image (SAM embedding,
                     proposals): conv.state(kind); prepare(conv) before a turn's prompt; prompt_format(conv);
                     image_input(conv, "graph:output") for the head's encode graph
+      per turn      check_options(options) ─▶ the turn's options for this kind (stream(head_options={kind: ...}))
 """
 from __future__ import annotations
 
@@ -71,9 +72,12 @@ class HeadState:
 class HeadKind:
     """What a head's outputs mean. One instance per head of a loaded build."""
 
+    detections = True                  # its records are ChatResult.detections (False: they only feed finish)
+
     def __init__(self, head: Head, pipe):
         self.head, self.pipe = head, pipe
-        self.name = head.kind          # its key in conv.state()
+        self.name = head.kind          # its key in conv.state() and in a turn's head_options
+        self.bound = None              # its BoundHead (nxc.runtime.dispatch sets it)
 
     def record(self, conv, outputs: dict[str, np.ndarray], text_before: str):
         """The reply's record of one trigger (`text_before`: the reply text since the previous slot)."""
@@ -88,8 +92,15 @@ class HeadKind:
         nothing is fed back."""
         raise NotImplementedError
 
-    def finish(self, conv, records: list, threshold) -> None:
-        """Once per reply, after the last token, for this head's records (e.g. SAM masks)."""
+    def finish(self, conv, records: list, turn) -> list:
+        """Once per reply, after the last token, for this head's records (e.g. SAM masks on them); -> the events it
+        made (Image), streamed before Done and kept in the result. `turn`: nxc.runtime.turn.Turn."""
+        return []
+
+    def check_options(self, options) -> object:
+        """A turn's options for this kind (stream(head_options={kind: options})), checked before the turn runs
+        (one-line ValueError); the value finish finds in turn.head_options[kind]."""
+        raise ValueError(f"a {self.name!r} head takes no options, got {options!r}")
 
     def watch(self, conv, reply) -> "object | None":
         """A head that reads the reply's tokens as they come (no trigger): an object with feed(token) -> the

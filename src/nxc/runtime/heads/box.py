@@ -76,9 +76,9 @@ class BoxKind(HeadKind):
     def new_state(self, conv) -> SamImage:
         return SamImage(conv)
 
-    def finish(self, conv, records, threshold):
+    def finish(self, conv, records, turn):
         if self.head.finish != "sam_masks" or not records:
-            return
+            return []
         s = self.pipe.manifest.sam.size
         image_embedding = conv.state(self.name).embedding()
         with conv.timeline.stage("sam_decoder"):
@@ -86,6 +86,7 @@ class BoxKind(HeadKind):
             dec = self.pipe.run(names.GRAPH_SAM_DECODER, image_embedding=image_embedding, boxes=boxes_norm * s,
                                 seg_prompt=np.stack([d.seg_prompt for d in records]).astype(np.float32))
         with conv.timeline.stage("postprocess"):
-            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, threshold)
+            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, turn.threshold)
             for k, d in enumerate(records):
                 d.mask, d.score = masks[k], float(dec["iou"][k, 0])
+        return []

@@ -1,0 +1,249 @@
+"""The generator: a latent diffusion decoder in diffusers' own layout (issue 28, DESIGN 5), read as diffusers reads it.
+
+    folder/                                    (a StableDiffusionPipeline's save_pretrained, or the tiny one below)
+      unet/config.json + diffusion_pytorch_model.{safetensors,bin}     UNet2DConditionModel, epsilon prediction
+      vae/config.json  + diffusion_pytorch_model.{safetensors,bin}     AutoencoderKL (its decoder is used)
+      scheduler/scheduler_config.json                                  betas, spacing, prediction_type (as read)
+      text_encoder/ + tokenizer/   or   uncond.npy                     the unconditional conditioning's source
+
+`inspect_generator` checks the configs (JSON only: a folder of another architecture is refused before any weight is
+read), `load_generator` loads the modules in float32, `unconditional_conditioning` is classifier-free guidance's
+unconditional half ([1, L, D]: the text encoder's embedding of "", padded to L = the tokenizer's max length as
+diffusers' StableDiffusionPipeline.encode_prompt pads it), so that a build ships it as a file and needs no text
+encoder. `make_tiny_generator` writes a sub-MB random one in the same layout for tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nxc.config import GeneratorSizes
+
+UNET, VAE, SCHEDULER_FILE = "unet", "vae", "scheduler/scheduler_config.json"
+TEXT_ENCODER, TOKENIZER, UNCOND_FILE = "text_encoder", "tokenizer", "uncond.npy"
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+PREDICTION_TYPES = ("epsilon",)     # the denoiser graph's output is the noise; v / sample prediction are refused
+LAYOUT = ("a diffusers folder in Stable Diffusion's layout (unet/ UNet2DConditionModel, vae/ AutoencoderKL, "
+          "scheduler/scheduler_config.json), e.g. a StableDiffusionPipeline's save_pretrained")
+
+# Stable Diffusion 1.5's noise schedule, as a DDIMScheduler config (make_tiny_generator writes it)
+SD15_DDIM_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                       "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
+                       "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+
+
+class GeneratorError(ValueError):
+    """A generator folder nxc cannot export: the message names the path, what was found and what to do."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """diffusers' and transformers' loaders and writers print progress bars and advice (install accelerate) on
+    every call; nxc prints its own progress. Their settings are put back afterwards."""
+    import diffusers.utils.logging as d
+    import transformers.utils.logging as t
+    saved = [(m, m.get_verbosity(), m.is_progress_bar_enabled()) for m in (d, t)]
+    for m, _, _ in saved:
+        m.set_verbosity_error()
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, level, bar in saved:
+            m.set_verbosity(level)
+            if bar:
+                m.enable_progress_bar()
+
+
+def _json(folder: Path, rel: str, what: str) -> dict:
+    path = folder / rel
+    if not path.is_file():
+        raise GeneratorError(f"{folder}: no {rel} ({what} missing); expected {LAYOUT}")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GeneratorError(f"{path}: not valid JSON ({e}); copy the folder again") from None
+
+
+def _part(folder: Path, part: str, cls: str) -> dict:
+    """The config of a model part, checked to be `cls` with its weights beside it."""
+    cfg = _json(folder, f"{part}/config.json", f"the {part}")
+    if cfg.get("_class_name") != cls:
+        raise GeneratorError(f"{folder / part}/config.json: a {cfg.get('_class_name')!r}, not {cls}; nxc exports "
+                             f"{LAYOUT}")
+    if not any((folder / part / w).is_file() for w in WEIGHT_FILES):
+        raise GeneratorError(f"{folder / part}: no weights ({' or '.join(WEIGHT_FILES[:2])}); copy them beside "
+                             "its config.json")
+    return cfg
+
+
+def _check_unet(folder: Path, unet: dict) -> None:
+    where = f"{folder / UNET}/config.json"
+    extra = {k: unet.get(k) for k in ("addition_embed_type", "class_embed_type", "encoder_hid_dim_type",
+                                      "time_cond_proj_dim") if unet.get(k) is not None}
+    if extra:
+        raise GeneratorError(f"{where}: {extra} needs conditioning inputs beyond sample, timestep and "
+                             "encoder_hidden_states (SDXL's added embeddings, class labels, an LCM guidance "
+                             "embedding), which the denoiser graph does not have; use an SD-1.x / SD-2.x-style UNet")
+    if unet.get("attention_type", "default") != "default":
+        raise GeneratorError(f"{where}: attention_type {unet['attention_type']!r} (GLIGEN boxes and phrases) has "
+                             "inputs the denoiser graph does not have; use a UNet with attention_type 'default'")
+    if unet.get("in_channels") != unet.get("out_channels"):
+        raise GeneratorError(f"{where}: in_channels {unet.get('in_channels')} != out_channels "
+                             f"{unet.get('out_channels')} (an inpainting or depth UNet); use a text-to-image UNet")
+    dims = unet.get("cross_attention_dim")
+    if isinstance(dims, list) and len(set(dims)) == 1:
+        dims = dims[0]
+    if not isinstance(dims, int):
+        raise GeneratorError(f"{where}: cross_attention_dim {dims!r}; expected one width for every block")
+
+
+def _context_length(folder: Path, width: int) -> int:
+    """L of the conditioning [1, L, D]: the tokenizer's max length (text encoder present) or uncond.npy's."""
+    if (folder / TEXT_ENCODER).is_dir() and (folder / TOKENIZER).is_dir():
+        tok = _json(folder, f"{TOKENIZER}/tokenizer_config.json", "the tokenizer's config")
+        enc = _json(folder, f"{TEXT_ENCODER}/config.json", "the text encoder's config")
+        if enc.get("hidden_size") != width:
+            raise GeneratorError(f"{folder / TEXT_ENCODER}/config.json: hidden_size {enc.get('hidden_size')}, but "
+                                 f"the UNet's cross_attention_dim is {width}; the text encoder is not this UNet's")
+        n = tok.get("model_max_length")
+        return int(n) if isinstance(n, int) and n < 1 << 20 else int(enc["max_position_embeddings"])
+    path = folder / UNCOND_FILE
+    if not path.is_file():
+        raise GeneratorError(f"{folder}: no unconditional conditioning: expected {TEXT_ENCODER}/ + {TOKENIZER}/ "
+                             f"(nxc embeds \"\" with them) or {UNCOND_FILE} (float32 [1, L, {width}], the text "
+                             "encoder's embedding of \"\"); add one of them")
+    a = np.load(path, mmap_mode="r")
+    if a.dtype != np.float32 or a.ndim != 3 or a.shape[0] != 1 or a.shape[2] != width:
+        raise GeneratorError(f"{path}: {a.dtype} {list(a.shape)}, expected float32 [1, L, {width}] (the "
+                             "UNet's cross_attention_dim); write the text encoder's embedding of \"\"")
+    return int(a.shape[1])
+
+
+def inspect_generator(folder: str | Path) -> tuple[dict, dict, dict, GeneratorSizes]:
+    """(unet config, vae config, scheduler config, sizes) of a generator folder, read from its JSON files (and
+    uncond.npy's header) only; GeneratorError, one line, for a missing part or another architecture."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise GeneratorError(f"{folder}: no such folder; expected {LAYOUT}")
+    unet = _part(folder, UNET, "UNet2DConditionModel")
+    vae = _part(folder, VAE, "AutoencoderKL")
+    scheduler = _json(folder, SCHEDULER_FILE, "the scheduler's config")
+    prediction = scheduler.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise GeneratorError(f"{folder / SCHEDULER_FILE}: prediction_type {prediction!r}; nxc's denoiser graph and "
+                             f"samplers take {' or '.join(PREDICTION_TYPES)} prediction (e.g. SD-1.5, SD-2-base), not "
+                             "v-prediction (SD-2 768 px)")
+    _check_unet(folder, unet)
+    if not unet["in_channels"] == vae.get("latent_channels"):
+        raise GeneratorError(f"{folder}: the UNet takes {unet['in_channels']} latent channels, the VAE makes "
+                             f"{vae.get('latent_channels')}; unet/ and vae/ are not one model's")
+    if vae.get("out_channels") != 3:
+        raise GeneratorError(f"{folder / VAE}/config.json: out_channels {vae.get('out_channels')}; expected an RGB "
+                             "VAE (3)")
+    side = unet["sample_size"]
+    h, w = (side, side) if isinstance(side, int) else tuple(side)
+    width = unet["cross_attention_dim"]
+    width = width[0] if isinstance(width, list) else width
+    sizes = GeneratorSizes(latent_channels=unet["in_channels"], latent_height=h, latent_width=w,
+                           vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
+                           scaling_factor=float(vae.get("scaling_factor", 0.18215)),
+                           context_length=_context_length(folder, width), cross_attention_dim=width)
+    return unet, vae, scheduler, sizes
+
+
+def load_generator(folder: str | Path):
+    """(unet, vae, scheduler config dict as read, sizes): diffusers' UNet2DConditionModel and AutoencoderKL in
+    float32, eval mode, from local files only."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    folder = Path(folder)
+    _, _, scheduler, sizes = inspect_generator(folder)
+    with _quiet():
+        unet = UNet2DConditionModel.from_pretrained(folder / UNET, local_files_only=True, torch_dtype=torch.float32)
+        vae = AutoencoderKL.from_pretrained(folder / VAE, local_files_only=True, torch_dtype=torch.float32)
+    return unet.eval(), vae.eval(), scheduler, sizes
+
+
+def unconditional_conditioning(folder: str | Path) -> np.ndarray:
+    """float32 [1, L, D]: transformers' CLIPTextModel's last hidden state of "" tokenized by the folder's
+    CLIPTokenizer, padded to its model_max_length (StableDiffusionPipeline.encode_prompt's negative prompt), when
+    text_encoder/ and tokenizer/ are there; else the folder's uncond.npy."""
+    folder = Path(folder)
+    _, _, _, sizes = inspect_generator(folder)             # refuses a folder without a source, or a wrong shape
+    if not ((folder / TEXT_ENCODER).is_dir() and (folder / TOKENIZER).is_dir()):
+        return np.load(folder / UNCOND_FILE)
+    import torch
+    from transformers import CLIPTextModel, CLIPTokenizer
+    with _quiet():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / TOKENIZER, local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(folder / TEXT_ENCODER, local_files_only=True,
+                                                torch_dtype=torch.float32).eval()
+    ids = tokenizer([""], padding="max_length", max_length=sizes.context_length, truncation=True,
+                    return_tensors="pt")
+    mask = ids.attention_mask if getattr(encoder.config, "use_attention_mask", False) else None
+    with torch.no_grad():
+        rows = encoder(ids.input_ids, attention_mask=mask)[0]
+    return rows.float().numpy()
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2 / CLIP's byte-to-unicode table: the 256 symbols a byte-level BPE vocabulary starts from."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in bs]
+    return [chr(b) for b in bs] + [chr(256 + i) for i in range(len(extra))]
+
+
+def _write_tiny_text_encoder(out: Path, *, width: int, context_length: int) -> None:
+    """A CLIPTokenizer with no merges (each byte a token, "</w>" ends a word) and a 2-layer CLIPTextModel."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    chars = _byte_chars()
+    vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab |= {bos: 512, eos: 513}
+    (out / TOKENIZER).mkdir(parents=True, exist_ok=True)
+    (out / TOKENIZER / "vocab.json").write_text(json.dumps(vocab))
+    (out / TOKENIZER / "merges.txt").write_text("#version: 0.2\n")
+    (out / TOKENIZER / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "bos_token": bos,
+         "eos_token": eos, "pad_token": eos, "unk_token": eos}))
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=context_length, projection_dim=width,
+                         bos_token_id=512, eos_token_id=513, pad_token_id=513)
+    CLIPTextModel(cfg).save_pretrained(out / TEXT_ENCODER)
+
+
+def make_tiny_generator(out: str | Path, *, seed: int = 0, context_length: int = 77, cross_attention_dim: int = 32,
+                        latent_size: int = 8, text_encoder: bool = True) -> Path:
+    """A random-weight generator in diffusers' layout at `out`: UNet2DConditionModel (blocks 32/64, one layer each,
+    cross-attention width `cross_attention_dim`, latents [4, latent_size, latent_size]), AutoencoderKL (blocks
+    32/64: pixels 2x the latent side), SD-1.5's DDIM schedule, and a tiny CLIP text encoder + tokenizer
+    (`text_encoder`) or, without them, a random uncond.npy [1, context_length, cross_attention_dim]."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(), _quiet():
+        torch.manual_seed(seed)
+        UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
+        ).save_pretrained(out / UNET)
+        AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=2 * latent_size,
+        ).save_pretrained(out / VAE)
+        DDIMScheduler(**SD15_DDIM_SCHEDULER).save_config(out / "scheduler")
+        if text_encoder:
+            _write_tiny_text_encoder(out, width=cross_attention_dim, context_length=context_length)
+        else:
+            rng = np.random.default_rng(seed)
+            np.save(out / UNCOND_FILE, rng.standard_normal((1, context_length, cross_attention_dim)).astype(np.float32))
+    return out

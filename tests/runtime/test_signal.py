@@ -1,0 +1,123 @@
+"""A head of signal tokens through the manifest alone (issue 28): the embedded NExT-Chat build given four of its
+vocabulary's pieces as signal tokens, NExT-GPT's output projector and a tiny diffusers generator, all exported by
+nxc's own exporters. The runtime's picture equals the torch reference's (the projector module, then diffusers'
+UNet / VAE and diffusers' own DDIM scheduler on the same latents) within 1e-3."""
+import numpy as np
+import pytest
+
+from nxc.runtime.events import Done, Image, Token
+
+pytest.importorskip("diffusers", reason="the generator's export and reference need the export extra (diffusers)")
+torch = pytest.importorskip("torch", reason="the projector's export needs the export extra (torch)")
+
+QUESTION = "Can you describe the image and include object locations?"
+
+
+def _say_signal_at(pipe, n: int):
+    """Make the decode steps say the first signal token as the reply's n-th token (the llm's logits boosted there):
+    the shapes model was never taught to draw."""
+    first = pipe.dispatch.head_of_kind("signal").signals[0]
+    real, count = pipe.llm_step, {"n": 0}
+
+    def llm_step(embeds, cache):
+        logits, hidden = real(embeds, cache)
+        if embeds.shape[1] == 1:
+            count["n"] += 1
+            if count["n"] == n:
+                logits = logits.copy()
+                logits[first] += 1e4
+        return logits, hidden
+    pipe.llm_step = llm_step
+    return lambda: setattr(pipe, "llm_step", real)
+
+
+def test_a_reply_that_says_the_signal_tokens_makes_a_picture(drawing_pipe, embedded_pipe):
+    from nxc.shapes.data import make_scene
+    scene = make_scene(np.random.default_rng(3), max_objects=3)
+    undo = _say_signal_at(drawing_pipe, 2)
+    try:
+        events = list(drawing_pipe.stream(scene.image, QUESTION, max_new_tokens=24,
+                                          head_options={"signal": {"steps": 4, "seed": 5}}))
+    finally:
+        undo()
+    result = events[-1].result
+    signals = drawing_pipe.dispatch.head_of_kind("signal").signals
+    ids = result.token_ids
+    k = ids.index(signals[0])
+    assert ids[k:k + 4] == signals and len(ids) > k + 4, ids       # emitted after the first; then the reply goes on
+    pictures = [e for e in events if isinstance(e, Image)]
+    assert len(pictures) == 1 and result.images == pictures and isinstance(events[-1], Done)
+    assert events.index(pictures[0]) > max(i for i, e in enumerate(events) if isinstance(e, Token))
+    im = pictures[0]
+    s = drawing_pipe.manifest.generator.sizes
+    assert im.pixels.shape == (s.image_height, s.image_width, 3) and im.pixels.dtype == np.uint8
+    assert (im.seed, im.steps, im.scheduler) == (5, 4, "ddim") and im.guidance == 3.0
+    assert all(not hasattr(d, "k") for d in result.detections)     # signal hiddens are not detections
+
+
+def test_no_signal_no_picture_and_the_reply_equals_the_build_without_a_generator(drawing_pipe, embedded_pipe):
+    from nxc.shapes.data import make_scene
+    scene = make_scene(np.random.default_rng(4), max_objects=3)
+    want = embedded_pipe.chat(scene.image, QUESTION)
+    got = drawing_pipe.chat(scene.image, QUESTION)
+    assert got.token_ids == want.token_ids and got.images == []
+
+
+def test_the_picture_equals_the_torch_reference(drawing_build, drawing_pipe):
+    """The same hiddens: projector (torch) -> diffusers' UNet with diffusers' DDIMScheduler on nxc's initial latents
+    -> the VAE, against the runtime's projector graph, numpy sampler and graphs: 20 steps, guidance 3."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from nxc.diffusion import initial_latents
+    from nxc.runtime.generator import DrawOptions
+    build, signals, projector, folder = drawing_build
+    pipe = drawing_pipe
+    h = pipe.config.llm.hidden_size
+    hiddens = np.random.default_rng(0).standard_normal((1, 4, h)).astype(np.float32)
+    embeds = np.asarray(pipe.embeddings[[pipe.manifest.token_id(t) for t in signals]], np.float32)[None]
+    kind = pipe.dispatch.head_of_kind("signal").kind
+    cond = kind.bound.run({"hidden": hiddens, "signal_embeds": embeds})["conditioning"]
+    pixels, used = kind.generator().draw(cond, DrawOptions(steps=20, guidance=3.0, seed=11))
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+    sched = DDIMScheduler.from_pretrained(folder / "scheduler")
+    s = pipe.manifest.generator.sizes
+    with torch.no_grad():
+        c = projector(torch.from_numpy(hiddens), torch.from_numpy(embeds))
+        np.testing.assert_allclose(cond, c.numpy(), atol=1e-4)
+        u = torch.from_numpy(np.load(build / "uncond.npy"))
+        both = torch.cat([u, c])
+        x = torch.from_numpy(initial_latents((1, s.latent_channels, s.latent_height, s.latent_width), 11))
+        sched.set_timesteps(20)
+        x = x * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([x, x]), t)
+            eu, ec = unet(inp, t, encoder_hidden_states=both).sample.chunk(2)
+            x = sched.step(eu + 3.0 * (ec - eu), t, x).prev_sample
+        img = (vae.decode(x / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
+    want = img[0].permute(1, 2, 0).numpy()
+    got = pixels.astype(np.float32) / 255
+    assert np.abs(got - want).max() <= 1e-3 + 0.5 / 255        # the runtime's uint8 rounding on top of 1e-3
+    assert used.steps == 20 and used.scheduler == "ddim"
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": 0}, "steps must be a whole number >= 1"),
+    ({"guidance": -1}, "guidance must be a finite number >= 0"),
+    ({"scheduler": "pndm"}, "unknown scheduler 'pndm'"),
+    ({"sizes": 3}, "picture options are steps, guidance, seed and scheduler"),
+])
+def test_bad_picture_options_are_one_line(drawing_pipe, options, message):
+    from nxc.shapes.data import make_scene
+    with pytest.raises(ValueError, match=message) as e:
+        drawing_pipe.chat(make_scene(np.random.default_rng(1), max_objects=1).image, QUESTION,
+                          head_options={"signal": options})
+    assert "\n" not in str(e.value)
+
+
+def test_a_build_without_a_generator_refuses_picture_options(embedded_pipe):
+    from nxc.shapes.data import make_scene
+    with pytest.raises(ValueError, match="head_options names 'signal', but this build's heads are box"):
+        embedded_pipe.chat(make_scene(np.random.default_rng(1), max_objects=1).image, QUESTION,
+                           head_options={"signal": {"steps": 4}})
