@@ -54,15 +54,21 @@ class DrawOptions:
 
 
 class Generator:
-    """The manifest's generator bound to a pipeline's runners. draw(conditioning) -> (pixels, the options used)."""
+    """A generator entry bound to a graph runner. draw(conditioning) -> (pixels, the options used).
 
-    def __init__(self, pipe):
+    entry: the manifest's GeneratorEntry; uncond: [1,L,D] float32; run(graph, **feeds) -> {output: array} (a
+    Pipeline's run, or any backend's runners)."""
+
+    def __init__(self, *, entry, uncond: np.ndarray, run):
+        self.entry, self.uncond, self.run = entry, np.asarray(uncond, np.float32), run
+
+    @classmethod
+    def from_pipeline(cls, pipe) -> "Generator":
         entry = pipe.manifest.generator
         if entry is None:
             raise BuildError(f"{pipe.manifest.root}: this build has no generator; it answers in text (re-export "
                              "a model that draws, e.g. NExT-GPT, to get pictures)")
-        self.pipe, self.entry = pipe, entry
-        self.uncond = np.load(pipe.manifest.path(entry.uncond_file)).astype(np.float32)
+        return cls(entry=entry, uncond=np.load(pipe.manifest.path(entry.uncond_file)), run=pipe.run)
 
     def options(self, options: DrawOptions) -> DrawOptions:
         """`options` with the build's defaults filled in."""
@@ -85,10 +91,10 @@ class Generator:
         def denoise(x, t):
             with tl.stage(e.denoiser):
                 rows = both if len(x) == 2 else cond
-                out = self.pipe.run(e.denoiser, sample=np.ascontiguousarray(x, np.float32),
+                out = self.run(e.denoiser, sample=np.ascontiguousarray(x, np.float32),
                                     timestep=np.full(len(x), t, np.float32), encoder_hidden_states=rows)
             return out["noise"]
         final = sample(denoise, latents, scheduler, o.steps, o.guidance, rng=np.random.default_rng(o.seed + 1))
         with tl.stage(e.decoder):
-            pixels = self.pipe.run(e.decoder, latents=final)["pixels"][0]
+            pixels = self.run(e.decoder, latents=final)["pixels"][0]
         return (np.clip(pixels, 0, 1).transpose(1, 2, 0) * 255).round().astype(np.uint8), o

@@ -39,7 +39,7 @@ class SignalKind(HeadKind):
     def generator(self):
         if self._generator is None:
             from nxc.runtime.generator import Generator
-            self._generator = Generator(self.pipe)
+            self._generator = Generator.from_pipeline(self.pipe)
         return self._generator
 
     def record(self, conv, outputs, text_before):
