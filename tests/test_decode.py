@@ -119,3 +119,28 @@ def test_a_signal_chain_cut_by_the_limit_still_delivers_the_last_hidden(max_new)
     assert tokens == [4, 5, 6, None]
     assert [f[1] for _, f in out if f is not None] == [0, 1, 2]
     assert fed == [4, 5, 6]
+
+
+def test_beam_search_keeps_a_signal_chain_and_its_hiddens_on_the_winning_beam():
+    """Beam search with the signal heads: the emitted signals are forced (log p 0), the last head's None emit is
+    not, and the winning beam carries the hiddens of its own signals in order."""
+    from nxc.decode import beam_search
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((V, V)).astype(np.float32)
+    table[:, SIGNALS[1:]] = -50.0                  # the emitted signals are never chosen by the logits
+    table[0, 4] = 20.0                             # after the prompt (token 0) every beam says signal 4 first
+
+    def heads_for(k):
+        nxt = SIGNALS[k + 1] if k + 1 < len(SIGNALS) else None
+        return lambda hiddens: [(nxt, None, ("signal", k, h)) for h in hiddens]
+
+    def step(order, tokens, xs):
+        return np.stack([table[t] for t in tokens]), [f"h{t}" for t in tokens]
+
+    hyp = beam_search(logits=table[0], hidden="h0", fed=0, step=step,
+                      heads={t: heads_for(k) for k, t in enumerate(SIGNALS)}, num_beams=3, max_new=8, eos=EOS)
+    assert hyp.tokens[:3] == [4, 5, 6] and hyp.tokens[3] not in SIGNALS
+    starts = [i for i, t in enumerate(hyp.tokens) if t == 4]
+    assert all(hyp.tokens[i:i + 3] == [4, 5, 6] for i in starts if i + 3 <= len(hyp.tokens))
+    assert hyp.found[:3] == [("signal", 0, "h4"), ("signal", 1, "h5"), ("signal", 2, "h6")]
+    assert [f[1] for f in hyp.found] == [0, 1, 2] * (len(hyp.found) // 3)
