@@ -2,44 +2,12 @@
 `self_attn.rotary_emb.inv_freq` buffer in the checkpoint, in the weights' dtype) exports; a buffer that disagrees
 with the RoPE the graph computes is refused in one line naming it, by the export and by the llm graph writer."""
 import json
-import shutil
 
 import pytest
 import torch
 
 from nxc.export.cli import main
-
-INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
-
-
-def official_inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
-    """transformers 4.31's LlamaRotaryEmbedding.__init__ (today's transformers no longer saves the buffer)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-
-
-def saved_by_4_31(ckpt, out, *, dtype, safetensors, theta=10000.0):
-    """A copy of `ckpt` written as save_pretrained of transformers 4.31 wrote it: weights and buffers in `dtype`."""
-    from nxc.model.checkpoint import load_state_dict
-    shutil.copytree(ckpt, out)
-    sd = load_state_dict(out)
-    for f in [*out.glob("pytorch_model*.bin*"), *out.glob("model*.safetensors*")]:
-        f.unlink()
-    cfg = json.loads((out / "config.json").read_text())
-    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    saved = {}
-    for k, v in sd.items():
-        saved[k] = v.to(dtype) if v.is_floating_point() else v
-        if k.endswith(".self_attn.o_proj.weight"):
-            saved[k.replace("o_proj.weight", "rotary_emb.inv_freq")] = official_inv_freq(dim, theta).to(dtype)
-    if safetensors:
-        from safetensors.torch import save_file
-        save_file(saved, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(saved, out / "pytorch_model.bin")
-    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    return out
-
+from transformers_4_31 import INV_FREQ, saved_by_4_31
 
 def _export(ckpt, out):
     return main([str(ckpt), "--clip", str(ckpt / "clip"), "--fp32", "--out", str(out), "--graphs", "llm",
@@ -48,7 +16,7 @@ def _export(ckpt, out):
 
 @pytest.mark.parametrize("dtype, safetensors", [(torch.float32, False), (torch.float16, True)])
 def test_a_checkpoint_saved_by_transformers_4_31_exports(tiny_ckpt_export, tmp_path, capsys, dtype, safetensors):
-    ckpt = saved_by_4_31(tiny_ckpt_export, tmp_path / "ckpt", dtype=dtype, safetensors=safetensors)
+    ckpt = saved_by_4_31(tiny_ckpt_export, tmp_path / "ckpt", dtype=dtype, safetensors=safetensors, torch_dtype=True)
     assert _export(ckpt, tmp_path / "fp32") == 0, capsys.readouterr().err[-3000:]
     parity = json.loads((tmp_path / "fp32" / "reports" / "parity.json").read_text())["llm"]
     assert parity["ok"] and [c["run"] for c in parity["checks"]] == ["prefill", "decode"]
@@ -56,7 +24,7 @@ def test_a_checkpoint_saved_by_transformers_4_31_exports(tiny_ckpt_export, tmp_p
 
 def test_a_wrong_rope_buffer_is_refused_in_one_line(tiny_ckpt_export, tmp_path, capsys):
     ckpt = saved_by_4_31(tiny_ckpt_export, tmp_path / "ckpt", dtype=torch.float16, safetensors=False,
-                         theta=1_000_000.0)
+                         theta=1_000_000.0, torch_dtype=True)
     assert _export(ckpt, tmp_path / "fp32") == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -73,8 +41,9 @@ def test_the_llm_writer_checks_the_rope_buffers(tiny_ckpt_export, tmp_path):
     from nxc.model.lazy import LazyCheckpoint
     from nxc.specs import graph_specs
 
-    good = saved_by_4_31(tiny_ckpt_export, tmp_path / "good", dtype=torch.float16, safetensors=True)
-    bad = saved_by_4_31(tiny_ckpt_export, tmp_path / "bad", dtype=torch.float16, safetensors=True, theta=20000.0)
+    good = saved_by_4_31(tiny_ckpt_export, tmp_path / "good", dtype=torch.float16, safetensors=True, torch_dtype=True)
+    bad = saved_by_4_31(tiny_ckpt_export, tmp_path / "bad", dtype=torch.float16, safetensors=True, theta=20000.0,
+                        torch_dtype=True)
     sizes = llama_sizes_from_config_json(json.loads((good / "config.json").read_text()))
     model, _ = load_nextchat(good, llm=False)
     spec = graph_specs(model.config)["llm"]

@@ -2,7 +2,6 @@
 `model.layers.{i}.self_attn.rotary_emb.inv_freq`, in the dtype of the weights. Such a buffer is not a weight: every
 reader of the llm's tensors checks it against the RoPE nxc computes and skips it. A wrong one, or an unexpected,
 missing or misshapen layer tensor, is one line naming it, never a traceback."""
-import shutil
 
 import pytest
 import torch
@@ -10,38 +9,7 @@ import torch
 from nxc.model.checkpoint import CheckpointError, load_nextchat, load_state_dict, read_config
 from nxc.model.lazy import LazyCheckpoint
 from nxc.model.streamed import llama_hidden
-
-INV_FREQ = "model.layers.{}.self_attn.rotary_emb.inv_freq"
-
-
-def official_inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
-    """transformers 4.31's LlamaRotaryEmbedding.__init__, written out (today's transformers no longer saves it)."""
-    return 1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))
-
-
-def as_transformers_4_31_saved(ckpt, out, *, dtype=torch.float32, safetensors=False, theta=10000.0, edit=None):
-    """A copy of `ckpt` with its weights in `dtype` and every layer's inv_freq buffer (in `dtype` too, as
-    save_pretrained wrote an fp16 model), right after the layer's o_proj as 4.31's state dict had it."""
-    shutil.copytree(ckpt, out)
-    sd = load_state_dict(out)
-    for f in [*out.glob("pytorch_model*.bin*"), *out.glob("model*.safetensors*")]:
-        f.unlink()
-    cfg = read_config(out)
-    dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    saved = {}
-    for k, v in sd.items():
-        saved[k] = v.to(dtype) if v.is_floating_point() else v
-        if k.endswith(".self_attn.o_proj.weight"):
-            saved[k.replace("o_proj.weight", "rotary_emb.inv_freq")] = official_inv_freq(dim, theta).to(dtype)
-    if edit is not None:
-        edit(saved)
-    if safetensors:
-        from safetensors.torch import save_file
-        save_file(saved, str(out / "model.safetensors"), metadata={"format": "pt"})
-    else:
-        torch.save(saved, out / "pytorch_model.bin")
-    return out
-
+from transformers_4_31 import INV_FREQ, official_inv_freq, saved_by_4_31
 
 class Tensors:
     """A streamed reader's source over a dict (official names)."""
@@ -66,7 +34,7 @@ def _embeds(sizes, t=5):
 @pytest.mark.parametrize("dtype, safetensors", [(torch.float32, False), (torch.float16, True),
                                                 (torch.bfloat16, True)])
 def test_streamed_layers_skip_the_buffers(tiny_ckpt, tmp_path, dtype, safetensors):
-    ckpt = as_transformers_4_31_saved(tiny_ckpt, tmp_path / "c", dtype=dtype, safetensors=safetensors)
+    ckpt = saved_by_4_31(tiny_ckpt, tmp_path / "c", dtype=dtype, safetensors=safetensors)
     src = LazyCheckpoint(ckpt)
     assert INV_FREQ.format(1) in src.keys()
     model, _ = load_nextchat(ckpt)                                       # the whole reader: the buffers agree
@@ -91,7 +59,7 @@ def _wrong_dim(sd):
 @pytest.mark.parametrize("reader", ["load_nextchat", "load_nextchat(llm=False)", "llama_hidden"])
 @pytest.mark.parametrize("edit, found", [(_wrong_theta, "values"), (_wrong_dim, "shape (16,)")])
 def test_a_wrong_rope_buffer_is_refused_in_one_line(tiny_ckpt, tmp_path, reader, edit, found):
-    ckpt = as_transformers_4_31_saved(tiny_ckpt, tmp_path / "c", edit=edit)
+    ckpt = saved_by_4_31(tiny_ckpt, tmp_path / "c", edit=edit)
     with pytest.raises(CheckpointError) as e:
         if reader == "llama_hidden":
             from nxc.config import llama_sizes_from_config_json
@@ -147,7 +115,7 @@ def test_a_retrieval_checkpoint_with_the_buffers_loads_and_a_wrong_one_is_refuse
     def edit(sd):
         if wrong:
             sd[INV_FREQ.format(0)] = official_inv_freq(dim, theta * 50)
-    ckpt = as_transformers_4_31_saved(asset, tmp_path / "c", safetensors=True, theta=theta, edit=edit)
+    ckpt = saved_by_4_31(asset, tmp_path / "c", safetensors=True, theta=theta, edit=edit)
     if wrong:
         with pytest.raises(CheckpointError, match=rf"^{INV_FREQ.format(0)} .*rope_theta") as e:
             load_retrieval(ckpt)

@@ -7,30 +7,10 @@ import httpx
 import numpy as np
 import pytest
 
+from gate import Gate
 from nxc.shapes.data import make_scene
 from serve_helpers import LiveServer
 from test_api import user
-
-
-class Gate:
-    """The scheduler's runner, held shut until open(): the rows taken stay taken."""
-
-    def __init__(self, runner):
-        self._real, self._open = runner, threading.Event()
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def run_cached(self, *args, **kwargs):
-        self._open.wait()
-        return self._real.run_cached(*args, **kwargs)
-
-    def run_rows(self, *args, **kwargs):
-        self._open.wait()
-        return self._real.run_rows(*args, **kwargs)
-
-    def open(self) -> None:
-        self._open.set()
 
 
 @pytest.fixture
