@@ -1,0 +1,388 @@
+"""One picture through nxc's generator against diffusers' PyTorch loop on the same weights, latents, scheduler and
+guidance (issue 28, item 7): seconds per denoise step, the whole picture, peak RSS, and how far the pictures differ.
+
+    .venv/bin/python benchmarks/generate_vs.py --work /data/gv --keep               # SD-1.5's sizes, 512x512, 20 steps
+    .venv/bin/python benchmarks/generate_vs.py --size tiny --steps 4 --threads 1    # a dry run (seconds)
+
+Sizes (--size): sd-1.5, a random-weight SD-1.5-layout diffusers folder made here (UNet2DConditionModel's default
+config with SD-1.5's cross_attention_dim 768 and sample_size 64: 860 M parameters, 3.4 GB fp32; AutoencoderKL with
+SD's config; SD-1.5's DDIM scheduler config; a random uncond.npy [1,77,768], no text encoder), its weights written
+one module at a time (peak: the largest module); tiny, make_tiny_generator's (a 16x16 picture).
+Sides, in this order, each in its own process under true_size.py's peak-RSS wrapper (WORK/logs/<side>.log):
+  make     the diffusers folder WORK/generator (kept and reused when complete)
+  export   nxc.export.generator.export_generator -> WORK/build (--precision), its parity check on (timed apart)
+  nxc      one picture through nxc.runtime.generator.Generator, the build's graphs in ONNX Runtime (torch-free)
+  torch    StableDiffusionPipeline's loop written out: diffusers' UNet2DConditionModel + AutoencoderKL in fp32,
+           diffusers' DDIMScheduler from the folder's config, torch.no_grad, the same threads
+  optimum  optimum's ONNX Runtime pipeline: skipped with the reason when it cannot run here
+Both sides start from nxc.diffusion.initial_latents(seed) and condition on WORK/conditioning.npy (a fixed random
+[1,L,D]); a denoise step is one UNet / denoiser call on [uncond, cond]. Pictures are compared before the uint8 step
+(pixels in [0, 1]). JSON on stdout (and --json FILE); progress on stderr. WORK is deleted at the end unless --keep
+or a side failed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SIZES = ("sd-1.5", "tiny")
+PRECISIONS = ("fp32", "fp16")
+SIDES = ("make", "export", "nxc", "torch")
+RSS_HEADROOM_GB = 1.5           # issue 28: a picture's peak RSS <= the generator's files + 1.5 GB
+STEP_SPEEDUP_TARGET = 1.2       # issue 28: denoise step >= 1.2x diffusers' PyTorch fp32
+PICTURE_TOLERANCE = 1e-3        # issue 28: the runtime's picture equals the torch reference's within 1e-3 (fp32)
+GB = 1e9
+# SD-1.5's UNet: UNet2DConditionModel's default config (blocks 320/640/1280/1280, 2 layers, 8 heads) except these two,
+# whose defaults in diffusers 0.42 are cross_attention_dim 1280 and sample_size None
+SD15_UNET = {"cross_attention_dim": 768, "sample_size": 64}
+# SD-1.5's AutoencoderKL (runwayml/stable-diffusion-v1-5 vae/config.json)
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+
+
+def log(msg: str) -> None:
+    print(f"[generate-vs] {msg}", file=sys.stderr, flush=True)
+
+
+def _true_size():
+    """benchmarks/true_size.py's machinery: measured (the peak-RSS wrapper), dir_bytes, machine, gb."""
+    spec = importlib.util.spec_from_file_location("true_size", Path(__file__).with_name("true_size.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(a, side: str) -> Path:
+    return a.work / "results" / f"{side}.json"
+
+
+# -- make: the diffusers folder -----------------------------------------------------------------------------------
+def _write_streamed(model, folder: Path) -> None:
+    """`model` (built on the meta device) -> folder/config.json + diffusion_pytorch_model.safetensors, fp32, one
+    module at a time: each module is materialised on the CPU, initialised as PyTorch initialises it
+    (reset_parameters; normal(0, 0.02) / zeros where a module has none), written, and dropped. Peak memory is the
+    largest module, not the model."""
+    import torch
+    model.save_config(folder)
+    state = model.state_dict(keep_vars=True)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, t in state.items():
+        n = t.numel() * 4
+        header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for prefix, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False)) | dict(mod.named_buffers(recurse=False))
+            if not own:
+                continue
+            mod.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+                else:
+                    for t in own.values():
+                        torch.nn.init.normal_(t, std=0.02) if t.ndim > 1 else torch.nn.init.zeros_(t)
+            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                key = f"{prefix}.{name}" if prefix else name
+                if key not in header:
+                    continue                                        # a non-persistent buffer
+                if header[key]["data_offsets"][0] != written:
+                    raise RuntimeError(f"{key}: state_dict order differs from module order; cannot stream")
+                f.write(t.detach().float().contiguous().numpy().tobytes())
+                written += t.numel() * 4
+            mod.to_empty(device="meta", recurse=False)
+    if written != offset:
+        raise RuntimeError(f"wrote {written} bytes of tensors, expected {offset}")
+
+
+def make_sd15(folder: Path, seed: int) -> None:
+    """A random-weight SD-1.5-layout diffusers folder (no text encoder: uncond.npy [1,77,768])."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from nxc.model.generator import SD15_DDIM_SCHEDULER, UNCOND_FILE
+    torch.manual_seed(seed)
+    for part, cls, config in (("unet", UNet2DConditionModel, SD15_UNET), ("vae", AutoencoderKL, SD15_VAE)):
+        log(f"make: {part} ({cls.__name__}), streamed to {folder / part}")
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        with torch.device("meta"):
+            model = cls(**config)
+        _write_streamed(model, folder / part)
+    DDIMScheduler(**SD15_DDIM_SCHEDULER).save_config(folder / "scheduler")
+    np.save(folder / UNCOND_FILE, np.random.default_rng(seed + 1).standard_normal((1, 77, 768), dtype=np.float32))
+
+
+def side_make(a) -> dict:
+    folder = a.work / "generator"
+    if a.size == "tiny":
+        from nxc.model.generator import make_tiny_generator
+        make_tiny_generator(folder, seed=a.seed, text_encoder=False)
+    else:
+        make_sd15(folder, a.seed)
+    (folder / ".complete").write_text("made by benchmarks/generate_vs.py\n")
+    return {}
+
+
+# -- export: nxc's graphs ------------------------------------------------------------------------------------------
+def side_export(a) -> dict:
+    """export_generator into WORK/build; the parity check's seconds from the times of its log lines."""
+    from nxc.export.generator import export_generator
+    build = a.work / "build"
+    shutil.rmtree(build, ignore_errors=True)
+    events = []
+
+    def stamped(msg):
+        events.append((time.perf_counter(), msg))
+        print(msg, file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    gen = export_generator(a.work / "generator", build, precision=a.precision, default_steps=a.steps,
+                           default_guidance=a.guidance, log=stamped)
+    end = time.perf_counter()
+    parity = {}
+    for i, (t, msg) in enumerate(events):
+        if "checking against torch" in msg:
+            graph = msg.split("]", 1)[1].split(":", 1)[0].strip()
+            spent = (events[i + 1][0] if i + 1 < len(events) else end) - t
+            parity[graph] = round(parity.get(graph, 0.0) + spent, 2)         # fp16: fp32 decoder check too
+    (build / "export.json").write_text(json.dumps({"entry": gen.entry, "graphs": gen.graphs}))
+    files = {g: sum((build / f).stat().st_size for f in [r["file"], *r["external_data"]])
+             for g, r in gen.graphs.items()}
+    return {"export_seconds": round(end - t0, 2), "parity_seconds": parity,
+            "parity_ok": {g: r["ok"] for g, r in gen.parity.items()},
+            "graphs": {g: {"precision": r["precision"], "gb": round(files[g] / GB, 3),
+                           **({"fp32_reason": r["fp32_reason"]} if "fp32_reason" in r else {})}
+                       for g, r in gen.graphs.items()}}
+
+
+# -- the two pictures ----------------------------------------------------------------------------------------------
+def _timings(steps_s: list[float], picture_s: float, load_s: float, pixels: np.ndarray, out: Path) -> dict:
+    np.save(out, pixels.astype(np.float32))
+    return {"load_seconds": round(load_s, 3), "denoise_step_seconds": statistics.median(steps_s),
+            "denoise_steps": len(steps_s), "denoise_step_seconds_all": [round(s, 4) for s in steps_s],
+            "picture_seconds": picture_s, "picture_shape": list(pixels.shape)}
+
+
+def side_nxc(a) -> dict:
+    """One picture through the runtime Generator; the denoiser calls timed by a Timeline (torch-free process)."""
+    from nxc.config import GeneratorSizes
+    from nxc.manifest_types import GeneratorEntry
+    from nxc.runtime.backends import get_backend
+    from nxc.runtime.generator import DrawOptions, Generator
+    from nxc.runtime.timing import Timeline
+    from nxc.specs import generator_specs
+    build = a.work / "build"
+    exp = json.loads((build / "export.json").read_text())
+    e = dict(exp["entry"])
+    entry = GeneratorEntry(**{**e, "sizes": GeneratorSizes.from_dict(e["sizes"])})
+    specs = generator_specs(entry.sizes)
+    t0 = time.perf_counter()
+    backend = get_backend("onnxruntime", threads=a.threads)
+    runners = {g: backend.load(build / exp["graphs"][g]["file"], specs[g]) for g in (entry.denoiser, entry.decoder)}
+    load_s = time.perf_counter() - t0
+    decoded = {}
+
+    def run(graph, **feeds):
+        out = runners[graph].run(feeds)
+        if graph == entry.decoder:
+            decoded["pixels"] = out["pixels"][0]               # [3,H,W] in [0, 1], before Generator's uint8 step
+        return out
+    gen = Generator(entry=entry, uncond=np.load(build / entry.uncond_file), run=run)
+    tl = Timeline()
+    t0 = time.perf_counter()
+    picture, used = gen.draw(np.load(a.work / "conditioning.npy"),
+                             DrawOptions(steps=a.steps, guidance=a.guidance, seed=a.seed, scheduler="ddim"),
+                             timeline=tl)
+    picture_s = time.perf_counter() - t0
+    steps_s = [ev.seconds for ev in tl.events if ev.stage == entry.denoiser]
+    files = [build / f for g in (entry.denoiser, entry.decoder)
+             for f in [exp["graphs"][g]["file"], *exp["graphs"][g]["external_data"]]] + [build / entry.uncond_file]
+    np.save(a.work / "pictures" / "nxc-uint8.npy", picture)
+    return {**_timings(steps_s, picture_s, load_s, decoded["pixels"], a.work / "pictures" / "nxc.npy"),
+            "decode_seconds": sum(ev.seconds for ev in tl.events if ev.stage == entry.decoder),
+            "files_gb": round(sum(f.stat().st_size for f in files) / GB, 3), "precision": a.precision,
+            "options": vars(used), "torch_imported": "torch" in sys.modules}
+
+
+def side_torch(a) -> dict:
+    """StableDiffusionPipeline.__call__'s loop written out, on the folder's weights (diffusers' loaders)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    from nxc.diffusion import initial_latents
+    torch.set_num_threads(a.threads)
+    folder = a.work / "generator"
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
+    scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    load_s = time.perf_counter() - t0
+    uncond = torch.from_numpy(np.load(folder / "uncond.npy"))
+    cond = torch.from_numpy(np.load(a.work / "conditioning.npy"))
+    shape = (1, unet.config.in_channels, *(2 * [unet.config.sample_size] if isinstance(unet.config.sample_size, int)
+                                             else unet.config.sample_size))
+    cfg = a.guidance > 1                                    # the pipeline's do_classifier_free_guidance
+    embeds = torch.cat([uncond, cond]) if cfg else cond
+    steps_s = []
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        scheduler.set_timesteps(a.steps)
+        latents = torch.from_numpy(initial_latents(shape, a.seed)) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = torch.cat([latents] * 2) if cfg else latents
+            x = scheduler.scale_model_input(x, t)
+            s0 = time.perf_counter()
+            noise = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            steps_s.append(time.perf_counter() - s0)
+            if cfg:
+                noise_u, noise_c = noise.chunk(2)
+                noise = noise_u + a.guidance * (noise_c - noise_u)
+            latents = scheduler.step(noise, t, latents, return_dict=False)[0]
+        d0 = time.perf_counter()
+        image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        pixels = (image / 2 + 0.5).clamp(0, 1)[0].numpy()
+    picture_s = time.perf_counter() - t0
+    return {**_timings(steps_s, picture_s, load_s, pixels, a.work / "pictures" / "torch.npy"),
+            "decode_seconds": time.perf_counter() - d0, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "accelerate": importlib.util.find_spec("accelerate") is not None}
+
+
+def optimum_entry() -> str:
+    try:
+        from optimum.onnxruntime import ORTStableDiffusionPipeline  # noqa: F401
+    except ImportError as e:
+        return f"skipped: optimum with onnxruntime is not importable here ({e}; pip install optimum[onnxruntime])"
+    return ("skipped: optimum is importable, but its exporter needs a whole StableDiffusionPipeline folder (text "
+            "encoder, tokenizer, model_index.json); this benchmark's folder ships uncond.npy instead")
+
+
+# -- the parent ----------------------------------------------------------------------------------------------------
+def run_side(a, ts, side: str) -> dict:
+    """`side` in its own process under the peak-RSS wrapper; its figures merged into the wrapper's record."""
+    _result(a, side).unlink(missing_ok=True)
+    rec = ts.measured([sys.executable, str(Path(__file__).resolve()), *a.argv, "--work", str(a.work), "--side", side],
+                      a.work, side)
+    if rec["ok"]:
+        rec.update(json.loads(_result(a, side).read_text()))
+    return rec
+
+
+def summary(res: dict) -> dict:
+    """Pictures' difference and the issue's targets, from the sides' records."""
+    nxc, ref = res.get("nxc", {}), res.get("torch", {})
+    out = {}
+    if nxc.get("ok") and ref.get("ok"):
+        work = Path(res["work"]) / "pictures"
+        p, q = np.load(work / "nxc.npy").astype(np.float64), np.load(work / "torch.npy").astype(np.float64)
+        diff = float(np.abs(p - q).max())
+        levels = int(np.abs(np.load(work / "nxc-uint8.npy").astype(int).transpose(2, 0, 1)
+                            - (np.clip(q, 0, 1) * 255).round().astype(int)).max())
+        out["pictures"] = {"max_abs_diff": diff, "max_abs_diff_uint8_levels": levels, "tolerance": PICTURE_TOLERANCE,
+                           "agree": diff <= PICTURE_TOLERANCE}
+        speedup = ref["denoise_step_seconds"] / nxc["denoise_step_seconds"]
+        budget = nxc["files_gb"] + RSS_HEADROOM_GB
+        out["ratios"] = {
+            "denoise_step_speedup_vs_torch": round(speedup, 3), "denoise_step_target": STEP_SPEEDUP_TARGET,
+            "denoise_step_target_met": speedup >= STEP_SPEEDUP_TARGET,
+            "picture_speedup_vs_torch": round(ref["picture_seconds"] / nxc["picture_seconds"], 3),
+            "nxc_peak_rss_gb": nxc["peak_rss_gb"], "torch_peak_rss_gb": ref["peak_rss_gb"],
+            "rss_budget_gb": round(budget, 3), "rss_target_met": nxc["peak_rss_gb"] <= budget}
+    return out
+
+
+def parse_args(argv):
+    intro, _, rest = __doc__.partition("\n\n")
+    ap = argparse.ArgumentParser(description=intro, epilog=rest, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=SIZES, default="sd-1.5", help="the generator's sizes (sd-1.5)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps (20)")
+    ap.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance (7.5)")
+    ap.add_argument("--seed", type=int, default=0, help="weights, latents and conditioning seed (0)")
+    ap.add_argument("--precision", choices=PRECISIONS, default="fp32", help="nxc's build (fp32); torch is fp32")
+    ap.add_argument("--work", type=Path, default=None, help="working directory (a temporary one)")
+    ap.add_argument("--keep", action="store_true", help="keep WORK (folder, build, pictures, logs) at the end")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides (all cores)")
+    ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)      # internal: run one side in this process
+    a = ap.parse_args(argv)
+    if a.steps < 1 or a.guidance < 0 or a.threads < 1:
+        ap.error(f"--steps {a.steps}, --guidance {a.guidance}, --threads {a.threads}: expected steps >= 1, "
+                 "guidance >= 0, threads >= 1")
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    return a
+
+
+def _forwarded(argv: list[str]) -> list[str]:
+    """The parent's arguments minus --work / --json / --keep (each side is given WORK explicitly)."""
+    out, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x in ("--work", "--json"):
+            skip = True
+        elif not (x == "--keep" or x.startswith(("--work=", "--json="))):
+            out.append(x)
+    return out
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.side:
+        a.work = a.work.resolve()
+        rec = {"make": side_make, "export": side_export, "nxc": side_nxc, "torch": side_torch}[a.side](a)
+        _result(a, a.side).write_text(json.dumps(rec))
+        return 0
+    ts = _true_size()
+    a.work = (a.work or Path(tempfile.mkdtemp(prefix="nxc-generate-vs-"))).resolve()
+    a.argv = _forwarded(a.argv)
+    for d in ("results", "pictures"):
+        (a.work / d).mkdir(parents=True, exist_ok=True)
+    res = {"machine": ts.machine(a.work), "threads": a.threads, "size": a.size, "steps": a.steps,
+           "guidance": a.guidance, "seed": a.seed, "precision": a.precision, "scheduler": "ddim", "work": str(a.work)}
+    folder = a.work / "generator"
+    if (folder / ".complete").is_file():
+        res["make"] = {"ok": True, "reused": str(folder)}
+        log(f"make: reusing {folder}")
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+        res["make"] = run_side(a, ts, "make")
+    if res["make"]["ok"]:
+        res["make"]["folder_gb"] = ts.gb(ts.dir_bytes(folder))
+        from nxc.model.generator import inspect_generator
+        sizes = inspect_generator(folder)[3]
+        np.save(a.work / "conditioning.npy", np.random.default_rng(1000 + a.seed).standard_normal(
+            (1, sizes.context_length, sizes.cross_attention_dim), dtype=np.float32))
+        res["picture"] = [sizes.image_height, sizes.image_width]
+        res["export"] = run_side(a, ts, "export")
+        if res["export"]["ok"]:
+            res["nxc"] = run_side(a, ts, "nxc")
+        res["torch"] = run_side(a, ts, "torch")
+    res["optimum"] = optimum_entry()
+    res.update(summary(res))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if a.json:
+        a.json.write_text(text)
+    failed = [s for s in SIDES if s in res and not res[s].get("ok")]
+    if failed or a.keep:
+        log(f"work kept in {a.work}" + (f" (failed: {', '.join(failed)})" if failed else ""))
+    else:
+        shutil.rmtree(a.work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
