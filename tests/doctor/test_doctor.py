@@ -273,3 +273,35 @@ def test_cli_table_and_json_for_a_build(build, capsys):
     assert main([str(build), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["build"]["runs_with"][0] == "onnxruntime" and len(data["build"]["graphs"]) == 5
+
+
+def test_a_drawing_build_names_its_picture_graphs_and_their_engines(drawing_build, tmp_path, capsys):
+    """The projector, denoiser and latent_decoder are graphs like the others: rows with what they are for, engines
+    checked per graph, a fix that nxc-build takes (its --graphs knows them)."""
+    from nxc.engines.cli import parser as build_parser
+    build = Path(shutil.copytree(drawing_build[0], tmp_path / "drawing"))
+    assert main([str(build)]) == 0
+    out = capsys.readouterr().out
+    assert f"build {build} (fp32, nxc 0.1.0, draws pictures): runs here with onnxruntime" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
+    assert rows["denoiser"].endswith("picture: every denoise step")
+    assert rows["latent_decoder"].endswith("picture: latents -> pixels, once")
+    assert rows["projector"].endswith("picture: signal tokens -> conditioning")
+    assert rows["llm"].endswith("language model, every token")
+
+    facts = jetson_facts(tmp_path)
+    add_engines(build, tensorrt="10.3.0", gpu="Orin", cc="8.7",
+                graphs=[g for g in load_manifest(build, verify=False).graphs if g != "denoiser"])
+    r = check_build(build, facts)
+    assert r["draws"] and r["runs_with"] == ["onnxruntime"]
+    by = {g["graph"]: g for g in r["graphs"]}
+    assert by["denoiser"]["tensorrt"] == {"ok": False, "why": "engines/Orin-trt10.3.0/ has no engine for denoiser",
+                                          "fix": f"nxc-build {build} --graphs denoiser"}
+    assert by["latent_decoder"]["tensorrt"]["ok"] and by["projector"]["tensorrt"]["ok"]
+    assert build_parser().parse_args([str(build), "--graphs", "denoiser", "latent_decoder", "projector"]).graphs
+
+
+def test_a_build_that_does_not_draw_says_nothing_of_pictures(build, capsys):
+    assert main([str(build), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)["build"]
+    assert data["draws"] is False and {g["role"] for g in data["graphs"]} >= {"image encoder, once per image"}

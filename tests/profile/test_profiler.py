@@ -81,3 +81,37 @@ def test_chrome_trace_of_empty_timeline():
     from nxc.runtime.timing import Timeline
     assert chrome_trace({"b": Timeline()})["traceEvents"] == [
         {"name": "process_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "b"}}]
+
+
+def test_a_drawing_build_times_projector_each_denoise_step_and_decoder(drawing_build, drawing_pipe, scene,
+                                                                      monkeypatch, capsys):
+    from drawing_helpers import say_signal_at
+
+    from nxc.runtime.pipeline import Pipeline
+    with say_signal_at(drawing_pipe, 2):
+        rec, tl, result = run_once(drawing_pipe, scene.image, PROMPT, 24, draw={"steps": 4})
+    assert len(result.images) == rec["pictures"] == 1
+    assert tl.count("projector") == 1 and tl.count("latent_decoder") == 1
+    assert tl.count("denoiser") == len(rec["calls"]["denoiser"]) == 4         # guidance 3: one batched call a step
+    assert abs(sum(rec["calls"]["denoiser"]) - rec["stages"]["denoiser"]) < 1e-9
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, build, **kw: drawing_pipe))
+    with say_signal_at(drawing_pipe, 2):
+        assert main([str(drawing_build[0]), "--runs", "2", "--warmup", "0", "--max-new-tokens", "24",
+                     "--steps", "3", "--json", "-"]) == 0
+    b = json.loads(capsys.readouterr().out)["builds"][0]
+    assert b["pictures"] == 1 and b["stages"]["denoiser_per_step"]["count"] == 3
+    assert all(b["stages"][s]["median_ms"] > 0 for s in ("projector", "denoiser", "latent_decoder"))
+    from nxc.profile.cli import format_table
+    table = format_table({"builds": [b], "machine": {"bandwidth_gbs": 1.0, "matmul_gflops": 1.0}, "peak_rss_mb": 1})
+    print(table)
+    rows = [line.split()[0] for line in table.splitlines() if line.strip()]
+    assert rows.index("postprocess") < rows.index("projector") < rows.index("denoiser") < rows.index("latent_decoder")
+    per_step = next(line for line in table.splitlines() if line.startswith("denoiser per step"))
+    assert per_step.split()[-5:-2] == ["3", "calls", "x"] and per_step.endswith(" ms")
+
+
+def test_a_build_that_does_not_draw_refuses_steps_in_one_line(embedded_build, capsys):
+    assert main([str(embedded_build), "--runs", "1", "--warmup", "0", "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "head_options names 'signal'" in err and "Traceback" not in err

@@ -301,3 +301,14 @@ def test_refuses_a_retrieval_build_in_one_line(retrieval_build, tmp_path):
     with pytest.raises(RepoError, match="a retrieval .ChatRex-style. build; nxc-triton writes NExT-Chat's repository "
                                         "only. Serve it with nxc-serve"):
         write_repository(retrieval_build, tmp_path / "repo")
+
+
+def test_refuses_a_drawing_build_in_one_line(drawing_build, tmp_path, capsys):
+    with pytest.raises(RepoError, match="a build that draws .signal tokens and a generator, NExT-GPT-style.; "
+                                        "nxc-triton writes NExT-Chat's repository only. Serve it with nxc-serve$"):
+        write_repository(drawing_build[0], tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()
+    from nxc.triton.cli import main
+    assert main([str(drawing_build[0]), str(tmp_path / "repo")]) != 0
+    err = capsys.readouterr().err
+    assert "a build that draws" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -18,11 +18,20 @@ import re
 import time
 from pathlib import Path
 
-from nxc import __version__
+from nxc import __version__, names
 from nxc.engines.trt_build import ENGINE_JSON, engine_folder_name, onnx_fingerprint
 from nxc.manifest import MANIFEST, SCHEMA, BuildError, Manifest, load_manifest
 from nxc.runtime.backends.ort import PROVIDER_FLAGS
 from nxc.runtime.backends.trt import engine_mismatch
+
+# What each graph does (the table's last column); a build that draws has the last three beside its family's
+ROLES = {names.GRAPH_VISION: "image encoder, once per image", names.GRAPH_LLM: "language model, every token",
+         names.GRAPH_LOC_HEADS: "boxes, per grounded phrase", names.GRAPH_SAM_ENCODER: "masks: image, once per image",
+         names.GRAPH_SAM_DECODER: "masks, once per reply", names.GRAPH_PROPOSALS: "object proposals, once per image",
+         names.GRAPH_OBJECT_FEATURES: "object rows, once per image",
+         names.GRAPH_PROJECTOR: "picture: signal tokens -> conditioning",
+         names.GRAPH_DENOISER: "picture: every denoise step",
+         names.GRAPH_LATENT_DECODER: "picture: latents -> pixels, once"}
 
 GPU_ONNXRUNTIME = ("install onnxruntime-gpu built for this machine's CUDA (on a Jetson: the wheel for your JetPack "
                    "from NVIDIA's Jetson AI Lab index), or run on the CPU provider (the default)")
@@ -173,9 +182,10 @@ def check_build(build: Path | str, facts: dict, *, providers: list[str] | None =
             row_ort = _onnxruntime_row(m, graph, facts, wanted, load)
             row_trt = _tensorrt_row(m, graph, facts, here)
         report["graphs"].append({"graph": graph, "precision": m.graphs[graph].precision,
-                                 "onnxruntime": row_ort, "tensorrt": row_trt})
+                                 "role": ROLES.get(graph, "-"), "onnxruntime": row_ort, "tensorrt": row_trt})
     report["runs_with"] = [b for b in ("onnxruntime", "tensorrt") if all(g[b]["ok"] for g in report["graphs"])]
     report["runs"] = bool(report["runs_with"])
+    report["draws"] = m.generator is not None            # pictures: its projector, denoiser and latent_decoder
     if not report["runs"]:
         first = next(g for g in report["graphs"] if not g["onnxruntime"]["ok"])
         report["why"] = f"{first['graph']}: {first['onnxruntime']['why']}"

@@ -58,7 +58,8 @@ def build_lines(r: dict) -> list[str]:
     """The build's table: one row per graph, "no [n]" pointing at the n-th reason below it and its fix."""
     if not r["readable"]:
         return [f"build {r['build']}: cannot be read: {r['why']}", f"  fix: {r['fix']}"]
-    head = (f"build {r['build']} ({r['precision']}, nxc {r['nxc_version']}): "
+    head = (f"build {r['build']} ({r['precision']}, nxc {r['nxc_version']}"
+            + (", draws pictures" if r.get("draws") else "") + "): "
             + (f"runs here with {' and '.join(r['runs_with'])}" if r["runs"] else f"does not run here: {r['why']}"))
     lines = [head] + ([f"  note: {r['note']}"] if r.get("note") else [])
     reasons: list[tuple[str, str]] = []
@@ -72,10 +73,10 @@ def build_lines(r: dict) -> list[str]:
         return f"no [{reasons.index(key) + 1}]"
 
     width = max(len(g["graph"]) for g in r["graphs"] + [{"graph": "graph"}])
-    lines.append(f"  {'graph':<{width}}  {'precision':<17} {'onnxruntime':<12} tensorrt")
+    lines.append(f"  {'graph':<{width}}  {'precision':<17} {'onnxruntime':<12} {'tensorrt':<12} for")
     for g in r["graphs"]:
         lines.append(f"  {g['graph']:<{width}}  {g['precision']:<17} {cell(g['onnxruntime']):<12} "
-                     f"{cell(g['tensorrt'])}")
+                     f"{cell(g['tensorrt']):<12} {g.get('role', '-')}")
     for e in r["engines"]:
         built = (f"TensorRT {_v(e.get('tensorrt'))}, {_v(e.get('gpu'))} ({_v(e.get('compute_capability'))}), "
                  f"{_v(e.get('precision'))}")

@@ -14,6 +14,10 @@ def no_tensorrt() -> str:
             "machine with an NVIDIA GPU")
 
 
+# every graph a build may hold (nxc-doctor's fixes name them): NExT-Chat's, the retrieval family's, a generator's
+ENGINE_GRAPHS = (*names.ALL_GRAPHS, names.GRAPH_PROJECTOR, *names.GENERATOR_GRAPHS)
+
+
 class _Unavailable(Exception):
     """TensorRT or a GPU is missing: the message is the one line to print."""
 
@@ -40,8 +44,8 @@ def parser() -> argparse.ArgumentParser:
                     help="TensorRT workspace limit in MB (default: TensorRT's own, the device memory)")
     ap.add_argument("--timing-cache", type=Path, metavar="FILE",
                     help="reuse this timing cache if it exists and write it back (faster rebuilds)")
-    ap.add_argument("--graphs", nargs="+", choices=names.GRAPHS, metavar="GRAPH",
-                    help=f"graphs to build (default: all of the build's; choose from {', '.join(names.GRAPHS)}); "
+    ap.add_argument("--graphs", nargs="+", choices=ENGINE_GRAPHS, metavar="GRAPH",
+                    help=f"graphs to build (default: all of the build's; choose from {', '.join(ENGINE_GRAPHS)}); "
                          "engines of other graphs already built here are kept")
     ap.add_argument("--verbose", action="store_true", help="show TensorRT's warnings (and tracebacks)")
     return ap

@@ -9,20 +9,34 @@ from pathlib import Path
 from nxc.runtime.timing import STAGES
 
 
+def _cell(st: dict | None) -> str:
+    """A stage's median, p90 and share (32 characters); '-' where the build has no such stage."""
+    if st is None:
+        return f"{'-':>32}"
+    share = f"{100 * st['share']:>9.1f}%" if "share" in st else f"{'':>10}"
+    return f"{st['median_ms']:>12.2f}{st.get('p90_ms', float('nan')):>10.2f}{share}"
+
+
+def _per_step(b: dict) -> str:
+    st = b["stages"].get("denoiser_per_step")
+    return "-" if st is None else f"{st['count']} calls x {st['median_ms']:.2f} ms"
+
+
 def format_table(report: dict) -> str:
+    """The stages side by side; a build that draws adds its graphs (projector, denoiser, latent_decoder) after the
+    usual stages and a "denoiser per step" line: calls per picture-making turn x the median call."""
     builds = report["builds"]
     head = f"{'stage':<20}" + "".join(f"{Path(b['build']).name + ' (' + b['precision'] + ')':>32}" for b in builds)
     sub = f"{'':<20}" + "".join(f"{'median ms':>12}{'p90 ms':>10}{'share':>10}" for _ in builds)
     rows = [head, sub]
-    for s in (*STAGES, "decode_per_token"):
-        cells = ""
-        for b in builds:
-            st = b["stages"][s]
-            cells += f"{st['median_ms']:>12.2f}{st.get('p90_ms', float('nan')):>10.2f}" + \
-                     (f"{100 * st['share']:>9.1f}%" if "share" in st else f"{'':>10}")
-        rows.append(f"{s:<20}{cells}")
+    drawing = [s for b in builds for s in b["stages"] if s not in (*STAGES, "decode_per_token", "denoiser_per_step")]
+    for s in (*STAGES, *dict.fromkeys(drawing), "decode_per_token"):
+        rows.append(f"{s:<20}" + "".join(_cell(b["stages"].get(s)) for b in builds))
+
     def line(label, fn):
         rows.append(f"{label:<20}" + "".join(f"{fn(b):>32}" for b in builds))
+    if drawing:
+        line("denoiser per step", _per_step)
     line("end-to-end ms", lambda b: f"{b['end_to_end_ms']['median']:.2f} (p90 {b['end_to_end_ms']['p90']:.2f})")
     line("time to first token", lambda b: f"{b['ttft_ms']:.2f} ms")
     line("decode tokens/s", lambda b: f"{b['decode_tokens_per_s']:.1f}")
@@ -31,6 +45,8 @@ def format_table(report: dict) -> str:
     line("vision vs matmul", lambda b: f"{b['roofline']['vision_achieved_gflops']:.1f} GF/s = "
                                        f"{b['roofline']['vision_pct_of_matmul']:.1f}%")
     line("tokens / triggers", lambda b: f"{b['tokens']} / {b['triggers']}")
+    if drawing:
+        line("pictures", lambda b: str(b["pictures"]))
     if "torch" in report:
         line("PyTorch ref e2e", lambda b: f"{report['torch']['end_to_end_ms']:.1f} ms = "
                                           f"{report['torch']['end_to_end_ms'] / b['end_to_end_ms']['median']:.2f}x")
@@ -50,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    ap.add_argument("--steps", type=int, help="a build that draws: denoise steps per picture (default: the build's)")
+    ap.add_argument("--guidance", type=float, help="a build that draws: classifier-free guidance (default: the build's)")
     ap.add_argument("--json", metavar="FILE", help="write the report as JSON ('-' for stdout instead of the table)")
     ap.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace of each build's last run")
     ap.add_argument("--vs-torch", action="store_true", help="also time the PyTorch reference (export extra)")
@@ -84,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         def progress(done, total, build):
             print(f"\r[nxc-profile] run {done}/{total} ({build})", end="", file=sys.stderr, flush=True)
 
+        draw = {k: v for k, v in (("steps", a.steps), ("guidance", a.guidance)) if v is not None}
         report = profile([Path(b) for b in a.builds], image, a.prompt, runs=a.runs, warmup=a.warmup,
-                         max_new_tokens=a.max_new_tokens, progress=progress, threads=a.threads)
+                         max_new_tokens=a.max_new_tokens, progress=progress, threads=a.threads, draw=draw)
         print(file=sys.stderr)
         if a.vs_torch:
             from nxc.manifest import load_manifest

@@ -4,6 +4,8 @@
         for build in builds:
             Timeline ─▶ pipe.conversation(image).ask(prompt)   (fresh conversation: vision and SAM counted)
     per stage: median / p90 of per-run totals, share of end-to-end; TTFT; decode tokens/s
+    a build that draws: its projector, denoiser and latent_decoder graphs as stages too, and the denoiser per step
+              (calls per run, median ms per call: one call per step, [unconditional, conditional] rows batched)
     roofline: bytes a decode step must read (llm weights + KV cache at its mean length) / step time,
               against this machine's copy bandwidth measured in the same run
 """
@@ -43,6 +45,14 @@ def measure_matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
         a @ a
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
+
+
+def drawing_stages(manifest: Manifest) -> tuple[str, ...]:
+    """The stages a picture adds, in order (its graphs' names: projector, denoiser, latent_decoder); () for a build
+    that does not draw."""
+    g = manifest.generator
+    heads = [h.graph for h in manifest.heads if h.kind == "signal" and h.graph]
+    return () if g is None else (*heads, g.denoiser, g.decoder)
 
 
 def peak_rss_mb() -> float:
@@ -85,7 +95,8 @@ class BuildProfile:
         m = pipe.manifest
         e2e = np.array([r["e2e"] for r in self.runs])
         stages = {}
-        for s in STAGES:
+        drawing = drawing_stages(m)
+        for s in (*STAGES, *drawing):
             v = np.array([r["stages"].get(s, 0.0) for r in self.runs])
             stages[s] = {"median_ms": 1000 * float(np.median(v)), "p90_ms": 1000 * float(np.percentile(v, 90)),
                          "share": float(np.median(v) / np.median(e2e)) if np.median(e2e) else 0.0}
@@ -93,6 +104,11 @@ class BuildProfile:
         decode_s = np.median([r["stages"].get("decode", 0.0) for r in self.runs])
         per_token = decode_s / max(1, tokens)
         stages["decode_per_token"] = {"median_ms": 1000 * float(per_token)}
+        if drawing:
+            calls = [t for r in self.runs for t in r["calls"][m.generator.denoiser]] or [0.0]
+            stages["denoiser_per_step"] = {
+                "count": int(np.median([len(r["calls"][m.generator.denoiser]) for r in self.runs])),
+                "median_ms": 1000 * float(np.median(calls)), "p90_ms": 1000 * float(np.percentile(calls, 90))}
         step_bytes = decode_step_bytes(m, self.runs[-1]["prompt_tokens"] + tokens / 2)
         achieved = step_bytes / per_token / 1e9 if per_token else 0.0
         vis_s = np.median([r["stages"].get("vision", 0.0) for r in self.runs])
@@ -104,6 +120,7 @@ class BuildProfile:
             "stage_sum_ms": 1000 * float(np.median([sum(r["stages"].values()) for r in self.runs])),
             "ttft_ms": 1000 * float(np.median([r["ttft"] for r in self.runs])),
             "tokens": tokens, "triggers": int(np.median([r["triggers"] for r in self.runs])),
+            "pictures": int(np.median([r["pictures"] for r in self.runs])),
             "decode_tokens_per_s": 1 / per_token if per_token else 0.0,
             "roofline": {
                 "bandwidth_gbs": bandwidth_gbs, "decode_step_bytes": int(step_bytes),
@@ -113,18 +130,23 @@ class BuildProfile:
         }
 
 
-def run_once(pipe, image, prompt: str, max_new_tokens: int) -> tuple[dict, Timeline, object]:
+def run_once(pipe, image, prompt: str, max_new_tokens: int, *, draw: dict | None = None
+             ) -> tuple[dict, Timeline, object]:
+    """One fresh turn, timed. draw: the picture options of a build that draws ({"steps", "guidance"})."""
     tl = Timeline()
-    result = pipe.conversation(image).ask(prompt, max_new_tokens=max_new_tokens, timeline=tl)
+    result = pipe.conversation(image).ask(prompt, max_new_tokens=max_new_tokens, timeline=tl,
+                                          head_options={"signal": draw} if draw else None)
     tl.end = tl.end or time.perf_counter()
     rec = {"stages": tl.totals(), "e2e": tl.end - tl.start,
            "ttft": (tl.first_token or tl.end) - tl.start, "tokens": len(result.token_ids),
-           "triggers": len(result.detections), "prompt_tokens": len(result.prompt_ids)}
+           "triggers": len(result.detections), "prompt_tokens": len(result.prompt_ids),
+           "pictures": len(result.images),
+           "calls": {s: [e.seconds for e in tl.events if e.stage == s] for s in drawing_stages(pipe.manifest)}}
     return rec, tl, result
 
 
 def profile(builds: list[Path], image, prompt: str, *, runs: int = 5, warmup: int = 1, max_new_tokens: int = 64,
-            progress=None, threads: int | None = None) -> dict:
+            progress=None, threads: int | None = None, draw: dict | None = None) -> dict:
     from nxc.runtime.pipeline import Pipeline
     pipes = [Pipeline.load(b, threads=threads) for b in builds]
     profiles = [BuildProfile(b) for b in builds]
@@ -132,7 +154,7 @@ def profile(builds: list[Path], image, prompt: str, *, runs: int = 5, warmup: in
     done = 0
     for r in range(warmup + runs):
         for i, b in enumerate(builds):                    # interleaved
-            rec, tl, result = run_once(pipes[i], image, prompt, max_new_tokens)
+            rec, tl, result = run_once(pipes[i], image, prompt, max_new_tokens, draw=draw)
             if r >= warmup:
                 profiles[i].runs.append(rec)
                 profiles[i].trace = tl

@@ -29,6 +29,7 @@ from nxc.manifest import BuildError
 from nxc.runtime.backends import BackendError
 from nxc.runtime.batch import Batcher, Closed, QueueFull
 from nxc.runtime.images import ImageError
+from nxc.runtime.events import Image
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
 from nxc.prompt import SLOT, PromptError, render_reply
 from nxc.runtime.timing import Timeline
@@ -101,6 +102,7 @@ class Server:
         # the token a Box event follows: a box head's slot, or `</objects>` closing a retrieval build's grounding
         self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.head_of_kind("index") is not None
                      else pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None)
+        self.draws = pipe.dispatch.head_of_kind("signal") is not None     # a reply may make pictures
         self.batcher = None
         if max_batch > 0:
             try:
@@ -144,8 +146,17 @@ class Server:
             conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
         return conv
 
+    def head_options(self, req: proto.ChatRequest) -> dict | None:
+        """The turn's head options: the picture fields for a build that draws; refused by one that does not."""
+        if req.draw and not self.draws:
+            given = [f for f, o in proto.PICTURE_FIELDS.items() if o in req.draw]
+            raise proto.ApiError(400, f"{', '.join(given)}: this build does not draw pictures (it has no signal "
+                                      "tokens and generator); leave the image_* fields out")
+        return {"signal": req.draw} if req.draw else None
+
     def start(self, req: proto.ChatRequest) -> "_Turns":
         """Start the request's turn (n of them for n > 1). Prompt errors raise here (400s); a full queue is a 503."""
+        options = self.head_options(req)
         if self.batcher is not None and not req.beams:
             if req.n > self.batcher.max_batch:      # n rows at once: more could never start
                 raise proto.ApiError(400, f"n {req.n} is more than this server decodes at once (--max-batch "
@@ -154,7 +165,7 @@ class Server:
             conv = self._conversation(req)
             try:
                 handles = self.batcher.submit_n(conv, req.question, req.n, boxes=req.boxes,
-                                                timelines=timelines, **req.sampling)
+                                                timelines=timelines, head_options=options, **req.sampling)
             except QueueFull as e:
                 raise proto.ApiError(503, f"the server is busy ({e})", "overloaded") from None
             except Closed as e:
@@ -166,7 +177,7 @@ class Server:
             seed = {"seed": req.sampling["seed"] + i} if "seed" in req.sampling else {}
             conv = self._conversation(req)
             events = conv.stream(req.question, boxes=req.boxes, timeline=timeline, **{**req.sampling, **seed},
-                                 **req.beams)
+                                 head_options=options, **req.beams)
             first = next(events)                  # prefill happens here: prompt errors surface as 400s
             sources.append(chain([first], events))
             timelines.append(timeline)
@@ -237,7 +248,8 @@ class Server:
         results = await self.answer(request, req)
         if any(r is None for r in results):
             raise proto.ApiError(499, "the client closed the request", "client_closed")
-        return JSONResponse(proto.completion(proto.new_id(), self.model, results))
+        # off the event loop: a picture's PNG takes milliseconds to encode
+        return JSONResponse(await run_in_threadpool(proto.completion, proto.new_id(), self.model, results))
 
     async def _stream(self, request: Request, req: proto.ChatRequest) -> EventSourceResponse:
         turns = await run_in_threadpool(self.start, req)
@@ -268,6 +280,8 @@ class Server:
                         yield chunk({"content": delta,
                                      "grounding": [proto.detection_json(ev.index, ev.detection, with_mask=False)]},
                                     ids)
+                    elif isinstance(ev, Image):                # a picture, once drawn (after the reply's text)
+                        yield chunk({"images": [await run_in_threadpool(proto.picture_part, ev)]})
                     elif isinstance(ev, Done):
                         r = ev.result
                         self._record(r, timeline, events)
@@ -307,6 +321,7 @@ class Server:
             return JSONResponse({"text": r.text, "raw_text": r.raw_text, "token_ids": r.token_ids,
                                  "finish_reason": r.finish_reason,
                                  "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)],
+                                 **({"images": [proto.picture_part(im) for im in r.images]} if r.images else {}),
                                  "usage": proto.usage(len(r.prompt_ids), len(r.token_ids))})
         return await self.handle(request, work)
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from nxc import names
 from nxc.runtime.images import ImageError, load_image
 from nxc.runtime.pipeline import Detection
 from nxc.prompt import SLOT
@@ -62,6 +63,7 @@ class ChatRequest:
     sampling: dict = field(default_factory=dict)    # max_new_tokens, temperature, top_p, top_k, seed
     n: int = 1                                      # completions of the turn (one prefill)
     beams: dict = field(default_factory=dict)       # num_beams, length_penalty, early_stopping (when num_beams > 1)
+    draw: dict = field(default_factory=dict)        # picture options given: steps, guidance, seed, scheduler
 
 
 # -- images ----------------------------------------------------------------------------------------------------
@@ -233,6 +235,8 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
         if role not in ("user", "assistant"):
             raise ApiError(400, f"messages[{k}].role must be user or assistant, got {role!r}")
         text, urls = _parts(msg, k)
+        if role == "assistant":
+            urls = []                     # the pictures an earlier reply made: nothing of them is fed back
         if urls and (role != "user" or turns):
             raise ApiError(400, f"messages[{k}]: the image goes in the first user message only (one image per "
                                 "conversation)")
@@ -265,7 +269,7 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
     return ChatRequest(image=image_from_url(image_urls[0], limits), question=turns[-1][1], boxes=boxes,
                        history=history, stream=bool(body.get("stream")),
                        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
-                       sampling=sampled, n=n, beams=beams)
+                       sampling=sampled, n=n, beams=beams, draw=picture_options(body))
 
 
 def parse_ground(body, limits: Limits) -> ChatRequest:
@@ -281,7 +285,60 @@ def parse_ground(body, limits: Limits) -> ChatRequest:
     if n > 1:
         raise ApiError(400, "n > 1 is for /v1/chat/completions; /v1/ground answers once")
     return ChatRequest(image=image_from_url(body["image"], limits), question=body["prompt"],
-                       boxes=_boxes(body.get("boxes"), "boxes"), sampling=sampled, beams=beams)
+                       boxes=_boxes(body.get("boxes"), "boxes"), sampling=sampled, beams=beams,
+                       draw=picture_options(body))
+
+
+# -- pictures (a build that draws: signal tokens -> projector -> generator) --------------------------------------
+PICTURE_FIELDS = {"image_steps": "steps", "image_guidance": "guidance", "image_seed": "seed",
+                  "image_scheduler": "scheduler"}
+MAX_IMAGE_STEPS = 1000          # a scheduler's training timesteps: no sampler takes more
+
+
+def picture_options(body: dict) -> dict:
+    """nxc's image_steps, image_guidance, image_seed, image_scheduler -> the signal head's options (those given);
+    whether the build draws at all is the server's to check."""
+    steps = _int(body, "image_steps", 1)
+    if steps is not None and steps > MAX_IMAGE_STEPS:
+        raise ApiError(400, f"image_steps must be at most {MAX_IMAGE_STEPS}, got {steps}")
+    scheduler = body.get("image_scheduler")
+    if scheduler is not None and scheduler not in names.GENERATOR_SCHEDULERS:
+        raise ApiError(400, f"image_scheduler must be one of {', '.join(names.GENERATOR_SCHEDULERS)}, "
+                            f"got {scheduler!r}")
+    out = {"steps": steps, "guidance": _float(body, "image_guidance", 0.0, 100.0),
+           "seed": _int(body, "image_seed", 0), "scheduler": scheduler}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def picture_png(pixels: np.ndarray) -> str:
+    """[H,W,3] uint8 RGB -> a data:image/png;base64 URI (lossless: it decodes to the same pixels)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(pixels, np.uint8), "RGB").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def picture_json(im) -> dict:
+    """A picture's nxc fields: index k (its image_url part is the k-th), how it was drawn, its size in pixels."""
+    h, w = im.pixels.shape[:2]
+    return {"index": im.index, "width": w, "height": h, "seed": im.seed, "steps": im.steps,
+            "guidance": round(float(im.guidance), 4), "scheduler": im.scheduler}
+
+
+def picture_part(im) -> dict:
+    """An OpenAI image_url content part of the picture (base64 PNG), with its nxc fields beside it."""
+    return {"type": "image_url", "image_url": {"url": picture_png(im.pixels)}, **picture_json(im)}
+
+
+def message(r) -> dict:
+    """The assistant message of a result: content is the text, or content parts (the text, then one image_url
+    part per picture) with the pictures' nxc fields in "images" when the reply drew."""
+    out = {"role": "assistant", "content": r.text,
+           "grounding": [detection_json(k, d) for k, d in enumerate(r.detections)]}
+    if r.images:
+        out["content"] = [{"type": "text", "text": r.text}] + [
+            {"type": "image_url", "image_url": {"url": picture_png(im.pixels)}} for im in r.images]
+        out["images"] = [picture_json(im) for im in r.images]
+    return out
 
 
 # -- responses -------------------------------------------------------------------------------------------------
@@ -311,9 +368,7 @@ def completion(cid: str, model: str, results, created: int | None = None) -> dic
     results = results if isinstance(results, list) else [results]
     return {"id": cid, "object": "chat.completion", "created": created or int(time.time()), "model": model,
             "choices": [{"index": i, "finish_reason": r.finish_reason, "token_ids": r.token_ids,
-                         "message": {"role": "assistant", "content": r.text,
-                                     "grounding": [detection_json(k, d) for k, d in enumerate(r.detections)]}}
-                        for i, r in enumerate(results)],
+                         "message": message(r)} for i, r in enumerate(results)],
             "usage": usage(len(results[0].prompt_ids), sum(len(r.token_ids) for r in results))}
 
 
