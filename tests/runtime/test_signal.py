@@ -5,6 +5,7 @@ UNet / VAE and diffusers' own DDIM scheduler on the same latents) within 1e-3.""
 import numpy as np
 import pytest
 
+from drawing_helpers import say_signal_at
 from nxc.runtime.events import Done, Image, Token
 
 pytest.importorskip("diffusers", reason="the generator's export and reference need the export extra (diffusers)")
@@ -13,33 +14,12 @@ torch = pytest.importorskip("torch", reason="the projector's export needs the ex
 QUESTION = "Can you describe the image and include object locations?"
 
 
-def _say_signal_at(pipe, n: int):
-    """Make the decode steps say the first signal token as the reply's n-th token (the llm's logits boosted there):
-    the shapes model was never taught to draw."""
-    first = pipe.dispatch.head_of_kind("signal").signals[0]
-    real, count = pipe.llm_step, {"n": 0}
-
-    def llm_step(embeds, cache):
-        logits, hidden = real(embeds, cache)
-        if embeds.shape[1] == 1:
-            count["n"] += 1
-            if count["n"] == n:
-                logits = logits.copy()
-                logits[first] += 1e4
-        return logits, hidden
-    pipe.llm_step = llm_step
-    return lambda: setattr(pipe, "llm_step", real)
-
-
 def test_a_reply_that_says_the_signal_tokens_makes_a_picture(drawing_pipe, embedded_pipe):
     from nxc.shapes.data import make_scene
     scene = make_scene(np.random.default_rng(3), max_objects=3)
-    undo = _say_signal_at(drawing_pipe, 2)
-    try:
+    with say_signal_at(drawing_pipe, 2):
         events = list(drawing_pipe.stream(scene.image, QUESTION, max_new_tokens=24,
                                           head_options={"signal": {"steps": 4, "seed": 5}}))
-    finally:
-        undo()
     result = events[-1].result
     signals = drawing_pipe.dispatch.head_of_kind("signal").signals
     ids = result.token_ids
