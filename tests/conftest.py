@@ -215,3 +215,25 @@ def drawing_build(embedded_build, tmp_path_factory):
 def drawing_pipe(drawing_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(drawing_build[0])
+
+
+NEXTGPT_PROMPT = "Draw a red circle and a blue square."
+
+
+@pytest.fixture(scope="session")
+def nextgpt_ckpt(tmp_path_factory):
+    """A tiny random NExT-GPT-style checkpoint (nxc.model.maker_nextgpt, seed 0) whose greedy reply to
+    NEXTGPT_PROMPT is [IMG0][IMG1][IMG2][IMG3]</s> for any image. Read-only."""
+    require_export_extra("the tiny NExT-GPT checkpoint")
+    pytest.importorskip("diffusers", reason="the NExT-GPT checkpoint's generator needs diffusers (export extra)")
+    from nxc.model.maker_nextgpt import make_nextgpt_checkpoint
+    return make_nextgpt_checkpoint(tmp_path_factory.mktemp("nextgpt") / "ckpt", draw_prompt=NEXTGPT_PROMPT,
+                                   log=lambda m: None)
+
+
+@pytest.fixture(scope="session")
+def nextgpt_build(nextgpt_ckpt, tmp_path_factory):
+    """`nextgpt_ckpt` exported fp32 (context 256, with the exporter's parity checks)."""
+    from nxc.export.exporter import ExportOptions, export_build
+    return export_build(nextgpt_ckpt, tmp_path_factory.mktemp("nextgpt-build") / "fp32",
+                        options=ExportOptions(max_context=256))

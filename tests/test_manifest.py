@@ -171,8 +171,8 @@ MALFORMED = [
      f"manifest.json: heads[0]: a head without a trigger needs encode_input / encode_output (it exists for its "
      f"slot rows){FIX}"),
     ("both sam and objects", lambda d, b: d["config"].update(objects={"image_size": 128}),
-     f"manifest.json: config: expected exactly one of `sam` (a regression model, NExT-Chat) and `objects` (a "
-     f"retrieval model){FIX}"),
+     f"manifest.json: config: expected exactly one of `sam` (a regression model, NExT-Chat), `objects` (a "
+     f"retrieval model) and `projector` (a generation model, NExT-GPT){FIX}"),
     ("head emits its trigger", heads(lambda h: h.update(emit=names.AT)),
      f"manifest.json: heads[0].emit: '<at>' is the trigger too (the head would fire on its own output){FIX}"),
     ("two heads, one trigger", lambda d, b: d["heads"].append(d["heads"][0]),

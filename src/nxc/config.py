@@ -144,13 +144,14 @@ class GeneratorSizes:
         return cls(**d)
 
 
-GROUNDING_FAMILIES = ("regression", "retrieval")
+GROUNDING_FAMILIES = ("regression", "retrieval", "generation")
 
 
 @dataclass(frozen=True)
 class NextChatConfig:
     """A grounded model's sizes. grounding "regression": NExT-Chat (location heads, SAM); "retrieval": the
-    ChatRex-style family (nxc.model.retrieval: `objects` set, no SAM)."""
+    ChatRex-style family (nxc.model.retrieval: `objects` set, no SAM); "generation": the NExT-GPT family
+    (nxc.model.nextgpt: `projector` set, no SAM, no objects; ONE image row, the tower's patches mean-pooled)."""
     llm: LlamaSizes
     vision: VisionSizes
     sam: SamSizes | None
@@ -160,14 +161,17 @@ class NextChatConfig:
     mm_use_im_start_end: bool = True
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     objects: ObjectSizes | None = None
+    projector: ProjectorSizes | None = None
 
     @property
     def grounding(self) -> str:
+        if self.projector is not None:
+            return "generation"
         return "retrieval" if self.objects is not None else "regression"
 
     @property
     def num_image_tokens(self) -> int:
-        return self.vision.num_patches
+        return 1 if self.projector is not None else self.vision.num_patches
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -176,6 +180,8 @@ class NextChatConfig:
             d.pop("objects")
         else:
             d["objects"] = self.objects.to_dict()
+        if self.projector is None:
+            d.pop("projector")
         return d
 
     @classmethod
@@ -186,10 +192,11 @@ class NextChatConfig:
             sam["encoder_global_attn_indexes"] = tuple(sam["encoder_global_attn_indexes"])
             sam = SamSizes(**sam)
         objects = ObjectSizes.from_dict(d["objects"]) if d.get("objects") is not None else None
+        projector = ProjectorSizes(**d["projector"]) if d.get("projector") is not None else None
         return cls(llm=LlamaSizes(**d["llm"]), vision=VisionSizes(**d["vision"]), sam=sam,
                    mm_hidden_size=d["mm_hidden_size"], mm_depth=d["mm_depth"],
                    mm_vision_select_layer=d["mm_vision_select_layer"], mm_use_im_start_end=d["mm_use_im_start_end"],
-                   objects=objects)
+                   objects=objects, projector=projector)
 
 
 def llama_sizes_from_config_json(cfg: dict, *, source: str = "config.json") -> LlamaSizes:

@@ -25,7 +25,8 @@ from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 
 from nxc import names
-from nxc.config import GeneratorSizes, LlamaSizes, NextChatConfig, ObjectSizes, SamSizes, VisionSizes
+from nxc.config import (GeneratorSizes, LlamaSizes, NextChatConfig, ObjectSizes, ProjectorSizes, SamSizes,
+                        VisionSizes)
 from nxc.jsonfield import Field, shown, too_deep
 from nxc.manifest_generator import check_uncond, parse_generator
 from nxc.manifest_types import (BATCH_ROWS, EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
@@ -211,14 +212,16 @@ def _sizes(f: Field, cls, *, signed: tuple[str, ...] = (), nested: tuple[str, ..
 
 
 def _config(f: Field) -> NextChatConfig:
-    d = _sizes(f, NextChatConfig, signed=("mm_vision_select_layer",), nested=("llm", "vision", "sam", "objects"))
-    sam, objects = f.optional("sam"), f.optional("objects")
-    if (sam is None) == (objects is None):
-        raise f.error("expected exactly one of `sam` (a regression model, NExT-Chat) and `objects` (a retrieval "
-                      "model)")
+    d = _sizes(f, NextChatConfig, signed=("mm_vision_select_layer",),
+               nested=("llm", "vision", "sam", "objects", "projector"))
+    sam, objects, projector = f.optional("sam"), f.optional("objects"), f.optional("projector")
+    if [sam, objects, projector].count(None) != 2:
+        raise f.error("expected exactly one of `sam` (a regression model, NExT-Chat), `objects` (a retrieval "
+                      "model) and `projector` (a generation model, NExT-GPT)")
     d.update(llm=_sizes(f["llm"], LlamaSizes), vision=_sizes(f["vision"], VisionSizes),
              sam=_sizes(sam, SamSizes) if sam is not None else None,
-             objects=_sizes(objects, ObjectSizes) if objects is not None else None)
+             objects=_sizes(objects, ObjectSizes) if objects is not None else None,
+             projector=_sizes(projector, ProjectorSizes) if projector is not None else None)
     llm = d["llm"]
     if llm["hidden_size"] % llm["num_heads"] or llm["num_heads"] % llm["num_kv_heads"]:
         raise f["llm"].error(f"hidden_size {llm['hidden_size']}, num_heads {llm['num_heads']} and num_kv_heads "

@@ -48,10 +48,18 @@ GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER)
 GENERATOR_SCHEDULERS = ("ddim", "euler", "lcm")   # the runtime's samplers, named as a manifest's default_scheduler
 # NExT-GPT's output projector: the signal tokens' hiddens -> a generator's conditioning (nxc.model.nextgpt_projector)
 GRAPH_PROJECTOR = "projector"
+# the generation family (NExT-GPT, nxc.model.nextgpt): vision gives ONE pooled row per image; the signal tokens'
+# hiddens -> projector -> the generator's graphs. Signal tokens: NExT-GPT's names, ordinary added tokens (one id each)
+SIGNAL_TOKENS = ("[IMG0]", "[IMG1]", "[IMG2]", "[IMG3]")
+DRAWING_GRAPHS = (GRAPH_PROJECTOR, GRAPH_DENOISER, GRAPH_LATENT_DECODER)
+GENERATION_GRAPHS = (GRAPH_VISION, GRAPH_LLM) + DRAWING_GRAPHS
+EXPORT_GRAPHS = ALL_GRAPHS + DRAWING_GRAPHS     # every graph nxc-export --graphs may name
 
 
 def family_graphs(grounding: str) -> tuple[str, ...]:
     """The graphs a model of this grounding family exports (nxc.config.NextChatConfig.grounding)."""
+    if grounding == "generation":
+        return GENERATION_GRAPHS
     return RETRIEVAL_GRAPHS if grounding == "retrieval" else GRAPHS
 
 

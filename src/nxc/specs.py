@@ -99,13 +99,15 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
         names.GRAPH_VISION: GraphSpec(
             names.GRAPH_VISION,
             inputs=(_t("pixel_values", ("batch", 3, r, r)),),
-            outputs=(_t("image_embeds", ("batch", v.num_patches, h)),)),
+            outputs=(_t("image_embeds", ("batch", config.num_image_tokens, h)),)),
         names.GRAPH_LLM: GraphSpec(
             names.GRAPH_LLM,
             inputs=(_t("inputs_embeds", ("batch", "sequence", h)),
                     _t("attention_mask", ("batch", "total"), "int64"),
                     _t("position_ids", ("batch", "sequence"), "int64"), *kv_in),
             outputs=(_t("logits", ("batch", llm.vocab_size)), _t("hidden", ("batch", h)), *kv_out))}
+    if config.projector is not None:            # generation (NExT-GPT): the generator's specs are its own sizes
+        return {**common, names.GRAPH_PROJECTOR: projector_spec(config.projector)}
     if config.objects is not None:
         o = config.objects
         s, f, k = o.image_size, o.feature_size, o.max_proposals

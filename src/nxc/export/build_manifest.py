@@ -44,7 +44,9 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
                      "layout": "[batch, position, kv_heads, head_dim]",
                      # rows of different lengths decode together by mask (ONNX Runtime; TensorRT engines: batch 1)
                      "batch_rows": "masked"},
-        "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64)),
+        "axes": axis_ranges(max_context, prefill_opt=min(max_context, cfg.num_image_tokens + 64),
+                            # a generator's denoiser takes [unconditional, conditional] rows in one call
+                            max_batch=2 if names.GRAPH_DENOISER in opts.graphs else 1),
         "embeddings": {"file": "embeddings.npy", "shape": [cfg.llm.vocab_size, cfg.llm.hidden_size],
                        "dtype": "float32"},
         "tokenizer": {"file": "tokenizer.json"},
@@ -64,6 +66,10 @@ def decode_heads(graphs: tuple[str, ...]) -> list[dict]:
                                  "indices": "slot_index"},
                       "collect": [], "feedback": None, "finish": None,
                       "encode_input": "boxes", "encode_output": "rows"})
+    if names.GRAPH_PROJECTOR in graphs:
+        # generation (NExT-GPT): [IMG0] sampled, [IMG1..3] emitted, their hiddens -> projector -> a picture
+        from nxc.export.nextgpt import signal_head
+        heads.append(signal_head())
     if names.GRAPH_LOC_HEADS in graphs:
         sam = {names.GRAPH_SAM_ENCODER, names.GRAPH_SAM_DECODER} <= set(graphs)
         heads.append({"kind": "box", "trigger": names.AT, "emit": names.BOXES, "graph": names.GRAPH_LOC_HEADS,

@@ -12,9 +12,10 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nxc-export", description=__doc__,
         epilog="example: nxc-export --fp16 --out build/fp16   (exports the embedded model)")
-    ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory, or a retrieval "
-                    "(ChatRex-style) checkpoint; `embedded:shapes-retrieval` is the shipped retrieval model "
-                    "(default: the embedded shapes NExT-Chat)")
+    ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory, a retrieval "
+                    "(ChatRex-style) checkpoint, or a NExT-GPT-style (generation) checkpoint with its generator/ "
+                    "folder (nxc-make-checkpoint --family nextgpt); `embedded:shapes-retrieval` is the shipped "
+                    "retrieval model (default: the embedded shapes NExT-Chat)")
     ap.add_argument("--clip", metavar="DIR", help="CLIP vision model directory, if not the checkpoint's own")
     ap.add_argument("--sam", metavar="FILE", help="SAM weights, if not inside the checkpoint")
     ap.add_argument("--out", metavar="DIR", help="build directory to write (default: build/<precision>)")
@@ -29,9 +30,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-context", type=int, metavar="N", help="longest prompt + reply the build serves "
                     "(default: the model's max_position_embeddings, at most 4096)")
     ap.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, what TensorRT >= 8.6 parses)")
-    ap.add_argument("--graphs", nargs="+", choices=names.ALL_GRAPHS, default=[], metavar="GRAPH",
+    ap.add_argument("--graphs", nargs="+", choices=names.EXPORT_GRAPHS, default=[], metavar="GRAPH",
                     help=f"graphs to export (default: all of the model's: {', '.join(names.GRAPHS)} for NExT-Chat, "
-                         f"{', '.join(names.RETRIEVAL_GRAPHS)} for a retrieval model)")
+                         f"{', '.join(names.RETRIEVAL_GRAPHS)} for a retrieval model, "
+                         f"{', '.join(names.GENERATION_GRAPHS)} for a NExT-GPT model)")
     ap.add_argument("--calib-images", metavar="DIR", help="calibration images for --int8/--int4's calibrated graphs, "
                     "vision and sam_encoder (default for the embedded model: generated shapes scenes; required for a "
                     "real checkpoint that exports either of them quantized; the weight-only llm and loc_heads need "
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from nxc.export.exporter import ExportError, ExportOptions, export_build
         from nxc.model.checkpoint import CheckpointError
+        from nxc.model.generator import GeneratorError
     except ImportError as e:
         print(f"nxc-export: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
               file=sys.stderr)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = str(Path(assets.__file__).parent / name)
     try:
         build = export_build(checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
-    except (ExportError, CheckpointError, ConfigError, CalibrationError, FileNotFoundError) as e:
+    except (ExportError, CheckpointError, ConfigError, CalibrationError, GeneratorError, FileNotFoundError) as e:
         print(f"nxc-export: {e}", file=sys.stderr)
         return 1
     if a.triton:

@@ -69,6 +69,9 @@ def wrapper_for(model, graph: str, opts: ExportOptions) -> torch.nn.Module:
             names.GRAPH_SAM_ENCODER: SamEncoderGraph, names.GRAPH_SAM_DECODER: SamDecoderGraph,
             names.GRAPH_LLM: LlmGraph, names.GRAPH_PROPOSALS: ProposalsGraph,
             names.GRAPH_OBJECT_FEATURES: ObjectFeaturesGraph}
+    if graph == names.GRAPH_VISION and model.config.projector is not None:     # generation: one pooled row
+        from nxc.export.nextgpt import PooledVisionGraph
+        make[graph] = PooledVisionGraph
     wrapper = make[graph](model).eval()
     if opts.precision_of(graph) == "fp16" and graph != names.GRAPH_LLM:    # the llm wrapper handles its own dtypes
         from nxc.export.fp16 import Float32IO
@@ -137,9 +140,12 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")
+        from nxc.model.nextgpt import is_nextgpt_checkpoint, load_nextgpt
         from nxc.model.retrieval import is_retrieval_checkpoint, load_retrieval
         if is_retrieval_checkpoint(checkpoint):       # small parts, loaded whole; the llm still streams
             model, tokenizer = load_retrieval(checkpoint, clip_dir=clip_dir)
+        elif is_nextgpt_checkpoint(checkpoint):       # likewise (its generator is read from its folder)
+            model, tokenizer = load_nextgpt(checkpoint, clip_dir=clip_dir)
         else:
             model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
         return model, tokenizer, LlmWeights.of_checkpoint(checkpoint)
@@ -200,7 +206,7 @@ def _fp32_reference_graphs(model, scratch: Path, options: ExportOptions) -> Path
     specs = graph_specs(model.config)
     parts = getattr(model, "parts", None)
     for i, g in enumerate(options.graphs):
-        if g == names.GRAPH_LLM:
+        if g == names.GRAPH_LLM or g in names.DRAWING_GRAPHS:     # drawing graphs: their own fp16 references
             continue
         _log(f"[nxc-export] {g}: fp32 reference for the accuracy report")
         if parts is not None:
@@ -228,6 +234,8 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
     (tmp / "reports").mkdir()
     graphs, parity = {}, {}
     for i, g in enumerate(options.graphs, 1):
+        if g in names.DRAWING_GRAPHS:            # exported after the precision steps (nxc.export.nextgpt)
+            continue
         tg = time.perf_counter()
         _log(f"[nxc-export] [{i}/{n}] {g}: exporting")
         if g == names.GRAPH_LLM:
@@ -326,7 +334,8 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
         if getattr(model, "parts", None) is not None:
             model.parts.convert = to_fp16              # each module as it is made real
         else:
-            kept = {n: getattr(model, n) for n in ("proposal_net", "object_encoder") if hasattr(model, n)}
+            kept = {n: getattr(model, n) for n in ("proposal_net", "object_encoder", "gen_text_hidden_fcs")
+                    if hasattr(model, n)}          # (the projector: export_projector makes its own fp16 copy)
             for n in kept:                                      # FLOAT32_GRAPHS' modules stay float32
                 setattr(model, n, None)
             model = to_fp16(model)
@@ -347,11 +356,20 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
                  f"{lint_summary(rec['tensorrt_lint'])}")
     if accuracy is not None and llm_accuracy:
         accuracy["graphs"].update(llm_accuracy)
+    drawing = None
+    if any(g in names.DRAWING_GRAPHS for g in options.graphs):
+        from nxc.export.nextgpt import export_drawing
+        drawing = export_drawing(model, tmp, precision=options.precision, parity=options.parity, log=_log)
+        graphs.update(drawing.graphs)
+        if accuracy is not None:
+            accuracy["graphs"].update(drawing.accuracy)
     if accuracy is not None:
         (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     np.save(tmp / "embeddings.npy", llm_weights.source.numpy("model.embed_tokens.weight", np.float32))
     body = manifest_body(model, tokenizer, options, max_context, source)
     body["graphs"] = graphs
+    if drawing is not None:
+        body["generator"] = drawing.entry
     write_manifest(tmp, body)
     try:
         load_manifest(tmp, verify=False)            # a build whose manifest would not load is never published

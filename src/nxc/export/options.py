@@ -45,9 +45,9 @@ def check_options(options: ExportOptions) -> None:
     """Refuse a precision or graph name nxc-export does not know (before anything is loaded)."""
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
-    unknown = [g for g in options.graphs if g not in names.ALL_GRAPHS]
+    unknown = [g for g in options.graphs if g not in names.EXPORT_GRAPHS]
     if unknown:
-        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.ALL_GRAPHS)}")
+        raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.EXPORT_GRAPHS)}")
 
 
 def family_options(config, options: ExportOptions) -> ExportOptions:
@@ -60,4 +60,8 @@ def family_options(config, options: ExportOptions) -> ExportOptions:
     if other:
         raise ExportError(f"graph {other[0]!r} is not part of a {config.grounding} model; its graphs are "
                           f"{', '.join(own)}")
+    drawing = [g for g in names.DRAWING_GRAPHS if g in options.graphs]
+    if drawing and len(drawing) < len(names.DRAWING_GRAPHS):
+        raise ExportError(f"--graphs {' '.join(drawing)}: the drawing graphs {', '.join(names.DRAWING_GRAPHS)} are "
+                          "exported together (the signal head needs all three); name all of them or none")
     return options

@@ -26,6 +26,8 @@ nothing that loads.
 
 example: nxc-make-checkpoint ckpt-7b --llm vicuna-7b --vision clip-vit-l-336 --sam vit_h --dtype fp16 \\
              --trigger-prompt "Where is the dog in the image?"
+         nxc-make-checkpoint ckpt-nextgpt --family nextgpt --llm tiny --vision tiny --draw-prompt "Draw a red circle."
+             (NExT-GPT-style: [IMG0]..[IMG3], output projector, a tiny diffusers generator in OUT/generator)
 """
 
 
@@ -45,14 +47,22 @@ def parse_size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    from nxc.config import LLAMA_SIZES, SAM_SIZES, VISION_SIZES
+    from nxc.config import LLAMA_SIZES, PROJECTOR_SIZES, SAM_SIZES, VISION_SIZES
 
     ap = argparse.ArgumentParser(prog="nxc-make-checkpoint", description=__doc__, epilog=_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", metavar="OUT", help="checkpoint directory to create (must not exist or be empty)")
     ap.add_argument("--llm", required=True, metavar="NAME", help=f"LLaMA size: {', '.join(LLAMA_SIZES)}")
     ap.add_argument("--vision", required=True, metavar="NAME", help=f"CLIP tower size: {', '.join(VISION_SIZES)}")
-    ap.add_argument("--sam", required=True, metavar="NAME", help=f"SAM size: {', '.join(SAM_SIZES)}")
+    ap.add_argument("--sam", metavar="NAME", help=f"SAM size: {', '.join(SAM_SIZES)} (NExT-Chat only, required there)")
+    ap.add_argument("--family", choices=("nextchat", "nextgpt"), default="nextchat",
+                    help="nextchat (default): NExT-Chat, written one tensor at a time; nextgpt: a NExT-GPT-style "
+                         "model (nxc.model.nextgpt: signal tokens [IMG0]..[IMG3], output projector, a tiny diffusers "
+                         "generator in OUT/generator), held in memory: for the tiny and shapes sizes")
+    ap.add_argument("--projector", default="tiny", metavar="NAME",
+                    help=f"--family nextgpt: output projector size: {', '.join(PROJECTOR_SIZES)} (default tiny)")
+    ap.add_argument("--draw-prompt", metavar="TEXT",
+                    help="--family nextgpt: make the greedy reply to TEXT '[IMG0][IMG1][IMG2][IMG3]</s>' for any image")
     ap.add_argument("--dtype", default="fp16", metavar="{fp16,bf16,fp32}", help="weight dtype (default fp16)")
     ap.add_argument("--format", default="bin", metavar="{bin,safetensors}",
                     help="bin: torch.save zip shards (memory-mappable); safetensors (default bin)")
@@ -78,11 +88,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
               file=sys.stderr)
         return 2
+    if a.family == "nextgpt":
+        return _main_nextgpt(a)
+    if a.sam is None or a.draw_prompt is not None:
+        print("nxc-make-checkpoint: a NExT-Chat checkpoint needs --sam NAME (and takes --trigger-prompt, not "
+              "--draw-prompt)", file=sys.stderr)
+        return 2
     try:
         config = maker_config(a.llm, a.vision, a.sam)
         make_checkpoint(a.out, config=config, dtype=a.dtype, fmt=a.format, shard_bytes=shard_bytes, seed=a.seed,
                         trigger_prompt=a.trigger_prompt, size_names={"llm": a.llm, "vision": a.vision, "sam": a.sam})
     except (MakerError, ConfigError) as e:
+        print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"nxc-make-checkpoint: {e.strerror or e} ({e.filename or a.out}); nothing was written to {a.out}.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _main_nextgpt(a) -> int:
+    if a.sam is not None or a.trigger_prompt is not None or a.dtype != "fp16" or a.format != "bin":
+        print("nxc-make-checkpoint: --family nextgpt takes --llm, --vision, --projector, --seed and --draw-prompt "
+              "(float32 safetensors, no SAM, no --trigger-prompt)", file=sys.stderr)
+        return 2
+    try:
+        from nxc.model.maker_nextgpt import MakerError, make_nextgpt_checkpoint
+    except ImportError as e:
+        print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
+              file=sys.stderr)
+        return 2
+    try:
+        make_nextgpt_checkpoint(a.out, llm=a.llm, vision=a.vision, projector=a.projector, seed=a.seed,
+                                draw_prompt=a.draw_prompt)
+    except MakerError as e:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2
     except OSError as e:

@@ -63,7 +63,8 @@ def load_sentencepiece(ckpt_dir) -> spm.SentencePieceProcessor:
 
 def read_added_tokens(ckpt_dir, base_vocab: int) -> dict[str, int]:
     """Read and check `added_tokens.json`. Returns {token: id} with ids base_vocab+0..4 in names.ADDED_TOKENS order,
-    then, for a retrieval model (nxc.model.retrieval: the file has `<objfeat>`), nxc.object_index.ADDED_TOKENS."""
+    then, for a retrieval model (nxc.model.retrieval: the file has `<objfeat>`), nxc.object_index.ADDED_TOKENS; for a
+    NExT-GPT model (nxc.model.nextgpt: the file has `[IMG0]`), names.SIGNAL_TOKENS."""
     from nxc.object_index import ADDED_TOKENS as OBJECT_TOKENS, OBJ_FEAT
     path = Path(ckpt_dir) / ADDED_TOKENS_JSON
     if not path.is_file():
@@ -74,7 +75,8 @@ def read_added_tokens(ckpt_dir, base_vocab: int) -> dict[str, int]:
         raise TokenizerError(f"{path} is not readable JSON ({e}). " + _DANGER) from None
     if not isinstance(found, dict):
         raise TokenizerError(f"{path}: expected a JSON object {{token: id}}, found {type(found).__name__}. " + _DANGER)
-    expected = names.ADDED_TOKENS + (OBJECT_TOKENS if OBJ_FEAT in found else ())
+    expected = (names.ADDED_TOKENS + (OBJECT_TOKENS if OBJ_FEAT in found else ())
+                + (names.SIGNAL_TOKENS if names.SIGNAL_TOKENS[0] in found else ()))     # NExT-GPT's [IMG0].. last
     missing = [t for t in expected if t not in found]
     if missing:
         raise TokenizerError(f"{path} lacks {missing[:8]} (found {sorted(found)[:8]}...). " + _DANGER)
