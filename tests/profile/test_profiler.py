@@ -50,8 +50,9 @@ def test_report_and_trace_schemas(embedded_build, scene, tmp_path, capsys):
     assert main([str(embedded_build), str(embedded_build), "--runs", "2", "--warmup", "0", "--max-new-tokens", "24",
                  "--json", str(js), "--trace", str(tr)]) == 0
     table = capsys.readouterr().out
-    for s in STAGES:
-        assert s in table
+    rows = {line.split()[0] for line in table.splitlines() if line.strip()}
+    for s in STAGES:                          # a NExT-Chat build: every stage but the retrieval family's
+        assert (s in rows) == (s not in ("proposals", "object_features")), s
     assert "decode vs roofline" in table and "CPU figures" in table
     rep = json.loads(js.read_text())
     assert len(rep["builds"]) == 2 and rep["machine"]["bandwidth_gbs"] > 0

@@ -31,7 +31,10 @@ def format_table(report: dict) -> str:
     rows = [head, sub]
     drawing = [s for b in builds for s in b["stages"] if s not in (*STAGES, "decode_per_token", "denoiser_per_step")]
     for s in (*STAGES, *dict.fromkeys(drawing), "decode_per_token"):
-        rows.append(f"{s:<20}" + "".join(_cell(b["stages"].get(s)) for b in builds))
+        cells = [b["stages"].get(s) for b in builds]
+        if s != "decode_per_token" and not any(c and (c.get("median_ms") or c.get("p90_ms")) for c in cells):
+            continue                      # a stage none of these builds has (SAM in a retrieval build, ...)
+        rows.append(f"{s:<20}" + "".join(_cell(c) for c in cells))
 
     def line(label, fn):
         rows.append(f"{label:<20}" + "".join(f"{fn(b):>32}" for b in builds))
