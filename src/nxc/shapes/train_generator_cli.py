@@ -1,0 +1,42 @@
+"""nxc-train-shapes-generator: train the embedded NExT-GPT's generator on shapes pictures, on CPU
+(nxc.shapes.train_generator; needs torch and diffusers)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        from nxc.shapes.train_generator import (ARCHS, PROG, GeneratorTrainConfig, GeneratorTrainError,
+                                                train)
+    except ImportError as e:
+        print(f"nxc-train-shapes-generator: needs the export extra ({e.name or 'torch'} is not installed): "
+              "pip install 'nxc[export]'", file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder to write (diffusers layout + training.json)")
+    ap.add_argument("--steps", type=int, default=GeneratorTrainConfig.unet_steps, help="UNet + text encoder steps")
+    ap.add_argument("--vae-steps", type=int, default=GeneratorTrainConfig.vae_steps, help="VAE steps (first)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=GeneratorTrainConfig.threads,
+                    help="torch CPU threads (2 only on an otherwise idle 2-core machine)")
+    ap.add_argument("--arch", choices=sorted(ARCHS), default="shapes", help="named sizes (test: seconds, useless)")
+    ap.add_argument("--resume", action="store_true", help=f"continue from OUT/partial/ (written every "
+                                                          f"{GeneratorTrainConfig.checkpoint_every} steps)")
+    a = ap.parse_args(argv)
+    if min(a.steps, a.vae_steps, a.threads) < 1:
+        ap.error(f"--steps, --vae-steps and --threads must be >= 1, got {a.steps}, {a.vae_steps}, {a.threads}")
+    cfg = replace(GeneratorTrainConfig(), arch=a.arch, seed=a.seed, unet_steps=a.steps, vae_steps=a.vae_steps,
+                  threads=a.threads)
+    try:
+        train(a.out, cfg, resume=a.resume, command=" ".join([PROG, *(sys.argv[1:] if argv is None else argv)]))
+    except GeneratorTrainError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
