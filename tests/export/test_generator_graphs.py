@@ -138,3 +138,22 @@ def test_bad_export_options_are_refused_in_one_line(tiny_generator, tmp_path, kw
         export_generator(tiny_generator, tmp_path, **kwargs, **QUIET)
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
     assert not (tmp_path / "graphs").exists()
+
+
+def test_chunked_attention_equals_diffusers_attention(tiny_generator):
+    """The denoiser graph's attention (query chunks, so no [B*heads, N, N] score tensor exists whole) gives the UNet's
+    own output: chunks of 16 rows over the tiny UNet's 64-token self-attention."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from nxc.export.generator_graphs import DenoiserGraph
+    plain = UNet2DConditionModel.from_pretrained(tiny_generator / "unet").eval()
+    chunked = DenoiserGraph(UNet2DConditionModel.from_pretrained(tiny_generator / "unet"), chunk=16).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([999.0, 10.0])
+    c = torch.randn(2, 77, plain.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        want = plain(x, t, c).sample
+        got = chunked(x, t, c)
+    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

@@ -9,14 +9,65 @@ import torch
 from torch import nn
 
 
+ATTENTION_CHUNK = 1024       # query rows per attention block: SD-1.5 at 512x512, [2*8, 1024, 4096] scores, 0.27 GB
+
+
+class ChunkedAttention:
+    """diffusers' plain attention (AttnProcessor: to_q/k/v, get_attention_scores, bmm, to_out) with the queries
+    taken `chunk` rows at a time, so that no [B*heads, N, N] score tensor exists whole in the graph (SD-1.5's
+    self-attention at 512x512: N = 4096, 1.07 GB a tensor, and the softmax's copy beside it). The same arithmetic
+    row for row; the number of chunks is fixed by the latent size, so the graph's batch axis stays dynamic.
+    OnnxStream slices SD's attention the same way for a 512 MB Raspberry Pi."""
+
+    def __init__(self, chunk: int = ATTENTION_CHUNK):
+        self.chunk = chunk
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (hidden_states.shape if encoder_hidden_states is None
+                                          else encoder_hidden_states.shape)
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        query = attn.head_to_batch_dim(query)
+        rows = []
+        for start in range(0, query.shape[1], self.chunk):
+            stop = start + self.chunk
+            mask = None if attention_mask is None else attention_mask[:, start:stop]
+            rows.append(torch.bmm(attn.get_attention_scores(query[:, start:stop], key, mask), value))
+        hidden_states = attn.batch_to_head_dim(rows[0] if len(rows) == 1 else torch.cat(rows, dim=1))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
 class DenoiserGraph(nn.Module):
     """sample [B,C,h,w] (the scheduler's model input), timestep [B] (float32, 0..num_train_timesteps - 1),
     encoder_hidden_states [B,L,D] -> noise [B,C,h,w]: the UNet's epsilon prediction for one step. The runtime's
-    call is B = 2, [unconditional, conditional], as StableDiffusionPipeline's."""
+    call is B = 2, [unconditional, conditional], as StableDiffusionPipeline's. The UNet's attention runs as
+    ChunkedAttention (its processors are replaced: same arithmetic, query chunks of `chunk` rows)."""
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, *, chunk: int = ATTENTION_CHUNK):
         super().__init__()
         self.unet = unet
+        unet.set_attn_processor(ChunkedAttention(chunk))
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
         return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
