@@ -101,3 +101,55 @@ def test_a_build_without_a_generator_refuses_picture_options(embedded_pipe):
     with pytest.raises(ValueError, match="head_options names 'signal', but this build's heads are box"):
         embedded_pipe.chat(make_scene(np.random.default_rng(1), max_objects=1).image, QUESTION,
                            head_options={"signal": {"steps": 4}})
+
+
+def test_a_build_without_a_generator_asked_to_draw_answers_in_text(embedded_pipe):
+    from nxc.shapes.data import make_scene
+    r = embedded_pipe.chat(make_scene(np.random.default_rng(2), max_objects=1).image, "Draw a red circle.")
+    assert r.text and r.images == [] and r.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "--steps: expects a whole number >= 1, got '0'"),
+    (["--guidance", "-1"], "--guidance: expects a finite number >= 0, got '-1'"),
+    (["--scheduler", "pndm"], "--scheduler: invalid choice: 'pndm'"),
+])
+def test_nxc_run_refuses_bad_picture_flags_in_one_line(drawing_build, tmp_path, capsys, args, message):
+    from nxc.runtime.cli import main
+    from nxc.shapes.data import make_scene
+    image = tmp_path / "in.png"
+    make_scene(np.random.default_rng(1), max_objects=1).image.save(image)
+    with pytest.raises(SystemExit):
+        main([str(drawing_build[0]), "--image", str(image), "--prompt", "Draw a red circle.", *args])
+    assert message in capsys.readouterr().err
+
+
+def test_nxc_run_on_a_build_that_does_not_draw_refuses_picture_flags(embedded_build, tmp_path, capsys):
+    from nxc.runtime.cli import main
+    from nxc.shapes.data import make_scene
+    image = tmp_path / "in.png"
+    make_scene(np.random.default_rng(1), max_objects=1).image.save(image)
+    assert main([str(embedded_build), "--image", str(image), "--prompt", "Draw a red circle.", "--steps", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not draw" in err[0], err
+
+
+def test_nxc_run_writes_the_picture_it_was_asked_for(drawing_build, drawing_pipe, tmp_path, capsys, monkeypatch):
+    """nxc-run on a drawing build: the reply's picture to --out, byte-equal to the runtime's pixels."""
+    from PIL import Image as PILImage
+
+    from drawing_helpers import say_signal_at
+    from nxc.runtime import cli
+    from nxc.shapes.data import make_scene
+    image = tmp_path / "in.png"
+    make_scene(np.random.default_rng(1), max_objects=1).image.save(image)
+    monkeypatch.setattr("nxc.runtime.pipeline.Pipeline.load", classmethod(lambda cls, *a, **k: drawing_pipe))
+    with say_signal_at(drawing_pipe, 2):
+        assert cli.main([str(drawing_build[0]), "--image", str(image), "--prompt", QUESTION, "--max-new-tokens",
+                         "12", "--steps", "3", "--seed", "2", "--out", str(tmp_path / "pic.png")]) == 0
+    out = capsys.readouterr().out
+    assert "picture 0:" in out and "seed 2, 3 ddim steps" in out
+    with say_signal_at(drawing_pipe, 2):
+        want = drawing_pipe.chat(PILImage.open(image), QUESTION, max_new_tokens=12,
+                                 head_options={"signal": {"steps": 3, "seed": 2}}).images[0].pixels
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "pic.png").convert("RGB")), want)
