@@ -43,7 +43,7 @@ import torch
 from nxc.config import LLAMA_SIZES, SAM_SIZES, VISION_SIZES, ConfigError, NextChatConfig
 from nxc.model.layout import rope_buffer_name, rope_inv_freq
 # PROG, MakerError and dump_shard live in nxc.model.maker_base (maker_trigger needs them too); callers import them here
-from nxc.model.maker_base import PROG, MakerError, dump_shard
+from nxc.model.maker_base import PROG, MakerError, dump_shard, pick_sizes
 from nxc.model.maker_trigger import plant_trigger
 from nxc.model.sp_files import LLAMA_BASE_VOCAB
 
@@ -75,13 +75,8 @@ class TensorSpec:
 # -- sizes and the plan ------------------------------------------------------------------------------------------
 def maker_config(llm: str, vision: str, sam: str) -> NextChatConfig:
     """Registry names -> the NextChatConfig to make; the LLaMA vocab is always 32005 (the registry's is ignored)."""
-    picked = []
-    for flag, registry, name in (("--llm", LLAMA_SIZES, llm), ("--vision", VISION_SIZES, vision),
-                                 ("--sam", SAM_SIZES, sam)):
-        if name not in registry:
-            raise MakerError(f"unknown {flag} size {name!r}; registered: {', '.join(registry)}.")
-        picked.append(registry[name])
-    llm_sizes, vision_sizes, sam_sizes = picked
+    llm_sizes, vision_sizes, sam_sizes = pick_sizes(("--llm", LLAMA_SIZES, llm), ("--vision", VISION_SIZES, vision),
+                                                    ("--sam", SAM_SIZES, sam))
     return NextChatConfig(llm=replace(llm_sizes, vocab_size=VOCAB_SIZE), vision=vision_sizes, sam=sam_sizes,
                           mm_hidden_size=vision_sizes.hidden_size)
 

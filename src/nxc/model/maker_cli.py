@@ -85,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from nxc.config import ConfigError
         from nxc.model.maker import MakerError, make_checkpoint, maker_config
     except ImportError as e:
-        print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
-              file=sys.stderr)
-        return 2
+        return _needs_export_extra(e)
     if a.family == "nextgpt":
         return _main_nextgpt(a)
     if a.sam is None or a.draw_prompt is not None:
@@ -102,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"nxc-make-checkpoint: {e.strerror or e} ({e.filename or a.out}); nothing was written to {a.out}.",
-              file=sys.stderr)
-        return 1
+        return _not_written(e, a.out)
     return 0
 
 
@@ -116,9 +112,7 @@ def _main_nextgpt(a) -> int:
     try:
         from nxc.model.maker_nextgpt import MakerError, make_nextgpt_checkpoint
     except ImportError as e:
-        print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
-              file=sys.stderr)
-        return 2
+        return _needs_export_extra(e)
     try:
         make_nextgpt_checkpoint(a.out, llm=a.llm, vision=a.vision, projector=a.projector, seed=a.seed,
                                 draw_prompt=a.draw_prompt)
@@ -126,10 +120,20 @@ def _main_nextgpt(a) -> int:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"nxc-make-checkpoint: {e.strerror or e} ({e.filename or a.out}); nothing was written to {a.out}.",
-              file=sys.stderr)
-        return 1
+        return _not_written(e, a.out)
     return 0
+
+
+def _needs_export_extra(e: ImportError) -> int:
+    print(f"nxc-make-checkpoint: needs the export extra ({e.name} is not installed): pip install 'nxc[export]'",
+          file=sys.stderr)
+    return 2
+
+
+def _not_written(e: OSError, out) -> int:
+    print(f"nxc-make-checkpoint: {e.strerror or e} ({e.filename or out}); nothing was written to {out}.",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

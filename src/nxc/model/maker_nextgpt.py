@@ -23,7 +23,7 @@ import torch
 
 from nxc import names
 from nxc.config import LLAMA_SIZES, PROJECTOR_SIZES, VISION_SIZES, NextChatConfig
-from nxc.model.maker_base import PROG, MakerError
+from nxc.model.maker_base import PROG, MakerError, pick_sizes
 
 MAX_PARAMS = 2_000_000_000   # the model is held in float32 memory (8 GB at this size)
 LEAD = 10.0          # the planted tokens' logit lead over any other (and 2x), as the NExT-Chat trigger's
@@ -35,13 +35,8 @@ def _log(msg: str) -> None:
 
 def nextgpt_maker_config(llm: str, vision: str, projector: str) -> NextChatConfig:
     from nxc.model.sp_files import LLAMA_BASE_VOCAB
-    picked = []
-    for flag, registry, name in (("--llm", LLAMA_SIZES, llm), ("--vision", VISION_SIZES, vision),
-                                 ("--projector", PROJECTOR_SIZES, projector)):
-        if name not in registry:
-            raise MakerError(f"unknown {flag} size {name!r}; registered: {', '.join(registry)}.")
-        picked.append(registry[name])
-    llm_sizes, vision_sizes, proj = picked
+    llm_sizes, vision_sizes, proj = pick_sizes(("--llm", LLAMA_SIZES, llm), ("--vision", VISION_SIZES, vision),
+                                               ("--projector", PROJECTOR_SIZES, projector))
     vocab = LLAMA_BASE_VOCAB + len(names.ADDED_TOKENS) + len(names.SIGNAL_TOKENS)
     return NextChatConfig(llm=replace(llm_sizes, vocab_size=vocab), vision=vision_sizes, sam=None,
                           mm_hidden_size=vision_sizes.hidden_size, mm_depth=1,
