@@ -9,6 +9,8 @@ Metrics (reference §7, on our synthetic tasks):
 - grounded caption: F1 of (phrase, box with IoU >= 0.5) pairs against the scene's objects.
 - proposal recall@0.5 (retrieval models): the share of the scenes' objects that some proposal covers with IoU >= 0.5,
   the upper bound of what answering by index can find.
+- generation (`--tasks generation`, build directories that draw): "Draw ..." requests, the pictures judged by the
+  shipped NExT-Chat and proposal detector (nxc.shapes.eval_generation); "n/a" for a build that does not draw.
 
 Both grounding families answer the same held-out samples: a retrieval model (nxc.model.retrieval) is asked each
 question in its own phrasing (nxc.shapes.retrieval_tasks.question), the boxes it names are scored the same way.
@@ -26,6 +28,8 @@ from typing import Callable
 import numpy as np
 
 from nxc.shapes.data import TASKS, make_samples, phrases_in
+from nxc.shapes.eval_generation import ROWS as GENERATION_ROWS
+from nxc.shapes.eval_generation import evaluate_generation, not_applicable
 
 ChatFn = Callable[..., object]   # (image, text, boxes) -> object with .text and .detections[.box, .mask]
 
@@ -136,8 +140,9 @@ def evaluate(chat: ChatFn, *, seed: int = 1234, n_per_task: int = 500, tasks=TAS
 class Target:
     """What nxc-eval runs: a chat function, its grounding family and (retrieval) its proposals."""
 
-    def __init__(self, name: str, chat: ChatFn, family: str = "regression", proposals=None):
+    def __init__(self, name: str, chat: ChatFn, family: str = "regression", proposals=None, pipe=None):
         self.name, self.chat, self.family, self.proposals = name, chat, family, proposals
+        self.pipe = pipe           # the runtime Pipeline of a build directory (None for a checkpoint)
 
 
 def reference_chat(ckpt, *, clip_dir=None, sam_file=None, max_new_tokens: int = 48) -> Target:
@@ -164,16 +169,17 @@ def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime
     def chat(image, text, boxes):
         return pipe.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens, iou_threshold=None)
     if pipe.config.objects is None:
-        return Target(str(build), chat)
+        return Target(str(build), chat, pipe=pipe)
     return Target(str(build), chat, "retrieval",
-                  lambda image: boxes_to_pixels(pipe.conversation(image).state("index").objects()[0], *image.size))
+                  lambda image: boxes_to_pixels(pipe.conversation(image).state("index").objects()[0], *image.size),
+                  pipe=pipe)
 
 
 ROWS = (("REC Acc@0.5", "rec", "acc@0.5"), ("REC mean IoU", "rec", "mean_iou"), ("RES cIoU", "res", "ciou"),
         ("POPE accuracy", "pope", "accuracy"), ("POPE precision", "pope", "precision"),
         ("POPE recall", "pope", "recall"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
         ("region-caption accuracy", "region", "accuracy"), ("grounded-caption F1", "caption", "grounded_f1"),
-        ("proposal recall@0.5", "proposals", "recall@0.5"))
+        ("proposal recall@0.5", "proposals", "recall@0.5"), *GENERATION_ROWS)
 
 
 def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
@@ -187,8 +193,9 @@ def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
     if names:
         lines.append(f"{'':<{width}}  " + "  ".join(f"{n:>{cell}}" for n in names))
     for label, vals in rows:
-        lines.append(f"{label:<{width}}  " + "  ".join(f"{v:{cell}.3f}" if v is not None else f"{'-':>{cell}}"
-                                                      for v in vals))
+        lines.append(f"{label:<{width}}  " + "  ".join(f"{'-':>{cell}}" if v is None else f"{v:{cell}d}"
+                                                      if isinstance(v, int) else f"{v:{cell}.3f}" for v in vals))
+    lines += not_applicable(runs)
     return "\n".join(lines)
 
 
@@ -198,6 +205,19 @@ def _target(path: Path, a) -> Target:
     if (path / "config.json").is_file():
         return reference_chat(path, clip_dir=a.clip, sam_file=a.sam, max_new_tokens=a.max_new_tokens)
     raise ValueError(f"{path} is neither a checkpoint (config.json) nor a build directory (manifest.json)")
+
+
+def _generation(target: Target, a, judges: list) -> dict:
+    """The generation task for a build (its Pipeline); a checkpoint is n/a (export it to judge its pictures)."""
+    if target.pipe is None:
+        return {"n/a": "generation is judged on build directories: export the checkpoint with nxc-export"}
+
+    def shipped():
+        from nxc.shapes.eval_generation import Judges
+        judges[:] = judges or [Judges.shipped(backend=a.backend, providers=a.provider)]
+        return judges[0]
+    return evaluate_generation(target.pipe, judges[0] if judges else None, seed=a.seed, n=a.n_per_task,
+                               steps=a.draw_steps, judges_factory=shipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,12 +234,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam", help="separate SAM weights for a checkpoint")
     ap.add_argument("--n-per-task", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation"), default=list(TASKS),
+                    help="grounding tasks, and 'generation' (pictures a build draws, judged by the shipped models)")
+    ap.add_argument("--draw-steps", type=int, help="generation: denoising steps per picture (default: the build's)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", help="also write the metrics to this file")
     a = ap.parse_args(argv)
     paths = [Path(t) for t in a.targets] or [embedded_checkpoint()]
-    runs = []
+    runs, judges = [], []          # the generation judges, exported once for the run when a build draws
     for path in paths:
         from nxc.manifest import BuildError
         from nxc.runtime.backends import BackendError
@@ -233,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                   "'nxc[export]' (a build directory from nxc-export runs without it)", file=sys.stderr)
             return 2
         print(f"[nxc-eval] {path} ({target.family})", file=sys.stderr, flush=True)
-        metrics = evaluate(target.chat, seed=a.seed, n_per_task=a.n_per_task, tasks=a.tasks, family=target.family,
-                           proposals=target.proposals)
+        grounding = [t for t in a.tasks if t in TASKS]
+        metrics = evaluate(target.chat, seed=a.seed, n_per_task=a.n_per_task, tasks=grounding, family=target.family,
+                           proposals=target.proposals) if grounding else {"meta": {"seed": a.seed}}
         metrics["meta"].update(target=str(path), family=target.family)
+        if "generation" in a.tasks:
+            metrics["generation"] = _generation(target, a, judges)
         runs.append(metrics)
     if len(runs) == 1:
         print(format_table(runs[0]))
