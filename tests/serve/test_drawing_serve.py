@@ -62,6 +62,20 @@ def test_a_reply_that_draws_returns_image_url_parts(draw_client, drawing_pipe, s
                                         "scheduler": "euler"}]
 
 
+def test_metrics_count_the_pictures_and_time_the_picture_stages(draw_client, drawing_pipe, scene):
+    def metric(text, name):
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return None if m is None else float(m.group(1))
+    before = draw_client.get("/metrics").text
+    with say_signal_at(drawing_pipe, 2):
+        assert draw_client.post("/v1/chat/completions", json={"messages": [user(QUESTION, scene.image)],
+                                                               "max_tokens": 24, **OPTIONS}).status_code == 200
+    after = draw_client.get("/metrics").text
+    assert metric(after, "nxc_pictures_total") == (metric(before, "nxc_pictures_total") or 0) + 1
+    for stage in ("projector", "denoiser", "latent_decoder"):
+        assert metric(after, f'nxc_stage_seconds_sum{{stage="{stage}"}}') > 0, stage
+
+
 def test_each_picture_is_streamed_after_the_text_and_before_the_last_chunk(draw_client, drawing_pipe, scene):
     r = runtime_answer(drawing_pipe, scene)
     with say_signal_at(drawing_pipe, 2):

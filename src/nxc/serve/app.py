@@ -200,7 +200,7 @@ class Server:
         return results
 
     def _record(self, r, timeline, source) -> None:
-        self.metrics.turn(len(r.prompt_ids), len(r.token_ids), len(r.detections), timeline)
+        self.metrics.turn(len(r.prompt_ids), len(r.token_ids), len(r.detections), timeline, len(r.images))
         wait = getattr(source, "queue_wait", None)
         if wait is not None:
             self.metrics.waited(wait)

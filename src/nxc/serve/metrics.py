@@ -4,7 +4,8 @@
     nxc_request_seconds_bucket{route="...",le="0.1"} 3        (histogram; also _sum, _count)
     nxc_stage_seconds_sum{stage="decode"} 0.81                (summary of the runtime's Timeline stages)
     nxc_time_to_first_token_seconds_sum / _count, nxc_tokens_total{kind="prompt"|"completion"}, nxc_detections_total,
-    nxc_requests_in_flight
+    nxc_pictures_total, nxc_requests_in_flight
+(a build that draws adds its stages, named as its graphs: projector, denoiser, latent_decoder)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class Metrics:
         self.ttft = [0.0, 0]
         self.tokens = {"prompt": 0, "completion": 0}
         self.detections = 0
+        self.pictures = 0
         self.in_flight = 0
         self.queue_wait = [0.0, 0]
         self.cancelled_rows = 0
@@ -54,7 +56,8 @@ class Metrics:
         with self._lock:
             self.cancelled_rows += 1
 
-    def turn(self, prompt_tokens: int, completion_tokens: int, detections: int, timeline: Timeline) -> None:
+    def turn(self, prompt_tokens: int, completion_tokens: int, detections: int, timeline: Timeline,
+             pictures: int = 0) -> None:
         per_stage: dict[str, float] = defaultdict(float)
         for ev in timeline.events:
             per_stage[ev.stage] += ev.seconds
@@ -62,6 +65,7 @@ class Metrics:
             self.tokens["prompt"] += prompt_tokens
             self.tokens["completion"] += completion_tokens
             self.detections += detections
+            self.pictures += pictures
             for stage, s in per_stage.items():
                 self.stage_sum[stage] += s
                 self.stage_count[stage] += 1
@@ -85,7 +89,7 @@ class Metrics:
                           f'nxc_request_seconds_count{{route="{route}"}} {int(h[-1])}']
             lines += ["# HELP nxc_stage_seconds Time per turn spent in each runtime stage.",
                       "# TYPE nxc_stage_seconds summary"]
-            for stage in STAGES:
+            for stage in (*STAGES, *sorted(set(self.stage_count) - set(STAGES))):
                 if stage in self.stage_count:
                     lines += [f'nxc_stage_seconds_sum{{stage="{stage}"}} {self.stage_sum[stage]:.6f}',
                               f'nxc_stage_seconds_count{{stage="{stage}"}} {self.stage_count[stage]}']
@@ -98,6 +102,8 @@ class Metrics:
             lines += [f'nxc_tokens_total{{kind="{k}"}} {v}' for k, v in self.tokens.items()]
             lines += ["# HELP nxc_detections_total Boxes (and masks) returned.", "# TYPE nxc_detections_total counter",
                       f"nxc_detections_total {self.detections}",
+                      "# HELP nxc_pictures_total Pictures returned (a build that draws).",
+                      "# TYPE nxc_pictures_total counter", f"nxc_pictures_total {self.pictures}",
                       "# HELP nxc_requests_in_flight Requests being answered now.", "# TYPE nxc_requests_in_flight gauge",
                       f"nxc_requests_in_flight {self.in_flight}",
                       "# HELP nxc_cancelled_total Requests whose client went away before the answer ended.",
