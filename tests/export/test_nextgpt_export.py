@@ -51,7 +51,7 @@ def test_the_runtime_bans_what_the_reference_bans(pipe, ref):
     assert tuple(pipe.dispatch.never_sampled) == ref.never_sampled
 
 
-@pytest.mark.parametrize("scheduler, guidance", [("ddim", None), ("euler", 1.0)])
+@pytest.mark.parametrize("scheduler, guidance", [("ddim", None), ("euler", 1.0), ("lcm", 2.0)])
 def test_the_planted_reply_and_its_picture_equal_the_reference(pipe, ref, scheduler, guidance):
     img = _image(1)
     want = ref.chat(img, NEXTGPT_PROMPT, steps=20, seed=4, scheduler=scheduler, guidance=guidance)

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,6 +154,14 @@ class NextGptReferenceChat:
         x = torch.from_numpy(initial_latents((1, s.latent_channels, s.latent_height, s.latent_width), seed))
         sched.set_timesteps(steps)
         x = x * sched.init_noise_sigma
+        with _lcm_noise_from(np.random.default_rng(seed + 1)) if scheduler == "lcm" else contextlib.nullcontext():
+            x = self._denoise(unet, sched, x, c, both, guidance)
+        img = (vae.decode(x / s.scaling_factor).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        return (img * 255).round().astype(np.uint8)
+
+    @staticmethod
+    def _denoise(unet, sched, x, c, both, guidance: float):
+        """diffusers' text-to-image loop: CFG batched [uncond, cond] when guidance > 1."""
         for t in sched.timesteps:
             if guidance > 1:
                 inp = sched.scale_model_input(torch.cat([x, x]), t)
@@ -160,5 +170,21 @@ class NextGptReferenceChat:
             else:
                 eps = unet(sched.scale_model_input(x, t), t, encoder_hidden_states=c).sample
             x = sched.step(eps, t, x).prev_sample
-        img = (vae.decode(x / s.scaling_factor).sample / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-        return (img * 255).round().astype(np.uint8)
+        return x
+
+
+@contextlib.contextmanager
+def _lcm_noise_from(rng: np.random.Generator):
+    """diffusers' LCMScheduler.step draws its between-step noise with torch (randn_tensor); the runtime's LCM draws it
+    from numpy's default_rng(seed + 1) (nxc.runtime.generator). Within this block diffusers' LCM takes the same
+    numpy draws, in the same order, so the reference and the runtime compare step for step."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+    real = lcm.randn_tensor
+
+    def numpy_noise(shape, generator=None, device=None, dtype=None, **_):
+        return torch.from_numpy(rng.standard_normal(tuple(shape), dtype=np.float32)).to(dtype=dtype)
+    lcm.randn_tensor = numpy_noise
+    try:
+        yield
+    finally:
+        lcm.randn_tensor = real
