@@ -223,10 +223,8 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
     reports/parity.json and returns the manifest's per-graph records. The llm is written by nxc.export.llm_writer
     in the build's precision and checked by nxc.export.llm_check (its accuracy against float32 goes to
     `accuracy`)."""
-    import onnx
-
+    from nxc.export.graph_files import graph_record
     from nxc.export.parity import check_graph
-    from nxc.export.trt_lint import lint
 
     cfg, n = model.config, len(options.graphs)
     quantized = options.precision in ("int8", "int4")                # linted again once quantized
@@ -249,10 +247,7 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         wrapper = wrapper_for(model, g, options)
         path = tmp / "graphs" / f"{g}.onnx"
         external = export_graph(wrapper, specs[g], cfg, path, options)
-        findings = lint(onnx.load(str(path), load_external_data=False))
-        graphs[g] = {"file": f"graphs/{g}.onnx", "external_data": [f"graphs/{e}" for e in external],
-                     "precision": options.precision_of(g), "opset": options.opset, **specs[g].to_dict(),
-                     "tensorrt_lint": findings}
+        graphs[g] = graph_record(path, specs[g], options.precision_of(g), options.opset, external)
         if options.parity:
             _log(f"[nxc-export] [{i}/{n}] {g}: checking against torch in ONNX Runtime")
             parity[g] = check_graph(wrapper, path, specs[g], precision=options.precision_of(g),
@@ -264,7 +259,7 @@ def _export_graphs(model, llm_weights: LlmWeights, tmp: Path, specs: dict, optio
         del wrapper
         if parts is not None:
             parts.release(g, keep=options.graphs[i:])
-        lint_msg = "fp32 before quantization" if quantized else lint_summary(findings)
+        lint_msg = "fp32 before quantization" if quantized else lint_summary(graphs[g]["tensorrt_lint"])
         _log(f"[nxc-export] [{i}/{n}] {g}: {graph_mb(tmp, graphs[g]):.1f} MB, {lint_msg}, "
              f"{time.perf_counter() - tg:.1f} s{peak()}")
     (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
@@ -275,11 +270,9 @@ def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options
                accuracy: dict) -> tuple[dict, dict]:
     """The llm graph written in the build's precision from the checkpoint (one tensor at a time), linted, and
     checked against transformers' layers streamed from the same checkpoint. Returns (manifest record, parity)."""
-    import onnx
-
+    from nxc.export.graph_files import graph_record
     from nxc.export.llm_check import check_llm
     from nxc.export.llm_writer import WeightError, write_llm_graph
-    from nxc.export.trt_lint import lint
 
     path = tmp / "graphs" / "llm.onnx"
     prec = options.precision
@@ -290,9 +283,7 @@ def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options
             log=lambda i, n, msg: _log(f"[nxc-export] {step} llm: layer {i}/{n}, {msg}"))
     except WeightError as e:
         raise ExportError(f"llm: {e}") from None
-    record = {"file": "graphs/llm.onnx", "external_data": [f"graphs/{e}" for e in external],
-              "precision": prec, "opset": options.opset, **spec.to_dict(),
-              "tensorrt_lint": lint(onnx.load(str(path), load_external_data=False))}
+    record = graph_record(path, spec, prec, options.opset, external)
     if prec in ("int8", "int4"):
         bits = 8 if prec == "int8" else 4
         record["precision"] = f"int{bits}-weight-only"

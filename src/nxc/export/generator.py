@@ -59,14 +59,10 @@ def _wrappers(unet, vae) -> dict:
 
 def _export(wrapper, spec: GraphSpec, path: Path, precision: str, opset: int) -> dict:
     """One graph to `path` (+ external data beside it), linted; its manifest record (file relative to the build)."""
-    import onnx
-
     from nxc.export.exporter import export_graph
-    from nxc.export.trt_lint import lint
+    from nxc.export.graph_files import graph_record
     external = export_graph(wrapper, spec, None, path, ExportOptions(precision=precision, opset=opset))
-    return {"file": f"graphs/{path.name}", "external_data": [f"graphs/{e}" for e in external],
-            "precision": precision, "opset": opset, **spec.to_dict(),
-            "tensorrt_lint": lint(onnx.load(str(path), load_external_data=False))}
+    return graph_record(path, spec, precision, opset, external)
 
 
 def _parity(wrapper, path: Path, spec: GraphSpec, precision: str, log) -> dict:

@@ -97,3 +97,13 @@ def write_weights(model: onnx.ModelProto, src: Path, data: Path | None) -> None:
     for t in tensors(model.graph, initializers=False):
         if uses_external_data(t):
             load_external_data_for_tensor(t, str(src))
+
+
+def graph_record(path: Path, spec, precision: str, opset: int, external: list[str]) -> dict:
+    """A graph's manifest record as exported to `path` (<build>/graphs/<g>.onnx, `external` its data files beside
+    it): file and external data relative to the build, precision, opset, I/O spec, and the TensorRT lint of its
+    structure (read without its weights)."""
+    from nxc.export.trt_lint import lint
+    return {"file": f"graphs/{path.name}", "external_data": [f"graphs/{e}" for e in external],
+            "precision": precision, "opset": opset, **spec.to_dict(),
+            "tensorrt_lint": lint(onnx.load(str(path), load_external_data=False))}

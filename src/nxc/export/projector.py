@@ -170,12 +170,8 @@ def _quantize_int8(ref: Path, path: Path, spec, opset: int) -> dict:
 
 
 def _record(path: Path, spec, precision: str, external: list[str], opset: int) -> dict:
-    import onnx
-
-    from nxc.export.trt_lint import lint
-    return {"file": f"graphs/{path.name}", "external_data": [f"graphs/{e}" for e in external],
-            "precision": precision, "opset": opset, **spec.to_dict(),
-            "tensorrt_lint": lint(onnx.load(str(path), load_external_data=False))}
+    from nxc.export.graph_files import graph_record
+    return graph_record(path, spec, precision, opset, external)
 
 
 def _parity(wrapper: nn.Module, path: Path, spec, precision: str) -> dict:

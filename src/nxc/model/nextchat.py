@@ -9,9 +9,10 @@ import contextlib
 
 import torch
 from torch import nn
-from transformers import CLIPVisionConfig, CLIPVisionModel, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from nxc.config import LlamaSizes, NextChatConfig, VisionSizes
+from nxc.model.llm_steps import LlmSteps
 from nxc.model.sam import build_sam, nextchat_sam_decode, upsample_mask_logits
 
 
@@ -56,7 +57,7 @@ def build_projector(d_in: int, d_out: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class NextChat(nn.Module):
+class NextChat(nn.Module, LlmSteps):
     """NExT-Chat for inference. Submodule names map 1:1 to official keys (see `checkpoint.official_key`)."""
 
     def __init__(self, *, config: NextChatConfig, llm_device: str | None = None, parts_device: str | None = None):
@@ -83,20 +84,6 @@ class NextChat(nn.Module):
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]
         return self.mm_projector(feats)
-
-    # -- language ------------------------------------------------------------------------------------
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.model.embed_tokens(ids)
-
-    def llm_step(self, inputs_embeds: torch.Tensor, cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward over [1,T,H] embeddings, extending `cache` in place.
-
-        Returns last-position logits [1,V] and last-position hidden [1,H] after the final RMSNorm
-        (`hidden_states[-1]` of reference §1.3, the tensor that feeds lm_head).
-        """
-        out = self.llm.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        return self.llm.lm_head(hidden), hidden
 
     # -- location heads ------------------------------------------------------------------------------
     def loc_feedback(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -34,13 +34,14 @@ from torch import nn
 
 from nxc import names
 from nxc.config import NextChatConfig, ProjectorSizes
+from nxc.model.llm_steps import LlmSteps
 
 FAMILY = "generation"
 GENERATOR_SUBDIR = "generator"
 DRAW_DEFAULTS = {"default_steps": 20, "default_guidance": 3.0, "default_scheduler": "ddim"}
 
 
-class NextGpt(nn.Module):
+class NextGpt(nn.Module, LlmSteps):
     """The NExT-GPT-style model for inference. `config`: NextChatConfig with `projector` set (no SAM, no objects).
     Submodule names are the checkpoint's (nxc.model.checkpoint maps `model.*` to `llm.model.*`; the output
     projector is `gen_text_hidden_fcs.0`, as NExT-GPT's)."""
@@ -68,14 +69,6 @@ class NextGpt(nn.Module):
         feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]
         return self.mm_projector(feats.mean(dim=1, keepdim=True))
 
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.model.embed_tokens(ids)
-
-    def llm_step(self, inputs_embeds: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        """[1,T,H] -> last-position logits [1,V] and final-norm hidden [1,H]; extends `cache` in place."""
-        out = self.llm.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        return self.llm.lm_head(hidden), hidden
 
 
 # -- checkpoint ----------------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from nxc.config import ObjectSizes
+from nxc.model.llm_steps import LlmSteps
 from nxc.object_index import MAX_OBJECTS
 
 FAMILY = "retrieval"
@@ -87,7 +88,7 @@ class ObjectEncoder(nn.Module):
         return rows + self.index_embed(indices)
 
 
-class RetrievalChat(nn.Module):
+class RetrievalChat(nn.Module, LlmSteps):
     """The retrieval model for inference and training. `config`: nxc.config.NextChatConfig with `objects` set and no
     SAM. Submodule names are the checkpoint's (nxc.model.checkpoint maps `model.*` to `llm.model.*`)."""
 
@@ -109,14 +110,6 @@ class RetrievalChat(nn.Module):
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         return self.mm_projector(out.hidden_states[self.config.mm_vision_select_layer][:, 1:])
-
-    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.model.embed_tokens(ids)
-
-    def llm_step(self, inputs_embeds: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.llm.model(inputs_embeds=inputs_embeds, past_key_values=cache, use_cache=True)
-        hidden = out.last_hidden_state[:, -1]
-        return self.llm.lm_head(hidden), hidden
 
     def proposals(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[1,3,S,S] -> (boxes [1,K,4], scores [1,K]) before the score threshold and NMS."""
