@@ -1,6 +1,10 @@
 """`make demo`: the embedded NExT-Chat, exported and run by the torch-free runtime, answers grounding questions
 on a generated image.
 
+A build that draws (`nxc-demo --checkpoint embedded:shapes-nextgpt --build build/nextgpt`) is asked instead to draw
+the scene's objects ("Draw a red circle and a blue square.") and whether the scene holds one of them; the picture
+goes to --out.
+
 Exports the embedded model to build/fp32 if that build is missing (or is not a valid build), then asks a
 referring question and a grounded caption through `nxc.runtime.Pipeline`, prints the replies and the boxes (with
 their IoU against the drawn ground truth) and writes build/demo.png with boxes, indices and masks drawn.
@@ -17,15 +21,42 @@ from pathlib import Path
 import numpy as np
 
 
-def ensure_build(build: Path) -> Path:
+def ensure_build(build: Path, checkpoint: str | None = None) -> Path:
     from nxc.manifest import BuildError, load_manifest
     try:
         load_manifest(build)
         return build
     except BuildError as e:
-        print(f"build   : {build} is not usable ({str(e).split(';')[0]}); exporting the embedded model", flush=True)
+        print(f"build   : {build} is not usable ({str(e).split(';')[0]}); exporting "
+              f"{checkpoint or 'the embedded model'}", flush=True)
+    from nxc.assets import resolve_checkpoint
     from nxc.export.exporter import ExportOptions, export_build
-    return export_build(None, build, options=ExportOptions())
+    return export_build(resolve_checkpoint(checkpoint) if checkpoint else None, build, options=ExportOptions())
+
+
+def draw_demo(pipe, scene, out: Path, t0: float) -> int:
+    """A build that draws: the scene's objects asked for as a picture (written to `out`), then one existence
+    question about the scene itself."""
+    from PIL import Image as PILImage
+
+    from nxc.shapes.generator_data import caption_of
+    request = f"Draw {caption_of([(o.colour, o.shape) for o in scene.objects])}."
+    r = pipe.conversation(scene.image).ask(request, max_new_tokens=48)
+    print(f"\nUSER      : {request}\nASSISTANT : {r.text}")
+    for k, pic in enumerate(r.images):
+        path = out if k == 0 else out.with_name(f"{out.stem}-{k}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = pic.pixels.shape[:2]
+        PILImage.fromarray(pic.pixels).resize((w * 4, h * 4), PILImage.NEAREST).save(path)
+        print(f"  picture {k}: {w}x{h}, {pic.steps} {pic.scheduler} steps, guidance {pic.guidance}, seed {pic.seed}"
+              f" -> {path} (4x)")
+    if not r.images:
+        print("  (the reply made no picture)")
+    question = f"Is there a {scene.objects[0].phrase} in the image?"
+    r = pipe.conversation(scene.image).ask(question, max_new_tokens=8)
+    print(f"\nUSER      : {question}   (about the generated scene)\nASSISTANT : {r.text}")
+    print(f"\n{time.perf_counter() - t0:.2f} s for both turns, model loading included")
+    return 0
 
 
 def write_scene(scene, path: Path, seed: int) -> int:
@@ -41,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="nxc-demo", description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=7, help="which generated scene to use")
     ap.add_argument("--build", default="build/fp32", help="build directory (exported here if missing)")
+    ap.add_argument("--checkpoint", help="what to export when --build is missing, e.g. embedded:shapes-nextgpt "
+                    "(default: the embedded NExT-Chat)")
     ap.add_argument("--out", default="build/demo.png", help="annotated PNG to write")
     ap.add_argument("--scene-out", metavar="PATH", help="only write the generated scene (no annotations) to PATH "
                     "and exit: an image to try nxc-run on; needs no build")
@@ -56,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     from nxc.runtime.pipeline import Pipeline
     from nxc.shapes.evaluate import box_iou
 
-    build = ensure_build(Path(a.build))
+    build = ensure_build(Path(a.build), a.checkpoint)
     t = time.perf_counter()
     pipe = Pipeline.load(build)
     print(f"build   : {build} ({pipe.manifest.precision}, nxc.runtime on ONNX Runtime CPU, no torch)")
     print(f"image   : generated {scene.image.size[0]}x{scene.image.size[1]}, objects: "
           + ", ".join(o.phrase for o in scene.objects))
+    if pipe.dispatch.head_of_kind("signal") is not None:
+        return draw_demo(pipe, scene, Path(a.out), t)
     target = scene.objects[0]
     conv = pipe.conversation(scene.image)
     boxes, masks = [], []

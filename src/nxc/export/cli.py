@@ -14,8 +14,9 @@ def parser() -> argparse.ArgumentParser:
         epilog="example: nxc-export --fp16 --out build/fp16   (exports the embedded model)")
     ap.add_argument("checkpoint", nargs="?", help="official-layout NExT-Chat checkpoint directory, a retrieval "
                     "(ChatRex-style) checkpoint, or a NExT-GPT-style (generation) checkpoint with its generator/ "
-                    "folder (nxc-make-checkpoint --family nextgpt); `embedded:shapes-retrieval` is the shipped "
-                    "retrieval model (default: the embedded shapes NExT-Chat)")
+                    "folder (nxc-make-checkpoint --family nextgpt); `embedded:shapes-retrieval` and "
+                    "`embedded:shapes-nextgpt` are the shipped retrieval and drawing models (default: the embedded "
+                    "shapes NExT-Chat)")
     ap.add_argument("--clip", metavar="DIR", help="CLIP vision model directory, if not the checkpoint's own")
     ap.add_argument("--sam", metavar="FILE", help="SAM weights, if not inside the checkpoint")
     ap.add_argument("--out", metavar="DIR", help="build directory to write (default: build/<precision>)")
@@ -78,12 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = a.checkpoint
     if checkpoint and checkpoint.startswith("embedded:"):
         from nxc import assets
-        name = checkpoint[len("embedded:"):]
-        if name not in (assets.EMBEDDED_NAME, assets.RETRIEVAL_NAME):
-            print(f"nxc-export: {checkpoint!r}: the shipped models are embedded:{assets.EMBEDDED_NAME} and "
-                  f"embedded:{assets.RETRIEVAL_NAME}", file=sys.stderr)
+        try:
+            checkpoint = str(assets.resolve_checkpoint(checkpoint))
+        except FileNotFoundError as e:
+            print(f"nxc-export: {e}", file=sys.stderr)
             return 2
-        checkpoint = str(Path(assets.__file__).parent / name)
     try:
         build = export_build(checkpoint, out, clip_dir=a.clip, sam_file=a.sam, options=opts)
     except (ExportError, CheckpointError, ConfigError, CalibrationError, GeneratorError, FileNotFoundError) as e:

@@ -134,9 +134,7 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
     if embedded:
         checkpoint = assets.embedded_checkpoint()
     checkpoint = Path(checkpoint)
-    shipped = (checkpoint.resolve().parent == Path(assets.__file__).parent.resolve()
-               and checkpoint.name in (assets.EMBEDDED_NAME, assets.RETRIEVAL_NAME))
-    embedded = embedded or shipped       # a model of the kit's own: calibrated on generated shapes scenes
+    embedded = embedded or assets.is_shipped(checkpoint)       # a model of the kit's own: calibrated on generated shapes scenes
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")

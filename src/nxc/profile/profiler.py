@@ -186,10 +186,10 @@ def chrome_trace(timelines: dict[str, Timeline]) -> dict:
 
 def torch_reference_ms(manifest: Manifest, image, prompt: str, *, runs: int, max_new_tokens: int) -> dict:
     """Median end-to-end of the PyTorch reference on the build's source checkpoint (export environment only)."""
-    from nxc.assets import embedded_checkpoint
+    from nxc.assets import resolve_checkpoint
     from nxc.model.reference import ReferenceChat
     src = str(manifest.source.get("checkpoint", ""))
-    ckpt = embedded_checkpoint() if src.startswith("embedded:") else Path(src)
+    ckpt = resolve_checkpoint(src)
     if not (Path(ckpt) / "config.json").is_file():
         raise FileNotFoundError(f"--vs-torch needs the build's source checkpoint, {src!r}, which is not here")
     ref = ReferenceChat.load(ckpt)

@@ -146,7 +146,18 @@ class Target:
 
 
 def reference_chat(ckpt, *, clip_dir=None, sam_file=None, max_new_tokens: int = 48) -> Target:
+    from nxc.model.nextgpt import is_nextgpt_checkpoint
     from nxc.model.retrieval import is_retrieval_checkpoint
+    if is_nextgpt_checkpoint(ckpt):                 # text answers only (POPE); its pictures are judged on a build
+        from types import SimpleNamespace
+
+        from nxc.model.nextgpt_reference import NextGptReferenceChat
+        ref = NextGptReferenceChat.load(ckpt, clip_dir=clip_dir)
+
+        def chat(image, text, boxes):
+            r = ref.chat(image, text, max_new_tokens=max_new_tokens)
+            return SimpleNamespace(text=r.text, detections=[])
+        return Target(str(ckpt), chat, "generation")
     if is_retrieval_checkpoint(ckpt):
         from nxc.model.retrieval import RetrievalReferenceChat
         from nxc.runtime.preprocess import boxes_to_pixels
@@ -168,6 +179,8 @@ def runtime_chat(build, *, max_new_tokens: int = 48, backend: str = "onnxruntime
 
     def chat(image, text, boxes):
         return pipe.chat(image, text, boxes=boxes, max_new_tokens=max_new_tokens, iou_threshold=None)
+    if pipe.dispatch.head_of_kind("signal") is not None:
+        return Target(str(build), chat, "generation", pipe=pipe)
     if pipe.config.objects is None:
         return Target(str(build), chat, pipe=pipe)
     return Target(str(build), chat, "retrieval",
@@ -223,11 +236,12 @@ def _generation(target: Target, a, judges: list) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from nxc.assets import embedded_checkpoint
+    from nxc.assets import embedded_checkpoint, resolve_checkpoint
     ap = argparse.ArgumentParser(prog="nxc-eval", description="Grounding accuracy on the held-out shapes set; "
                                  "several targets are scored on the same samples and shown side by side.")
-    ap.add_argument("targets", nargs="*", help="checkpoint directories (NExT-Chat or retrieval), or build "
-                    "directories written by nxc-export (run through the runtime); default: the embedded NExT-Chat")
+    ap.add_argument("targets", nargs="*", help="checkpoint directories (NExT-Chat, retrieval or NExT-GPT), "
+                    "embedded:NAME (a shipped checkpoint, e.g. embedded:shapes-nextgpt), or build directories written "
+                    "by nxc-export (run through the runtime); default: the embedded NExT-Chat")
     ap.add_argument("--backend", default="onnxruntime", help="runtime backend for a build directory")
     ap.add_argument("--provider", action="append", help="ONNX Runtime provider for a build directory (cpu, cuda)")
     ap.add_argument("--clip", help="CLIP directory for a checkpoint")
@@ -240,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", help="also write the metrics to this file")
     a = ap.parse_args(argv)
-    paths = [Path(t) for t in a.targets] or [embedded_checkpoint()]
+    try:
+        paths = [resolve_checkpoint(t) for t in a.targets] or [embedded_checkpoint()]
+    except FileNotFoundError as e:
+        print(f"nxc-eval: {e}", file=sys.stderr)
+        return 2
     runs, judges = [], []          # the generation judges, exported once for the run when a build draws
     for path in paths:
         from nxc.manifest import BuildError
@@ -256,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"[nxc-eval] {path} ({target.family})", file=sys.stderr, flush=True)
         grounding = [t for t in a.tasks if t in TASKS]
+        if target.family == "generation" and set(grounding) - {"pope"}:       # it answers, but never grounds
+            print(f"[nxc-eval] {path}: a NExT-GPT model has no boxes or masks: of "
+                  f"{', '.join(grounding)} only pope is scored", file=sys.stderr)
+            grounding = [t for t in grounding if t == "pope"]
         metrics = evaluate(target.chat, seed=a.seed, n_per_task=a.n_per_task, tasks=grounding, family=target.family,
                            proposals=target.proposals) if grounding else {"meta": {"seed": a.seed}}
         metrics["meta"].update(target=str(path), family=target.family)
