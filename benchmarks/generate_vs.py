@@ -4,10 +4,11 @@ guidance (issue 28, item 7): seconds per denoise step, the whole picture, peak R
     .venv/bin/python benchmarks/generate_vs.py --work /data/gv --keep               # SD-1.5's sizes, 512x512, 20 steps
     .venv/bin/python benchmarks/generate_vs.py --size tiny --steps 4 --threads 1    # a dry run (seconds)
 
-Sizes (--size): sd-1.5, a random-weight SD-1.5-layout diffusers folder made here (UNet2DConditionModel's default
-config with SD-1.5's cross_attention_dim 768 and sample_size 64: 860 M parameters, 3.4 GB fp32; AutoencoderKL with
-SD's config; SD-1.5's DDIM scheduler config; a random uncond.npy [1,77,768], no text encoder), its weights written
-one module at a time (peak: the largest module); tiny, make_tiny_generator's (a 16x16 picture).
+Sizes (--size): sd-1.5, a random-weight SD-1.5-layout diffusers folder (nxc.model.generator.make_sd15_generator, as
+nxc-make-checkpoint --generator sd-1.5 makes it: UNet2DConditionModel's default config with SD-1.5's
+cross_attention_dim 768 and sample_size 64: 860 M parameters, 3.4 GB fp32; AutoencoderKL with SD's config; SD-1.5's
+DDIM scheduler config; a random uncond.npy [1,77,768], no text encoder), its weights written one module at a time
+(peak: the largest module); tiny, make_tiny_generator's (a 16x16 picture).
 Sides, in this order, each in its own process under true_size.py's peak-RSS wrapper (WORK/logs/<side>.log):
   make     the diffusers folder WORK/generator (kept and reused when complete)
   export   nxc.export.generator.export_generator -> WORK/build (--precision), its parity check on (timed apart)
@@ -35,6 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+# SD-1.5's sizes and the one-module-at-a-time writer live in nxc.model.generator (nxc-make-checkpoint --generator
+# sd-1.5 makes the same folder; torch-free at import); the names stay importable from here
+from nxc.model.generator import SD15_UNET, SD15_VAE  # noqa: F401
+
 SIZES = ("sd-1.5", "tiny")
 PRECISIONS = ("fp32", "fp16")
 SIDES = ("make", "export", "nxc", "torch")
@@ -42,14 +47,6 @@ RSS_HEADROOM_GB = 1.5           # issue 28: a picture's peak RSS <= the generato
 STEP_SPEEDUP_TARGET = 1.2       # issue 28: denoise step >= 1.2x diffusers' PyTorch fp32
 PICTURE_TOLERANCE = 1e-3        # issue 28: the runtime's picture equals the torch reference's within 1e-3 (fp32)
 GB = 1e9
-# SD-1.5's UNet: UNet2DConditionModel's default config (blocks 320/640/1280/1280, 2 layers, 8 heads) except these two,
-# whose defaults in diffusers 0.42 are cross_attention_dim 1280 and sample_size None
-SD15_UNET = {"cross_attention_dim": 768, "sample_size": 64}
-# SD-1.5's AutoencoderKL (runwayml/stable-diffusion-v1-5 vae/config.json)
-SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
-            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-            "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
-
 
 def log(msg: str) -> None:
     print(f"[generate-vs] {msg}", file=sys.stderr, flush=True)
@@ -69,62 +66,16 @@ def _result(a, side: str) -> Path:
 
 # -- make: the diffusers folder -----------------------------------------------------------------------------------
 def _write_streamed(model, folder: Path) -> None:
-    """`model` (built on the meta device) -> folder/config.json + diffusion_pytorch_model.safetensors, fp32, one
-    module at a time: each module is materialised on the CPU, initialised as PyTorch initialises it
-    (reset_parameters; normal(0, 0.02) / zeros where a module has none), written, and dropped. Peak memory is the
-    largest module, not the model."""
-    import torch
-    model.save_config(folder)
-    state = model.state_dict(keep_vars=True)
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for k, t in state.items():
-        n = t.numel() * 4
-        header[k] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    written = 0
-    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for prefix, mod in model.named_modules():
-            own = dict(mod.named_parameters(recurse=False)) | dict(mod.named_buffers(recurse=False))
-            if not own:
-                continue
-            mod.to_empty(device="cpu", recurse=False)
-            with torch.no_grad():
-                if hasattr(mod, "reset_parameters"):
-                    mod.reset_parameters()
-                else:
-                    for t in own.values():
-                        torch.nn.init.normal_(t, std=0.02) if t.ndim > 1 else torch.nn.init.zeros_(t)
-            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                key = f"{prefix}.{name}" if prefix else name
-                if key not in header:
-                    continue                                        # a non-persistent buffer
-                if header[key]["data_offsets"][0] != written:
-                    raise RuntimeError(f"{key}: state_dict order differs from module order; cannot stream")
-                f.write(t.detach().float().contiguous().numpy().tobytes())
-                written += t.numel() * 4
-            mod.to_empty(device="meta", recurse=False)
-    if written != offset:
-        raise RuntimeError(f"wrote {written} bytes of tensors, expected {offset}")
+    """nxc.model.generator.write_streamed, float32 (peak memory: the largest module, not the model)."""
+    from nxc.model.generator import write_streamed
+    write_streamed(model, folder)
 
 
 def make_sd15(folder: Path, seed: int) -> None:
-    """A random-weight SD-1.5-layout diffusers folder (no text encoder: uncond.npy [1,77,768])."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-
-    from nxc.model.generator import SD15_DDIM_SCHEDULER, UNCOND_FILE
-    torch.manual_seed(seed)
-    for part, cls, config in (("unet", UNet2DConditionModel, SD15_UNET), ("vae", AutoencoderKL, SD15_VAE)):
-        log(f"make: {part} ({cls.__name__}), streamed to {folder / part}")
-        (folder / part).mkdir(parents=True, exist_ok=True)
-        with torch.device("meta"):
-            model = cls(**config)
-        _write_streamed(model, folder / part)
-    DDIMScheduler(**SD15_DDIM_SCHEDULER).save_config(folder / "scheduler")
-    np.save(folder / UNCOND_FILE, np.random.default_rng(seed + 1).standard_normal((1, 77, 768), dtype=np.float32))
+    """A random-weight SD-1.5-layout diffusers folder (no text encoder: uncond.npy [1,77,768]):
+    nxc.model.generator.make_sd15_generator."""
+    from nxc.model.generator import make_sd15_generator
+    make_sd15_generator(folder, seed=seed, log=lambda m: log(f"make: {m}"))
 
 
 def side_make(a) -> dict:

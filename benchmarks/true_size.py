@@ -5,6 +5,12 @@ int4 build of the same LLaMA weights. Not run in CI: it needs ~60 GB of disk and
     .venv/bin/python benchmarks/true_size.py --work /data/ts --keep                       # everything, true sizes
     .venv/bin/python benchmarks/true_size.py --work /data/ts --keep --steps run,genai     # again, reusing WORK
     .venv/bin/python benchmarks/true_size.py --llm tiny --vision tiny --sam tiny          # a dry run (a minute)
+    .venv/bin/python benchmarks/true_size.py --family nextgpt --work /data/ng --keep     # NExT-GPT-7B: make, export
+
+--family nextgpt: NExT-GPT-7B's layout (nxc-make-checkpoint --family nextgpt --llm vicuna-7b --vision imagebind-huge
+--projector nextgpt --generator sd-1.5), steps make and export only (run asks a grounded prompt; genai measures the
+same LLaMA as the NExT-Chat rows). A dry run: --family nextgpt --llm tiny --vision tiny --projector tiny
+--generator tiny.
 
 Steps (--steps, in this order; each reads what the earlier ones left in WORK):
   make    nxc-make-checkpoint WORK/ckpt (--trigger-prompt: the greedy reply to --prompt is one box and one mask)
@@ -38,6 +44,7 @@ from pathlib import Path
 import numpy as np
 
 STEPS = ("make", "export", "run", "genai")
+FAMILY_STEPS = {"nextchat": STEPS, "nextgpt": ("make", "export")}
 PRECISIONS = ("fp16", "int8", "int4")
 RUN_PRECISIONS = ("int4", "int8")
 DEFAULT_PROMPT = "Where is the dog in the image?"
@@ -136,8 +143,10 @@ def step_make(a, work: Path) -> dict:
     if ckpt.exists():
         log(f"make: removing the earlier {ckpt}")
         shutil.rmtree(ckpt)
-    rec = measured([tool("nxc-make-checkpoint"), str(ckpt), "--llm", a.llm, "--vision", a.vision, "--sam", a.sam,
-                    "--dtype", a.dtype, "--trigger-prompt", a.prompt], work, "make")
+    family = (["--sam", a.sam, "--trigger-prompt", a.prompt] if a.family == "nextchat" else
+              ["--family", "nextgpt", "--projector", a.projector, "--generator", a.generator])
+    rec = measured([tool("nxc-make-checkpoint"), str(ckpt), "--llm", a.llm, "--vision", a.vision, "--dtype", a.dtype,
+                    *family], work, "make")
     if rec["ok"]:
         rec["bytes_on_disk"] = dir_bytes(ckpt)
         rec["gb_on_disk"] = gb(rec["bytes_on_disk"])
@@ -506,11 +515,15 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=intro, epilog=rest,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=Path("true-size-work"), help="working directory (true-size-work)")
-    ap.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated, of {','.join(STEPS)} (all)")
+    ap.add_argument("--family", choices=FAMILY_STEPS, default="nextchat",
+                    help="nextchat (default) or nextgpt (NExT-GPT-7B's layout: make and export)")
+    ap.add_argument("--steps", help=f"comma-separated, of {','.join(STEPS)} (all the family's)")
     ap.add_argument("--keep", action="store_true", help="keep WORK (checkpoint, builds, genai build) at the end")
     ap.add_argument("--llm", default="vicuna-7b", help="nxc-make-checkpoint --llm (vicuna-7b; tiny: a dry run)")
-    ap.add_argument("--vision", default="clip-vit-l-336", help="nxc-make-checkpoint --vision (clip-vit-l-336)")
+    ap.add_argument("--vision", help="nxc-make-checkpoint --vision (clip-vit-l-336; nextgpt: imagebind-huge)")
     ap.add_argument("--sam", default="vit_h", help="nxc-make-checkpoint --sam (vit_h)")
+    ap.add_argument("--projector", default="nextgpt", help="nextgpt: nxc-make-checkpoint --projector (nextgpt)")
+    ap.add_argument("--generator", default="sd-1.5", help="nextgpt: nxc-make-checkpoint --generator (sd-1.5)")
     ap.add_argument("--dtype", default="fp16", help="checkpoint weight dtype (fp16)")
     ap.add_argument("--precisions", default=",".join(PRECISIONS), help="exported builds (fp16,int8,int4)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT, help="the trigger prompt asked of the builds")
@@ -528,11 +541,14 @@ def parse_args(argv):
                     help="genai prompt length when no nxc int4 decode result is there (600)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
     a = ap.parse_args(argv)
-    a.steps = [s.strip() for s in a.steps.split(",") if s.strip()]
+    a.vision = a.vision or ("clip-vit-l-336" if a.family == "nextchat" else "imagebind-huge")
+    a.steps = [s.strip() for s in (a.steps or ",".join(FAMILY_STEPS[a.family])).split(",") if s.strip()]
     a.precisions = [p.strip() for p in a.precisions.split(",") if p.strip()]
     bad = [s for s in a.steps if s not in STEPS] + [p for p in a.precisions if p not in PRECISIONS]
     if bad:
         ap.error(f"unknown step or precision {bad[0]!r}; steps are {STEPS}, precisions {PRECISIONS}")
+    if not set(a.steps) <= set(FAMILY_STEPS[a.family]):
+        ap.error(f"--family {a.family} has the steps {','.join(FAMILY_STEPS[a.family])}")
     w, _, h = a.image_size.partition("x")
     a.image_size = (int(w), int(h))
     return a
@@ -543,7 +559,9 @@ def main(argv=None) -> int:
     work = a.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     results = json.loads((work / "results.json").read_text()) if (work / "results.json").is_file() else {}
-    results["sizes"] = {"llm": a.llm, "vision": a.vision, "sam": a.sam, "dtype": a.dtype}
+    results["sizes"] = {"family": a.family, "llm": a.llm, "vision": a.vision, "dtype": a.dtype,
+                        **({"sam": a.sam} if a.family == "nextchat" else
+                           {"projector": a.projector, "generator": a.generator})}
     results["prompt"] = a.prompt
     results["machine"] = machine(work)
     log(f"work {work}, steps {a.steps}, {results['machine']['disk_free_gb']} GB free")

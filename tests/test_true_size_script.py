@@ -86,3 +86,28 @@ def test_arguments_default_to_the_true_sizes(ts):
     a = ts.parse_args(["--steps", "run,genai"])
     assert (a.llm, a.vision, a.sam, a.dtype) == ("vicuna-7b", "clip-vit-l-336", "vit_h", "fp16")
     assert a.steps == ["run", "genai"] and a.image_size == (1280, 960)
+
+
+def test_nextgpt_family_defaults_and_steps(ts, capsys):
+    a = ts.parse_args(["--family", "nextgpt"])
+    assert (a.llm, a.vision, a.projector, a.generator, a.dtype) == ("vicuna-7b", "imagebind-huge", "nextgpt",
+                                                                    "sd-1.5", "fp16")
+    assert a.steps == ["make", "export"]
+    with pytest.raises(SystemExit):
+        ts.parse_args(["--family", "nextgpt", "--steps", "make,run"])
+    assert "--family nextgpt has the steps make,export" in capsys.readouterr().err
+
+
+def test_nextgpt_dry_run_makes_and_exports(ts, tmp_path):
+    """The NExT-GPT-7B row at tiny sizes: the maker's streamed path (--dtype given) and an fp16 export, each
+    measured in its own process."""
+    pytest.importorskip("diffusers")
+    argv = ["--family", "nextgpt", "--llm", "tiny", "--vision", "tiny", "--projector", "tiny", "--generator", "tiny",
+            "--precisions", "fp16", "--max-context", "128", "--work", str(tmp_path / "w"), "--keep"]
+    assert ts.main(argv) == 0
+    import json
+    r = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert r["make"]["ok"] and r["export"]["fp16"]["ok"] and r["failed"] == []
+    assert r["sizes"]["family"] == "nextgpt" and r["export"]["fp16"]["parity_ok"]["projector"]
+    cfg = json.loads((tmp_path / "w" / "ckpt" / "config.json").read_text())
+    assert cfg["grounding"] == "generation" and cfg["nxc_maker"]["dtype"] == "fp16"

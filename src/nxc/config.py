@@ -246,6 +246,14 @@ SAM_SIZES = {
 VISION_SIZES = {
     "clip-vit-l-336": VisionSizes(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
                                   image_size=336, patch_size=14),
+    # NExT-GPT's encoder, ImageBind-huge's vision trunk: ViT-H/14 at 224 px (32 layers, width 1280, 16 heads, MLP
+    # 5120, GELU, LayerNorm eps 1e-6). Deviation, on purpose: it is represented as an HF CLIPVisionModel of those
+    # sizes (nxc's vision graph and loaders read that layout); ImageBind's own trunk differs in details (a Conv3d
+    # patch stem over the image repeated to 2 frames, nn.MultiheadAttention blocks, and a head after it: LayerNorm,
+    # CLS, Linear 1280 -> 1024, L2 normalisation, whose 1024-d vector NExT-GPT's input projector reads; nxc's reads
+    # the mean-pooled 1280-d patch features: Linear(1280, H)).
+    "imagebind-huge": VisionSizes(hidden_size=1280, intermediate_size=5120, num_layers=32, num_heads=16,
+                                  image_size=224, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu"),
     "tiny": VisionSizes(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=32, patch_size=8),
     "shapes": VisionSizes(hidden_size=128, intermediate_size=256, num_layers=4, num_heads=4, image_size=96,
                           patch_size=12),

@@ -117,3 +117,23 @@ def test_drawing_graphs_go_together(nextgpt_ckpt, tmp_path, capfd):
     err = capfd.readouterr().err.strip().splitlines()[-1]
     assert err == ("nxc-export: --graphs projector: the drawing graphs projector, denoiser, latent_decoder are "
                    "exported together (the signal head needs all three); name all of them or none")
+
+
+def test_a_streamed_checkpoint_exports_with_parity(tmp_path, capfd):
+    """The maker's one-tensor-at-a-time path (NExT-GPT-7B's, here tiny: fp16 .bin shards with an index) through
+    nxc-export --fp32: the export loads it with llm=False (the LLaMA streamed from the shards, never built), every
+    graph passes its parity check, and the runtime's greedy ids equal the torch reference's."""
+    from nxc.export.cli import main
+    from nxc.model.maker_nextgpt import make_nextgpt_checkpoint
+    from nxc.model.nextgpt_reference import NextGptReferenceChat
+    from nxc.runtime.pipeline import Pipeline
+    ckpt = make_nextgpt_checkpoint(tmp_path / "ckpt", dtype="fp16", fmt="bin", shard_bytes=3_000_000, seed=4,
+                                   log=lambda m: None)
+    assert (ckpt / "pytorch_model.bin.index.json").is_file()
+    assert main([str(ckpt), "--fp32", "--max-context", "128", "--out", str(tmp_path / "b")]) == 0
+    parity = json.loads((tmp_path / "b" / "reports" / "parity.json").read_text())
+    assert set(parity) == set(names.GENERATION_GRAPHS) and all(p["ok"] for p in parity.values())
+    want = NextGptReferenceChat.load(ckpt).chat(_image(5), "What is in the picture?", max_new_tokens=8, steps=2)
+    got = Pipeline.load(tmp_path / "b").chat(_image(5), "What is in the picture?", max_new_tokens=8,
+                                             head_options={"signal": {"steps": 2}})
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 8

@@ -87,3 +87,35 @@ def test_a_folder_nxc_cannot_export_is_refused_in_one_line(tiny_generator, tmp_p
             call(folder)
         assert "\n" not in str(e.value)
         assert str(e.value).startswith(message.format(f=folder)), str(e.value)
+
+
+def test_sd15_sizes_without_allocating():
+    """make_sd15_generator's UNet and VAE are SD-1.5's (859.5 M + 83.7 M parameters, counted on the meta device)."""
+    from nxc.model.generator import SD15_UNET, sd15_numel
+    assert sd15_numel() == 859_520_964 + 83_653_863
+    assert SD15_UNET == {"cross_attention_dim": 768, "sample_size": 64}
+
+
+def test_sd15_folder_at_a_scaled_down_size_loads_in_its_dtype(tmp_path):
+    """Streamed one module at a time in float16 (the checkpoint's --dtype): diffusers reads it as written, the sizes
+    are SD-1.5's (4 blocks: 8x latents, 77 x 768 conditioning), and the same seed gives the same weights."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from nxc.model.generator import inspect_generator, make_sd15_generator, sd15_numel
+    small = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    unet, vae = dict(cross_attention_dim=768, sample_size=64, **small), dict(small, norm_num_groups=32)
+    lines = []
+    for name in ("a", "b"):
+        make_sd15_generator(tmp_path / name, seed=5, dtype=torch.float16, unet=unet, vae=vae, log=lines.append)
+    assert inspect_generator(tmp_path / "a")[3] == GENERATOR_SIZES["sd-1.5"]
+    got = load_file(str(tmp_path / "a" / "unet" / "diffusion_pytorch_model.safetensors"))
+    again = load_file(str(tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {v.dtype for v in got.values()} == {torch.float16}
+    assert all(torch.equal(got[k], again[k]) for k in got)
+    loaded = UNet2DConditionModel.from_pretrained(tmp_path / "a" / "unet", torch_dtype=torch.float16).state_dict()
+    assert list(loaded) == list(got) and all(torch.equal(loaded[k], got[k]) for k in got)
+    assert sum(v.numel() for v in got.values()) < sd15_numel(unet=unet, vae=vae)
+    np.testing.assert_array_equal(np.load(tmp_path / "a" / "uncond.npy"), np.load(tmp_path / "b" / "uncond.npy"))
+    assert lines[0].startswith("unet (UNet2DConditionModel), one module at a time")

@@ -142,8 +142,8 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
         from nxc.model.retrieval import is_retrieval_checkpoint, load_retrieval
         if is_retrieval_checkpoint(checkpoint):       # small parts, loaded whole; the llm still streams
             model, tokenizer = load_retrieval(checkpoint, clip_dir=clip_dir)
-        elif is_nextgpt_checkpoint(checkpoint):       # likewise (its generator is read from its folder)
-            model, tokenizer = load_nextgpt(checkpoint, clip_dir=clip_dir)
+        elif is_nextgpt_checkpoint(checkpoint):       # as NExT-Chat: LLaMA on the meta device, vision per graph
+            model, tokenizer = load_nextgpt(checkpoint, clip_dir=clip_dir, llm=False)
         else:
             model, tokenizer = load_nextchat(checkpoint, clip_dir=clip_dir, sam_file=sam_file, llm=False)
         return model, tokenizer, LlmWeights.of_checkpoint(checkpoint)

@@ -10,7 +10,8 @@
 read), `load_generator` loads the modules in float32, `unconditional_conditioning` is classifier-free guidance's
 unconditional half ([1, L, D]: the text encoder's embedding of "", padded to L = the tokenizer's max length as
 diffusers' StableDiffusionPipeline.encode_prompt pads it), so that a build ships it as a file and needs no text
-encoder. `make_tiny_generator` writes a sub-MB random one in the same layout for tests.
+encoder. `make_tiny_generator` writes a sub-MB random one in the same layout for tests; `make_sd15_generator` a
+random one at Stable Diffusion 1.5's sizes (3.4 GB in float32), written one module at a time (`write_streamed`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ LAYOUT = ("a diffusers folder in Stable Diffusion's layout (unet/ UNet2DConditio
 SD15_DDIM_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
                        "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
                        "steps_offset": 1, "prediction_type": "epsilon", "timestep_spacing": "leading"}
+# SD-1.5's UNet: UNet2DConditionModel's default config (blocks 320/640/1280/1280, 2 layers, 8 heads) except these two,
+# whose defaults in diffusers 0.42 are cross_attention_dim 1280 and sample_size None
+SD15_UNET = {"cross_attention_dim": 768, "sample_size": 64}
+# SD-1.5's AutoencoderKL (runwayml/stable-diffusion-v1-5 vae/config.json)
+SD15_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "block_out_channels": (128, 256, 512, 512),
+            "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+SD15_CONTEXT_LENGTH = 77           # CLIP ViT-L/14's text rows: uncond.npy is [1, 77, cross_attention_dim]
 
 
 class GeneratorError(ValueError):
@@ -246,4 +255,91 @@ def make_tiny_generator(out: str | Path, *, seed: int = 0, context_length: int =
         else:
             rng = np.random.default_rng(seed)
             np.save(out / UNCOND_FILE, rng.standard_normal((1, context_length, cross_attention_dim)).astype(np.float32))
+    return out
+
+
+# -- a generator at true size, one module at a time ------------------------------------------------------------
+_ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def write_streamed(model, folder: Path, dtype=None) -> None:
+    """`model` (a diffusers ModelMixin built on the meta device) -> folder/config.json +
+    diffusion_pytorch_model.safetensors in `dtype` (float32 by default), one module at a time: each module is
+    materialised on the CPU, initialised as PyTorch initialises it (reset_parameters; normal(0, 0.02) / zeros where a
+    module has none, under the caller's torch seed), written, and dropped. Peak memory: the largest module."""
+    import torch
+    dtype = dtype or torch.float32
+    size = dtype.itemsize
+    model.save_config(folder)
+    state = model.state_dict(keep_vars=True)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k, t in state.items():
+        n = t.numel() * size
+        header[k] = {"dtype": _ST_NAMES[str(dtype).removeprefix("torch.")], "shape": list(t.shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with open(folder / "diffusion_pytorch_model.safetensors", "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for prefix, mod in model.named_modules():
+            own = dict(mod.named_parameters(recurse=False)) | dict(mod.named_buffers(recurse=False))
+            if not own:
+                continue
+            mod.to_empty(device="cpu", recurse=False)
+            with torch.no_grad():
+                if hasattr(mod, "reset_parameters"):
+                    mod.reset_parameters()
+                else:
+                    for t in own.values():
+                        torch.nn.init.normal_(t, std=0.02) if t.ndim > 1 else torch.nn.init.zeros_(t)
+            for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+                key = f"{prefix}.{name}" if prefix else name
+                if key not in header:
+                    continue                                        # a non-persistent buffer
+                if header[key]["data_offsets"][0] != written:
+                    raise RuntimeError(f"{key}: state_dict order differs from module order; cannot stream")
+                f.write(t.detach().to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+                written += t.numel() * size
+            mod.to_empty(device="meta", recurse=False)
+    if written != offset:
+        raise RuntimeError(f"wrote {written} bytes of tensors, expected {offset}")
+
+
+def _sd15_parts(unet: dict | None, vae: dict | None) -> list:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    return [(UNET, UNet2DConditionModel, unet or SD15_UNET), (VAE, AutoencoderKL, vae or SD15_VAE)]
+
+
+def sd15_numel(*, unet: dict | None = None, vae: dict | None = None) -> int:
+    """Elements of the UNet and VAE `make_sd15_generator` writes (built on the meta device: nothing allocated)."""
+    import torch
+    with torch.device("meta"):
+        return sum(sum(t.numel() for t in cls(**cfg).state_dict().values()) for _, cls, cfg in _sd15_parts(unet, vae))
+
+
+def make_sd15_generator(out: str | Path, *, seed: int = 0, dtype=None, unet: dict | None = None,
+                        vae: dict | None = None, log=None) -> Path:
+    """A random-weight generator at Stable Diffusion 1.5's sizes in diffusers' layout at `out`: UNet2DConditionModel
+    (SD15_UNET, 860 M parameters) and AutoencoderKL (SD15_VAE, 84 M), each built on the meta device and written one
+    module at a time (`write_streamed`, in `dtype`, float32 by default), SD-1.5's DDIM schedule and a random
+    uncond.npy [1, 77, cross_attention_dim] (no text encoder). `unet` / `vae` replace the configs (a scaled-down
+    folder for tests). Same seed, same weights."""
+    import torch
+    from diffusers import DDIMScheduler
+    out = Path(out)
+    with torch.random.fork_rng(), _quiet():
+        torch.manual_seed(seed)
+        for part, cls, config in _sd15_parts(unet, vae):
+            if log is not None:
+                log(f"{part} ({cls.__name__}), one module at a time -> {out / part}")
+            (out / part).mkdir(parents=True, exist_ok=True)
+            with torch.device("meta"):
+                model = cls(**config)
+            write_streamed(model, out / part, dtype)
+        DDIMScheduler(**SD15_DDIM_SCHEDULER).save_config(out / Path(SCHEDULER_FILE).parent)
+    width = (unet or SD15_UNET)["cross_attention_dim"]
+    rows = np.random.default_rng(seed + 1).standard_normal((1, SD15_CONTEXT_LENGTH, width), dtype=np.float32)
+    np.save(out / UNCOND_FILE, rows)
     return out

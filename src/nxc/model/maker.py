@@ -91,7 +91,7 @@ def _init_of(module: torch.nn.Module, local: str) -> tuple[str, float]:
     return "normal", INIT_STD
 
 
-def _specs(module: torch.nn.Module, rename) -> list[TensorSpec]:
+def module_specs(module: torch.nn.Module, rename) -> list[TensorSpec]:
     """TensorSpecs of a meta-device module's state dict, in its order; rename(key) -> name or None (skip)."""
     owner = {}
     for mod_name, mod in module.named_modules():
@@ -117,13 +117,13 @@ def checkpoint_plan(config: NextChatConfig) -> tuple[list[TensorSpec], list[Tens
     with torch.device("meta"):
         model = NextChat(config=config)
     ckpt = []
-    for s in _specs(model, lambda k: None if k.startswith("vision_tower.") else official_key(k)):
+    for s in module_specs(model, lambda k: None if k.startswith("vision_tower.") else official_key(k)):
         ckpt.append(s)
         if s.name.endswith(".self_attn.o_proj.weight"):
             i = int(s.name.split(".")[2])
             ckpt.append(TensorSpec(name=rope_buffer_name(i), shape=(config.llm.head_dim // 2,), init="rope",
                                    theta=config.llm.rope_theta))
-    return ckpt, _specs(model.vision_tower, lambda k: "vision_model." + k)
+    return ckpt, module_specs(model.vision_tower, lambda k: "vision_model." + k)
 
 
 def projector_out_weight(specs: list[TensorSpec]) -> str:
@@ -302,7 +302,7 @@ def write_clip_dir(clip_dir: Path, config: NextChatConfig, specs: list[TensorSpe
     write_weights(specs, clip_dir, stem="model", fmt="safetensors", dtype=dtype, label="clip/", **weights)
 
 
-def _check_written(path: Path, specs: list[TensorSpec]) -> None:
+def check_written(path: Path, specs: list[TensorSpec]) -> None:
     from nxc.model.lazy import LazyCheckpoint
 
     src = LazyCheckpoint(path)
@@ -372,8 +372,8 @@ def make_checkpoint(out, *, config: NextChatConfig, dtype: str = "fp16", fmt: st
         (work / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (work / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
-        _check_written(work, specs)
-        _check_written(work / CLIP_SUBDIR, clip_specs)
+        check_written(work, specs)
+        check_written(work / CLIP_SUBDIR, clip_specs)
         os.rename(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)

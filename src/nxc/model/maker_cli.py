@@ -28,6 +28,10 @@ example: nxc-make-checkpoint ckpt-7b --llm vicuna-7b --vision clip-vit-l-336 --s
              --trigger-prompt "Where is the dog in the image?"
          nxc-make-checkpoint ckpt-nextgpt --family nextgpt --llm tiny --vision tiny --draw-prompt "Draw a red circle."
              (NExT-GPT-style: [IMG0]..[IMG3], output projector, a tiny diffusers generator in OUT/generator)
+         nxc-make-checkpoint ckpt-nextgpt-7b --family nextgpt --llm vicuna-7b --vision imagebind-huge \\
+             --projector nextgpt --generator sd-1.5 --dtype fp16
+             (NExT-GPT-7B's layout, one tensor at a time: Vicuna-7B + 9 added tokens, ImageBind-huge-sized tower,
+             NExT-GPT's output projector, an SD-1.5-sized generator; 16.7 GB, peak memory about one shard)
 """
 
 
@@ -57,16 +61,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sam", metavar="NAME", help=f"SAM size: {', '.join(SAM_SIZES)} (NExT-Chat only, required there)")
     ap.add_argument("--family", choices=("nextchat", "nextgpt"), default="nextchat",
                     help="nextchat (default): NExT-Chat, written one tensor at a time; nextgpt: a NExT-GPT-style "
-                         "model (nxc.model.nextgpt: signal tokens [IMG0]..[IMG3], output projector, a tiny diffusers "
-                         "generator in OUT/generator), held in memory: for the tiny and shapes sizes")
+                         "model (nxc.model.nextgpt: signal tokens [IMG0]..[IMG3], output projector, a diffusers "
+                         "generator in OUT/generator), held in memory as float32 safetensors up to 2 B parameters, "
+                         "written one tensor at a time above that or when --dtype, --format or --shard-size is given")
     ap.add_argument("--projector", default="tiny", metavar="NAME",
                     help=f"--family nextgpt: output projector size: {', '.join(PROJECTOR_SIZES)} (default tiny)")
+    ap.add_argument("--generator", default="tiny", choices=("tiny", "sd-1.5"),
+                    help="--family nextgpt: tiny (default) or sd-1.5 (Stable Diffusion 1.5's UNet and VAE sizes, "
+                         "3.4 GB in float32; needs --projector nextgpt)")
     ap.add_argument("--draw-prompt", metavar="TEXT",
-                    help="--family nextgpt: make the greedy reply to TEXT '[IMG0][IMG1][IMG2][IMG3]</s>' for any image")
-    ap.add_argument("--dtype", default="fp16", metavar="{fp16,bf16,fp32}", help="weight dtype (default fp16)")
-    ap.add_argument("--format", default="bin", metavar="{bin,safetensors}",
+                    help="--family nextgpt, held in memory: make the greedy reply to TEXT "
+                         "'[IMG0][IMG1][IMG2][IMG3]</s>' for any image")
+    ap.add_argument("--dtype", metavar="{fp16,bf16,fp32}", help="weight dtype (default fp16)")
+    ap.add_argument("--format", metavar="{bin,safetensors}",
                     help="bin: torch.save zip shards (memory-mappable); safetensors (default bin)")
-    ap.add_argument("--shard-size", default="5GB", metavar="SIZE",
+    ap.add_argument("--shard-size", metavar="SIZE",
                     help="largest shard, e.g. 5GB, 500MB, 2GiB or bytes (default 5GB, like the release)")
     ap.add_argument("--seed", type=int, default=0, help="seed of every tensor (default 0)")
     ap.add_argument("--trigger-prompt", metavar="TEXT",
@@ -77,24 +86,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     try:
-        shard_bytes = parse_size(a.shard_size)
+        shard_bytes = None if a.shard_size is None else parse_size(a.shard_size)
     except ValueError as e:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2
     try:
         from nxc.config import ConfigError
-        from nxc.model.maker import MakerError, make_checkpoint, maker_config
+        from nxc.model.maker import DEFAULT_SHARD_BYTES, MakerError, make_checkpoint, maker_config
     except ImportError as e:
         return _needs_export_extra(e)
     if a.family == "nextgpt":
-        return _main_nextgpt(a)
-    if a.sam is None or a.draw_prompt is not None:
+        return _main_nextgpt(a, shard_bytes)
+    if a.sam is None or a.draw_prompt is not None or a.generator != "tiny":
         print("nxc-make-checkpoint: a NExT-Chat checkpoint needs --sam NAME (and takes --trigger-prompt, not "
-              "--draw-prompt)", file=sys.stderr)
+              "--draw-prompt or --generator)", file=sys.stderr)
         return 2
     try:
         config = maker_config(a.llm, a.vision, a.sam)
-        make_checkpoint(a.out, config=config, dtype=a.dtype, fmt=a.format, shard_bytes=shard_bytes, seed=a.seed,
+        make_checkpoint(a.out, config=config, dtype=a.dtype or "fp16", fmt=a.format or "bin",
+                        shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, seed=a.seed,
                         trigger_prompt=a.trigger_prompt, size_names={"llm": a.llm, "vision": a.vision, "sam": a.sam})
     except (MakerError, ConfigError) as e:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
@@ -104,18 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _main_nextgpt(a) -> int:
-    if a.sam is not None or a.trigger_prompt is not None or a.dtype != "fp16" or a.format != "bin":
-        print("nxc-make-checkpoint: --family nextgpt takes --llm, --vision, --projector, --seed and --draw-prompt "
-              "(float32 safetensors, no SAM, no --trigger-prompt)", file=sys.stderr)
+def _main_nextgpt(a, shard_bytes: int | None) -> int:
+    if a.sam is not None or a.trigger_prompt is not None:
+        print("nxc-make-checkpoint: --family nextgpt takes --llm, --vision, --projector, --generator, --seed, "
+              "--draw-prompt, --dtype, --format and --shard-size (no SAM, no --trigger-prompt)", file=sys.stderr)
         return 2
     try:
         from nxc.model.maker_nextgpt import MakerError, make_nextgpt_checkpoint
     except ImportError as e:
         return _needs_export_extra(e)
     try:
-        make_nextgpt_checkpoint(a.out, llm=a.llm, vision=a.vision, projector=a.projector, seed=a.seed,
-                                draw_prompt=a.draw_prompt)
+        make_nextgpt_checkpoint(a.out, llm=a.llm, vision=a.vision, projector=a.projector, generator=a.generator,
+                                seed=a.seed, draw_prompt=a.draw_prompt, dtype=a.dtype, fmt=a.format,
+                                shard_bytes=shard_bytes)
     except MakerError as e:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2

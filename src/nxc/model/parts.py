@@ -1,7 +1,10 @@
-"""A NExT-Chat whose modules are made real only while a graph needs them (issue 17: the export at true size).
+"""A NExT-Chat (or NExT-GPT) whose modules are made real only while a graph needs them (issue 17: the export at true
+size).
 
     load_nextchat(..., llm=False) ─▶ NextChat on the meta device (names, shapes, config; no storage)
                                      + model.parts = LazyParts(tensors read one at a time, the CLIP directory)
+    load_nextgpt(..., llm=False)  ─▶ likewise for NextGpt's vision tower and input projector (its output
+                                     projector, 32 M parameters, is loaded real)
     export of graph g: parts.load(g) ─▶ its modules built and filled from the checkpoint ─▶ wrapper, trace, parity
                        parts.release(g) ─▶ back to the meta device, their memory freed
 
@@ -16,7 +19,8 @@ import torch
 
 from nxc import names
 
-# the NextChat submodules each graph's wrapper reads (nxc.export.wrappers)
+# the NextChat / NextGpt submodules each graph's wrapper reads (nxc.export.wrappers, nxc.export.nextgpt); a graph not
+# listed (the drawing graphs: their modules are always real) needs none
 GRAPH_MODULES = {
     names.GRAPH_VISION: ("vision_tower", "mm_projector"),
     names.GRAPH_LOC_HEADS: ("loc_encoder", "loc_decoder", "seg_prompt_mlp"),
@@ -57,7 +61,7 @@ class LazyParts:
         return next(getattr(self.model, name).parameters()).device.type != "meta"
 
     def load(self, graph: str) -> None:
-        for name in GRAPH_MODULES[graph]:
+        for name in GRAPH_MODULES.get(graph, ()):
             if not self.is_real(name):
                 module = self._build(name).eval()
                 if self.convert is not None:
@@ -66,8 +70,8 @@ class LazyParts:
 
     def release(self, graph: str, *, keep: tuple[str, ...] = ()) -> None:
         """Back to the meta device: graph's modules, except those the graphs in `keep` still need."""
-        needed = {m for g in keep for m in GRAPH_MODULES[g]}
-        for name in GRAPH_MODULES[graph]:
+        needed = {m for g in keep for m in GRAPH_MODULES.get(g, ())}
+        for name in GRAPH_MODULES.get(graph, ()):
             if name not in needed and self.is_real(name):
                 setattr(self.model, name, getattr(self.model, name).to("meta"))
         gc.collect()
