@@ -237,3 +237,32 @@ def nextgpt_build(nextgpt_ckpt, tmp_path_factory):
     from nxc.export.exporter import ExportOptions, export_build
     return export_build(nextgpt_ckpt, tmp_path_factory.mktemp("nextgpt-build") / "fp32",
                         options=ExportOptions(max_context=256))
+
+
+@pytest.fixture(scope="session")
+def shapes_nextgpt_ref():
+    """The PyTorch reference on the shipped NExT-GPT (embedded:shapes-nextgpt)."""
+    require_export_extra("the PyTorch reference")
+    pytest.importorskip("diffusers", reason="the NExT-GPT reference's generator needs diffusers (export extra)")
+    from nxc.assets import nextgpt_checkpoint
+    from nxc.model.nextgpt_reference import NextGptReferenceChat
+    return NextGptReferenceChat.load(nextgpt_checkpoint())
+
+
+@pytest.fixture(scope="session")
+def shapes_nextgpt_build(tmp_path_factory):
+    """The shipped NExT-GPT exported fp32 (with the exporter's parity checks)."""
+    if PREBUILT is not None:
+        return prebuilt("shapes-nextgpt")
+    require_export_extra("exporting the shipped NExT-GPT")
+    pytest.importorskip("diffusers", reason="exporting a generator needs diffusers (export extra)")
+    from nxc.assets import nextgpt_checkpoint
+    from nxc.export.exporter import ExportOptions, export_build
+    return export_build(nextgpt_checkpoint(), tmp_path_factory.mktemp("shapes-nextgpt") / "fp32",
+                        options=ExportOptions())
+
+
+@pytest.fixture(scope="session")
+def shapes_nextgpt_pipe(shapes_nextgpt_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(shapes_nextgpt_build)

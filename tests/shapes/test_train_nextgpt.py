@@ -94,3 +94,15 @@ def test_short_run_writes_a_checkpoint_that_loads_and_draws(trained, generator):
     r = chat.chat(Image.new("RGB", (64, 64), "white"), "Draw a red circle.", max_new_tokens=6, steps=2,
                   logits_processor=say_img0)
     assert r.token_ids[:4] == chat.signals and len(r.images) == 1 and r.images[0].shape == (16, 16, 3)
+
+
+def test_init_continues_an_earlier_run_tower_included(trained, generator):
+    """--init: the earlier run's vision tower (saved in clip/, beside model.safetensors) and every matching tensor;
+    a second stage that started from the embedded NExT-Chat's tower instead lost the first stage's POPE."""
+    from nxc.model.nextgpt import load_nextgpt
+    earlier, _ = load_nextgpt(trained)
+    model = initial_model(generator, TINY, trained)
+    for name, part in (("vision_tower", model.vision_tower), ("mm_projector", model.mm_projector),
+                       ("llm", model.llm), ("output_projector", model.output_projector)):
+        want = getattr(earlier, name).state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in part.state_dict().items()), name
