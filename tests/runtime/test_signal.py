@@ -153,3 +153,24 @@ def test_nxc_run_writes_the_picture_it_was_asked_for(drawing_build, drawing_pipe
         want = drawing_pipe.chat(PILImage.open(image), QUESTION, max_new_tokens=12,
                                  head_options={"signal": {"steps": 3, "seed": 2}}).images[0].pixels
     np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "pic.png").convert("RGB")), want)
+
+
+def test_nxc_run_needs_no_image_for_a_build_that_draws(drawing_build, drawing_pipe, embedded_build, tmp_path, capsys,
+                                                       monkeypatch):
+    """Without --image a build that draws takes the blank picture (nxc.runtime.images.blank_image); one that
+    answers about images says --image is required, in one line."""
+    from PIL import Image as PILImage
+
+    from drawing_helpers import say_signal_at
+    from nxc.runtime import cli
+    from nxc.runtime.images import blank_image
+    assert cli.main([str(embedded_build), "--prompt", "Where is the red circle?"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nxc-run: --image is required") and err.count("\n") == 1
+    monkeypatch.setattr("nxc.runtime.pipeline.Pipeline.load", classmethod(lambda cls, *a, **k: drawing_pipe))
+    with say_signal_at(drawing_pipe, 2):
+        assert cli.main([str(drawing_build[0]), "--prompt", QUESTION, "--max-new-tokens", "12", "--steps", "3",
+                         "--out", str(tmp_path / "pic.png")]) == 0
+        want = drawing_pipe.chat(blank_image(), QUESTION, max_new_tokens=12,
+                                 head_options={"signal": {"steps": 3, "seed": 0}}).images[0].pixels
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "pic.png").convert("RGB")), want)

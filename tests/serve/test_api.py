@@ -217,7 +217,7 @@ def big_png(w, h) -> str:
      "'gpt-4o' does not exist here"),
     ("too-long prompt", lambda s: {"json": {"messages": [user("where is it " * 400, s.image)]}}, 400,
      "but the build's context is"),
-    ("no image", lambda s: {"json": {"messages": [user("hi")]}}, 400, "exactly one image"),
+    ("no image", lambda s: {"json": {"messages": [user("hi")]}}, 400, "needs one image content part"),
     ("web image", lambda s: {"json": {"messages": [{"role": "user", "content": [
         {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]}]}},
      400, "does not fetch images"),

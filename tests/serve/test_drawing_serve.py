@@ -188,3 +188,17 @@ def test_the_page_shows_the_picture_under_the_reply(draw_url, drawing_pipe, scen
             assert "seed 0" in img.get_attribute("alt")
         finally:
             b.close()
+
+
+def test_a_request_without_an_image_draws_on_the_blank_picture(draw_client, drawing_pipe):
+    """NExT-GPT draws from the text: no image part is a turn on nxc.runtime.images.blank_image() (a build that
+    does not draw answers 400: tests/serve/test_api.py "no image")."""
+    from nxc.runtime.images import blank_image
+    with say_signal_at(drawing_pipe, 2):
+        want = drawing_pipe.chat(blank_image(), QUESTION, max_new_tokens=24, head_options={"signal": DRAW})
+        resp = draw_client.post("/v1/chat/completions", json={"messages": [user(QUESTION)], "max_tokens": 24,
+                                                              **OPTIONS})
+    assert resp.status_code == 200, resp.text
+    ch = resp.json()["choices"][0]
+    assert ch["token_ids"] == want.token_ids and len(want.images) == 1
+    np.testing.assert_array_equal(pixels(ch["message"]["content"][1]["image_url"]["url"]), want.images[0].pixels)

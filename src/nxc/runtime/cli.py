@@ -11,7 +11,7 @@ from PIL import Image
 
 from nxc.manifest import BuildError
 from nxc.runtime.backends import BACKENDS, BackendError
-from nxc.runtime.images import ImageError, load_image
+from nxc.runtime.images import ImageError, blank_image, load_image
 from nxc.prompt import PromptError
 
 
@@ -88,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
                                  epilog='example: nxc-run build/fp32 --image photo.png --prompt "Where is the red '
                                         'circle?" --out annotated.png')
     ap.add_argument("build", help="build directory written by nxc-export")
-    ap.add_argument("--image", required=True, help="image file (PNG, JPEG, ...); /dev/stdin reads a pipe")
+    ap.add_argument("--image", help="image file (PNG, JPEG, ...); /dev/stdin reads a pipe. Optional for a build "
+                    "that draws from the text (NExT-GPT): a plain 64 x 64 grey picture then")
     ap.add_argument("--prompt", required=True, type=_utf8, help="question; refer to --box k as [k]")
     ap.add_argument("--box", type=_box, action="append", metavar="x1,y1,x2,y2",
                     help="region input in pixels (repeat for [0], [1], ...)")
@@ -123,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from nxc.runtime.pipeline import Pipeline
     try:
-        image = load_image(a.image)
+        image = load_image(a.image) if a.image is not None else None
         pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider, low_memory=a.low_memory)
         draws = pipe.dispatch.head_of_kind("signal") is not None
+        if image is None and not draws:
+            raise ValueError(f"--image is required: {a.build} answers about an image (only a build that draws from "
+                             "the text, such as NExT-GPT, runs without one)")
+        image = image if image is not None else blank_image()
         if not draws and any(v is not None for v in (a.steps, a.guidance, a.scheduler)):
             raise ValueError(f"{a.build} does not draw (no signal head): --steps, --guidance and --scheduler are for "
                              "a build that makes pictures")

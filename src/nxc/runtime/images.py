@@ -70,3 +70,13 @@ def load_image(source: str | Path | bytes) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         img = img.point(lambda v: v / 256).convert("L")
     return img.convert("RGB")
+
+
+BLANK_SIDE, BLANK_GREY = 64, 210
+
+
+def blank_image() -> Image.Image:
+    """The picture a turn carries when the user gives none to a model that draws from the text (NExT-GPT): plain
+    light grey, 64 x 64. The shapes NExT-GPT was trained to draw on it (nxc.shapes.train_nextgpt) and nxc-eval's
+    drawing requests are asked about it."""
+    return Image.new("RGB", (BLANK_SIDE, BLANK_SIDE), (BLANK_GREY,) * 3)

@@ -141,7 +141,16 @@ class Server:
             raise proto.ApiError(400, "this server runs a retrieval (ChatRex-style) build, which answers one turn per "
                                       "request: send the last user message only (earlier assistant messages cannot "
                                       "be replayed yet)")
-        conv = self.pipe.conversation(req.image)
+        image = req.image
+        if image is None:                   # no image part: only a build that draws from the text runs without one
+            if not self.draws:
+                raise proto.ApiError(400, "the first user message needs one image content part "
+                                          '({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}): '
+                                          "this build answers about an image (only a build that draws, such as "
+                                          "NExT-GPT, runs without one)")
+            from nxc.runtime.images import blank_image
+            image = blank_image()
+        conv = self.pipe.conversation(image)
         for t in req.history:
             conv.add_turn(t.user, t.reply_raw, boxes=t.boxes, reply_boxes=t.reply_boxes)
         return conv

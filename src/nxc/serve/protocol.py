@@ -54,7 +54,7 @@ class PastTurn:
 
 @dataclass
 class ChatRequest:
-    image: Image.Image
+    image: Image.Image | None        # None: no image part (a build that draws from the text uses a blank one)
     question: str
     boxes: list | None = None
     history: list[PastTurn] = field(default_factory=list)
@@ -248,8 +248,8 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
         turns.append((role, text, msg, k))
     if not turns or turns[-1][0] != "user":
         raise ApiError(400, "the last message must be the user's question")
-    if len(image_urls) != 1:
-        raise ApiError(400, "the first user message needs exactly one image content part "
+    if len(image_urls) > 1:
+        raise ApiError(400, "the first user message takes one image content part "
                             '({"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}); '
                             f"got {len(image_urls)}")
     history = []
@@ -266,7 +266,8 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
     n, beams = completions_and_beams(body, sampled)
     if n > 1 and body.get("stream"):
         raise ApiError(400, "n > 1 is answered whole, not streamed: leave stream false (or ask n streams of 1)")
-    return ChatRequest(image=image_from_url(image_urls[0], limits), question=turns[-1][1], boxes=boxes,
+    return ChatRequest(image=image_from_url(image_urls[0], limits) if image_urls else None, question=turns[-1][1],
+                       boxes=boxes,
                        history=history, stream=bool(body.get("stream")),
                        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
                        sampling=sampled, n=n, beams=beams, draw=picture_options(body))

@@ -46,8 +46,6 @@ ROWS = (("generation object recall", "generation", "recall"), ("generation preci
         ("generation count accuracy", "generation", "count_accuracy"),
         ("generation s / picture (median)", "generation", "seconds_per_picture"),
         ("generation requests", "generation", "n"))
-BLANK_SIDE = 64
-BLANK_GREY = 210
 
 
 @dataclass(frozen=True)
@@ -172,7 +170,8 @@ def draw(pipe, request: DrawRequest, *, seed: int, steps: int | None = None, max
          ) -> tuple[list[np.ndarray], float]:
     """Ask `pipe` the request (greedy, pictures seeded `seed`) -> ([H,W,3] uint8 pictures, drawing seconds)."""
     from nxc.runtime.timing import Timeline
-    blank = Image.new("RGB", (BLANK_SIDE, BLANK_SIDE), (BLANK_GREY,) * 3)
+    from nxc.runtime.images import blank_image
+    blank = blank_image()
     options = {"seed": seed, **({"steps": steps} if steps is not None else {})}
     tl = Timeline()
     result = pipe.chat(blank, request.text, max_new_tokens=max_new_tokens, timeline=tl,

@@ -38,7 +38,6 @@ from nxc.shapes.generator_data import caption_of
 
 IGNORE = -100
 DRAW_PHRASINGS = ("Draw {}.", "Draw {}.", "Draw me {}.", "Paint {}.", "Make a picture of {}.")
-BLANK_GREY = 210            # nxc.shapes.eval_generation asks its drawing requests about such a picture
 
 
 @dataclass(frozen=True)
@@ -156,9 +155,8 @@ def draw_turn(rng) -> tuple[str, str, str]:
 
 
 def sample_batch(model, enc: Encoder, rng, cfg: NextGptTrainConfig):
-    from PIL import Image
-
     from nxc.model import processing
+    from nxc.runtime.images import blank_image
     rows, images, captions, draw_rows = [], [], [], []
     present = torch.zeros(cfg.batch_size, len(COLOURS) * len(SHAPES))
     for b in range(cfg.batch_size):
@@ -168,7 +166,7 @@ def sample_batch(model, enc: Encoder, rng, cfg: NextGptTrainConfig):
         if rng.random() < cfg.draw_share:
             q, a, caption = draw_turn(rng)
             if rng.random() < 0.5:
-                image = Image.new("RGB", (64, 64), (BLANK_GREY,) * 3)
+                image = blank_image()
                 present[b] = 0
             else:
                 image = scene.image
