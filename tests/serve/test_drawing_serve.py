@@ -202,3 +202,32 @@ def test_a_request_without_an_image_draws_on_the_blank_picture(draw_client, draw
     ch = resp.json()["choices"][0]
     assert ch["token_ids"] == want.token_ids and len(want.images) == 1
     np.testing.assert_array_equal(pixels(ch["message"]["content"][1]["image_url"]["url"]), want.images[0].pixels)
+
+
+def test_the_page_draws_without_an_image_on_a_build_that_draws(draw_url, drawing_pipe, tmp_path):
+    """Headless Chromium: no image chosen, a question to a build that draws (GET /v1/models says "draws") is sent
+    without an image part and its picture shown: the runtime's on the blank picture."""
+    from test_browser import ask, chromium_executable
+    exe = chromium_executable()
+    if exe is None:
+        pytest.skip("no chromium-headless-shell or chromium executable; `make browser` installs it")
+    from playwright.sync_api import sync_playwright
+
+    from nxc.runtime.images import blank_image
+    with say_signal_at(drawing_pipe, 2):
+        r = drawing_pipe.chat(blank_image(), QUESTION)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe)
+        try:
+            page = b.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(draw_url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.length > 0")
+            with say_signal_at(drawing_pipe, 2):
+                assert ask(page, QUESTION) == "done"
+            img = page.locator(".msg.assistant img.picture")
+            assert img.count() == 1 and not errors, errors
+            np.testing.assert_array_equal(pixels(img.get_attribute("src")), r.images[0].pixels)
+        finally:
+            b.close()

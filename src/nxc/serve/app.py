@@ -338,7 +338,7 @@ class Server:
         m = self.pipe.manifest
         return JSONResponse({"object": "list", "data": [{
             "id": self.model, "object": "model", "created": 0, "owned_by": "nxc",
-            "precision": m.precision, "max_context": m.max_context}]})
+            "precision": m.precision, "max_context": m.max_context, "draws": self.draws}]})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.model})
