@@ -72,6 +72,16 @@ def test_vs_torch_reports_the_ratio(embedded_build, scene, capsys):
     assert "PyTorch ref e2e" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("build", ["retrieval_build", "nextgpt_build"])
+def test_vs_torch_takes_each_family_reference(build, request, capfd):
+    """The build's source checkpoint is loaded with its family's reference chat (retrieval, NExT-GPT). capfd, not
+    capsys: the NExT-GPT fixture trains a sentencepiece model, which writes to the real stderr."""
+    pytest.importorskip("diffusers", reason="the NExT-GPT reference needs diffusers (export extra)")
+    path = request.getfixturevalue(build)
+    assert main([str(path), "--runs", "1", "--warmup", "0", "--max-new-tokens", "8", "--vs-torch"]) == 0
+    assert "PyTorch ref e2e" in capfd.readouterr().out
+
+
 def test_bad_build_is_one_line(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err

@@ -187,12 +187,19 @@ def chrome_trace(timelines: dict[str, Timeline]) -> dict:
 def torch_reference_ms(manifest: Manifest, image, prompt: str, *, runs: int, max_new_tokens: int) -> dict:
     """Median end-to-end of the PyTorch reference on the build's source checkpoint (export environment only)."""
     from nxc.assets import resolve_checkpoint
-    from nxc.model.reference import ReferenceChat
+    from nxc.model.nextgpt import is_nextgpt_checkpoint
+    from nxc.model.retrieval import is_retrieval_checkpoint
     src = str(manifest.source.get("checkpoint", ""))
     ckpt = resolve_checkpoint(src)
     if not (Path(ckpt) / "config.json").is_file():
         raise FileNotFoundError(f"--vs-torch needs the build's source checkpoint, {src!r}, which is not here")
-    ref = ReferenceChat.load(ckpt)
+    if is_nextgpt_checkpoint(ckpt):                   # each family's own reference chat
+        from nxc.model.nextgpt_reference import NextGptReferenceChat as Reference
+    elif is_retrieval_checkpoint(ckpt):
+        from nxc.model.retrieval import RetrievalReferenceChat as Reference
+    else:
+        from nxc.model.reference import ReferenceChat as Reference
+    ref = Reference.load(ckpt)
     ref.chat(image, prompt, max_new_tokens=max_new_tokens)
     times, tokens = [], 0
     for _ in range(runs):
