@@ -60,6 +60,29 @@ def test_int8_quantizes_the_denoiser_and_keeps_the_decoder_fp32(tiny_generator, 
     assert acc["cosine"] > 0.999 and acc["max_abs"] < 2e-2, acc
 
 
+def test_a_large_int8_denoiser_keeps_its_weights_in_external_data(tiny_generator, tmp_path, monkeypatch):
+    """At SD-1.5's size the int8 denoiser's float convolutions alone pass protobuf's 2 GB: a denoiser whose fp32
+    graph is over EXTERNAL_DATA_BYTES is written with one external data file beside it (the threshold lowered to
+    0 here), and it runs as the inline one does."""
+    import onnxruntime as ort
+
+    from nxc.export.generator import export_generator
+    inline = export_generator(tiny_generator, tmp_path / "inline", precision="int8", **QUIET).graphs["denoiser"]
+    monkeypatch.setattr("nxc.export.exporter.EXTERNAL_DATA_BYTES", 0)
+    result = export_generator(tiny_generator, tmp_path / "ext", precision="int8", **QUIET)
+    den = result.graphs["denoiser"]
+    assert inline["external_data"] == [] and den["external_data"] == ["graphs/denoiser.onnx.data"]
+    assert (tmp_path / "ext" / "graphs" / "denoiser.onnx.data").stat().st_size > 0
+    assert result.accuracy["graphs"]["denoiser"]["noise"]["cosine"] > 0.999
+    feeds = {i.name: np.random.default_rng(0).standard_normal(
+        [2 if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
+        for i in ort.InferenceSession(str(tmp_path / "inline" / inline["file"])).get_inputs()}
+    feeds = {k: (v if k != "timestep" else np.full(v.shape, 500, np.float32)) for k, v in feeds.items()}
+    a, b = (ort.InferenceSession(str(d / r["file"])).run(None, feeds)[0]
+            for d, r in ((tmp_path / "inline", inline), (tmp_path / "ext", den)))
+    np.testing.assert_array_equal(a, b)
+
+
 def test_an_fp16_vae_that_overflows_ships_fp32_and_says_why(tiny_generator, tmp_path):
     """A decoder whose first convolution's outputs exceed fp16's 65504: float32 decodes it (the next GroupNorm
     scales them back), fp16 makes inf, then NaN: the known black-picture trap."""

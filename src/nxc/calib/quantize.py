@@ -250,14 +250,17 @@ def compare_graphs(ref_path: Path, test_path: Path, feeds: list[dict], log=None)
                 "max_abs": s["max_abs"]} for n, s in acc.items()}
 
 
-def quantize_weights_int8(src: Path, dst: Path) -> int:
+def quantize_weights_int8(src: Path, dst: Path, *, external_data: str | None = None) -> int:
     """Weight-only int8 in standard ONNX: every constant 2-D weight of a MatMul / Gemm becomes int8 (symmetric,
     one scale per output channel) behind a DequantizeLinear; activations stay float. Returns the weights changed.
 
         W float [N,K] ──▶ W_q int8 [N,K] + scale [N] ─ DequantizeLinear(axis 0) ─▶ Gemm(transB=1)
 
     Used for loc_heads: its input is the LLM's final-norm hidden state, whose few large channels make one
-    per-tensor activation scale too coarse for box regression (static int8 cost 3 points of REC mean IoU)."""
+    per-tensor activation scale too coarse for box regression (static int8 cost 3 points of REC mean IoU), and for
+    the generator's denoiser. `external_data`: a file name beside `dst` that takes the weights (one file, onnx's
+    layout), for a graph whose float weights left beside the int8 ones pass protobuf's 2 GB (an SD-1.5 UNet's
+    convolutions stay float32: 2.4 GB)."""
     import onnx
     from onnx import helper, numpy_helper
     model = onnx.load(str(src))
@@ -289,6 +292,11 @@ def quantize_weights_int8(src: Path, dst: Path) -> int:
     nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
-    onnx.checker.check_model(model)
-    onnx.save_model(model, str(dst))
+    if external_data is None:
+        onnx.checker.check_model(model)
+        onnx.save_model(model, str(dst))
+    else:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=external_data, size_threshold=1024)
+        onnx.checker.check_model(str(dst))             # by path: the loaded model may pass 2 GB
     return len(done)

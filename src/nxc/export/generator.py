@@ -171,13 +171,16 @@ def _graphs_int8(records: dict, out: Path, scratch: Path, specs: dict, precision
     import onnx
 
     from nxc.calib.quantize import quantize_weights_int8
+    from nxc.export.exporter import EXTERNAL_DATA_BYTES
     from nxc.export.trt_lint import lint
     g = names.GRAPH_DENOISER
     fp32_mb = graph_mb(out, records[g])
     ref = _move(out, records[g], scratch)
     log(f"[nxc-export] {g}: int8 weight-only (DequantizeLinear)")
-    n = quantize_weights_int8(ref, out / records[g]["file"])
-    records[g].update(external_data=[], precision="int8-weight-only", quantization={
+    dst = out / records[g]["file"]
+    data = f"{dst.name}.data" if fp32_mb * 1e6 > EXTERNAL_DATA_BYTES else None    # its convolutions stay float
+    n = quantize_weights_int8(ref, dst, external_data=data)
+    records[g].update(external_data=[f"graphs/{data}"] if data else [], precision="int8-weight-only", quantization={
         "scheme": "int8 weights per output channel behind DequantizeLinear (MatMul / Gemm; convolutions float32)",
         "weights_quantized": n,
         **({"note": "an int4 build's generator is int8 weight-only"} if precision == "int4" else {})},
