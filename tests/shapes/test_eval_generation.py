@@ -70,7 +70,9 @@ def test_a_build_that_does_not_draw_is_not_applicable(embedded_pipe):
 
 def test_the_tiny_random_nextgpt_build_end_to_end(nextgpt_build, judges):
     from nxc.runtime.pipeline import Pipeline
-    m = evaluate_generation(Pipeline.load(nextgpt_build), judges, seed=3, n=3, steps=2, progress=False)
+    m = evaluate_generation(Pipeline.load(nextgpt_build), judges, seed=3, n=3, steps=2, guidance=2.0,
+                            progress=False)
+    assert (m["meta"]["steps"], m["meta"]["guidance"]) == (2, 2.0)
     assert set(m) == {"recall", "precision", "count_accuracy", "seconds_per_picture", "drawn", "n", "pictures", "meta"}
     assert m["n"] == 3 and m["pictures"] >= 1
     for k in ("recall", "precision", "count_accuracy", "drawn"):

@@ -166,13 +166,14 @@ def drawing_stages(pipe) -> set[str]:
     return {h.graph for h in pipe.manifest.heads if h.kind == "signal"} | {g.denoiser, g.decoder}
 
 
-def draw(pipe, request: DrawRequest, *, seed: int, steps: int | None = None, max_new_tokens: int = 32
-         ) -> tuple[list[np.ndarray], float]:
+def draw(pipe, request: DrawRequest, *, seed: int, steps: int | None = None, guidance: float | None = None,
+         max_new_tokens: int = 32) -> tuple[list[np.ndarray], float]:
     """Ask `pipe` the request (greedy, pictures seeded `seed`) -> ([H,W,3] uint8 pictures, drawing seconds)."""
-    from nxc.runtime.timing import Timeline
     from nxc.runtime.images import blank_image
+    from nxc.runtime.timing import Timeline
     blank = blank_image()
-    options = {"seed": seed, **({"steps": steps} if steps is not None else {})}
+    options = {"seed": seed, **({"steps": steps} if steps is not None else {}),
+               **({"guidance": guidance} if guidance is not None else {})}
     tl = Timeline()
     result = pipe.chat(blank, request.text, max_new_tokens=max_new_tokens, timeline=tl,
                        head_options={"signal": options})
@@ -216,7 +217,8 @@ class GenerationScores:
 
 
 def evaluate_generation(pipe, judges: Judges | None = None, *, seed: int = 1234, n: int = 100,
-                        steps: int | None = None, progress: bool = True, judges_factory=None) -> dict:
+                        steps: int | None = None, guidance: float | None = None, progress: bool = True,
+                        judges_factory=None) -> dict:
     """The generation metrics of one build's Pipeline; {"n/a": NOT_DRAWING} where it has no generator (the judges
     are not loaded then: `judges_factory()` is called only for a build that draws, when `judges` is None)."""
     if not draws(pipe):
@@ -225,14 +227,14 @@ def evaluate_generation(pipe, judges: Judges | None = None, *, seed: int = 1234,
     scores = GenerationScores()
     t0 = time.perf_counter()
     for i, request in enumerate(make_requests(seed, n)):
-        pictures, seconds = draw(pipe, request, seed=seed + i, steps=steps)
+        pictures, seconds = draw(pipe, request, seed=seed + i, steps=steps, guidance=guidance)
         scores.add(request, pictures, seconds, judges)
         if progress and ((i + 1) % 20 == 0 or i + 1 == n):
             el = time.perf_counter() - t0
             print(f"  generation {i + 1}/{n} {el:.0f} s, eta {el / (i + 1) * (n - i - 1):.0f} s",
                   file=sys.stderr, flush=True)
     out = scores.summary()
-    out["meta"] = {"seed": seed, "steps": steps, "seconds": time.perf_counter() - t0,
+    out["meta"] = {"seed": seed, "steps": steps, "guidance": guidance, "seconds": time.perf_counter() - t0,
                    "judges": [str(judges.nextchat.manifest.root), str(judges.detector.manifest.root)]}
     return out
 

@@ -230,7 +230,7 @@ def _generation(target: Target, a, judges: list) -> dict:
         judges[:] = judges or [Judges.shipped(backend=a.backend, providers=a.provider)]
         return judges[0]
     return evaluate_generation(target.pipe, judges[0] if judges else None, seed=a.seed, n=a.n_per_task,
-                               steps=a.draw_steps, judges_factory=shipped)
+                               steps=a.draw_steps, guidance=a.draw_guidance, judges_factory=shipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation"), default=list(TASKS),
                     help="grounding tasks, and 'generation' (pictures a build draws, judged by the shipped models)")
     ap.add_argument("--draw-steps", type=int, help="generation: denoising steps per picture (default: the build's)")
+    ap.add_argument("--draw-guidance", type=float, help="generation: classifier-free guidance (default: the build's)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", help="also write the metrics to this file")
     a = ap.parse_args(argv)
