@@ -3,6 +3,7 @@ PNG that decodes to the runtime's pixels exactly) with their nxc fields, streame
 text and before the last chunk; the picture fields are checked in one-line 400s and refused by a build that does
 not draw. The shapes model is made to say its signal tokens (drawing_helpers.say_signal_at)."""
 import base64
+import contextlib
 import io
 import re
 
@@ -38,6 +39,26 @@ def pixels(url: str) -> np.ndarray:
     head, data = url.split(",", 1)
     assert head == "data:image/png;base64"
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB"))
+
+
+@contextlib.contextmanager
+def page_at(url: str):
+    """(page, page errors) of headless Chromium on the server's page (as test_browser.py; skipped without it)."""
+    from test_browser import chromium_executable
+    exe = chromium_executable()
+    if exe is None:
+        pytest.skip("no chromium-headless-shell or chromium executable; `make browser` installs it")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=exe)
+        try:
+            page = b.new_page()
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url + "/")
+            yield page, errors
+        finally:
+            b.close()
 
 
 def runtime_answer(pipe, scene):
@@ -162,32 +183,20 @@ def draw_url(drawing_build, drawing_pipe):
 def test_the_page_shows_the_picture_under_the_reply(draw_url, drawing_pipe, scene, tmp_path):
     """Headless Chromium (as test_browser.py; skipped without it): the streamed picture becomes an <img> that the
     browser decodes, its pixels the runtime's (the build's default steps, guidance and seed)."""
-    from test_browser import ask, chromium_executable, upload
-    exe = chromium_executable()
-    if exe is None:
-        pytest.skip("no chromium-headless-shell or chromium executable; `make browser` installs it")
-    from playwright.sync_api import sync_playwright
+    from test_browser import ask, upload
     with say_signal_at(drawing_pipe, 2):
         r = drawing_pipe.chat(scene.image, QUESTION)
     scene.image.save(tmp_path / "scene.png")
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe)
-        try:
-            page = b.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(draw_url + "/")
-            upload(page, tmp_path / "scene.png")
-            with say_signal_at(drawing_pipe, 2):
-                assert ask(page, QUESTION) == "done"
-            img = page.locator(".msg.assistant img.picture")
-            assert img.count() == 1 and not errors, errors
-            page.wait_for_function("document.querySelector('img.picture').complete")
-            assert page.evaluate("document.querySelector('img.picture').naturalWidth") == r.images[0].pixels.shape[1]
-            np.testing.assert_array_equal(pixels(img.get_attribute("src")), r.images[0].pixels)
-            assert "seed 0" in img.get_attribute("alt")
-        finally:
-            b.close()
+    with page_at(draw_url) as (page, errors):
+        upload(page, tmp_path / "scene.png")
+        with say_signal_at(drawing_pipe, 2):
+            assert ask(page, QUESTION) == "done"
+        img = page.locator(".msg.assistant img.picture")
+        assert img.count() == 1 and not errors, errors
+        page.wait_for_function("document.querySelector('img.picture').complete")
+        assert page.evaluate("document.querySelector('img.picture').naturalWidth") == r.images[0].pixels.shape[1]
+        np.testing.assert_array_equal(pixels(img.get_attribute("src")), r.images[0].pixels)
+        assert "seed 0" in img.get_attribute("alt")
 
 
 def test_a_request_without_an_image_draws_on_the_blank_picture(draw_client, drawing_pipe):
@@ -207,27 +216,15 @@ def test_a_request_without_an_image_draws_on_the_blank_picture(draw_client, draw
 def test_the_page_draws_without_an_image_on_a_build_that_draws(draw_url, drawing_pipe, tmp_path):
     """Headless Chromium: no image chosen, a question to a build that draws (GET /v1/models says "draws") is sent
     without an image part and its picture shown: the runtime's on the blank picture."""
-    from test_browser import ask, chromium_executable
-    exe = chromium_executable()
-    if exe is None:
-        pytest.skip("no chromium-headless-shell or chromium executable; `make browser` installs it")
-    from playwright.sync_api import sync_playwright
+    from test_browser import ask
 
     from nxc.runtime.images import blank_image
     with say_signal_at(drawing_pipe, 2):
         r = drawing_pipe.chat(blank_image(), QUESTION)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe)
-        try:
-            page = b.new_page()
-            errors = []
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(draw_url + "/")
-            page.wait_for_function("document.getElementById('model').textContent.length > 0")
-            with say_signal_at(drawing_pipe, 2):
-                assert ask(page, QUESTION) == "done"
-            img = page.locator(".msg.assistant img.picture")
-            assert img.count() == 1 and not errors, errors
-            np.testing.assert_array_equal(pixels(img.get_attribute("src")), r.images[0].pixels)
-        finally:
-            b.close()
+    with page_at(draw_url) as (page, errors):
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        with say_signal_at(drawing_pipe, 2):
+            assert ask(page, QUESTION) == "done"
+        img = page.locator(".msg.assistant img.picture")
+        assert img.count() == 1 and not errors, errors
+        np.testing.assert_array_equal(pixels(img.get_attribute("src")), r.images[0].pixels)

@@ -92,7 +92,21 @@ def sorted_giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return giou_loss(p, target)
 
 
+def add_config_args(ap, config) -> None:
+    """One `--field-name` option per field of the dataclass instance `config`, its value the default (booleans
+    read 1/true/yes); `config_from_args` builds the dataclass back from the parsed namespace."""
+    for f, v in asdict(config).items():
+        kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
+        ap.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
+
+
+def config_from_args(a, cls):
+    return cls(**{f: getattr(a, f) for f in asdict(cls())})
+
+
 def lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine to 0: the schedule of every shapes trainer (retrieval, proposals, generator,
+    NExT-GPT import it)."""
     if step < warmup:
         return base * (step + 1) / warmup
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))

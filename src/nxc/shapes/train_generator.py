@@ -43,6 +43,7 @@ from nxc.model.generator import SCHEDULER_FILE, SD15_DDIM_SCHEDULER, TEXT_ENCODE
 from nxc.shapes.generator_data import make_batch, request_captions
 from nxc.shapes.generator_samples import sample_pictures, save_grid
 from nxc.shapes.generator_text import encode_captions, make_text_encoder, write_caption_tokenizer
+from nxc.shapes.train import lr_at
 
 PROG = "nxc-train-shapes-generator"
 STAGES = ("vae", "unet")
@@ -94,13 +95,6 @@ class GeneratorTrainConfig:
     threads: int = 1               # 2 threads ran 14x slower than 1 while another process held a core (see module doc)
     sample_steps: int = 20
     sample_guidance: float = 4.0
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    """Linear warm-up, then cosine to 0 (nxc.shapes.train's schedule)."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def make_vae(arch: GeneratorArch):

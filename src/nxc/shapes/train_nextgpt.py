@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -35,6 +35,7 @@ from nxc.config import ProjectorSizes
 from nxc.prompt import Turn, render
 from nxc.shapes.data import COLOURS, SHAPES, make_sample, make_scene
 from nxc.shapes.generator_data import caption_of
+from nxc.shapes.train import add_config_args, config_from_args, lr_at
 
 IGNORE = -100
 DRAW_PHRASINGS = ("Draw {}.", "Draw {}.", "Draw me {}.", "Paint {}.", "Make a picture of {}.")
@@ -65,12 +66,6 @@ class NextGptTrainConfig:
     layers: int = 2
     default_steps: int = 20
     default_guidance: float = 4.0
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def projector_sizes(generator_dir: Path, llm_hidden: int, cfg: NextGptTrainConfig) -> ProjectorSizes:
@@ -299,7 +294,6 @@ def train(out: Path, generator_dir: Path, cfg: NextGptTrainConfig, command: str,
                                     + (f", then {init}" if init else ""),
                 "log": log, "continued_from": earlier,
                 "generator": json.loads(gen_training.read_text()) if gen_training.is_file() else None}
-    import shutil
     if out.exists():
         for p in out.iterdir():
             if p.name != "partial":
@@ -315,11 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--generator", required=True, help="the trained shapes generator (nxc-train-shapes-generator --out)")
     ap.add_argument("--init", help="start from this NExT-GPT checkpoint (a previous run's --out) where shapes match")
-    for f, v in asdict(NextGptTrainConfig()).items():
-        kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-        ap.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
+    add_config_args(ap, NextGptTrainConfig())
     a = ap.parse_args(argv)
-    cfg = NextGptTrainConfig(**{f: getattr(a, f) for f in asdict(NextGptTrainConfig())})
+    cfg = config_from_args(a, NextGptTrainConfig)
     train(Path(a.out), Path(a.generator), cfg, "python -m nxc.shapes.train_nextgpt " + " ".join(argv or sys.argv[1:]),
           init=Path(a.init) if a.init else None)
     return 0

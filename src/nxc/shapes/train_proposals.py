@@ -24,6 +24,7 @@ from nxc.model.proposals import ProposalNet, ProposalSizes
 from nxc.proposal_filter import filter_proposals, proposal_recall
 from nxc.runtime.preprocess import boxes_to_pixels, clip_pixels, normalise_boxes
 from nxc.shapes.data import make_scene
+from nxc.shapes.train import lr_at
 
 WEIGHTS, CONFIG = "proposals.safetensors", "proposals.json"
 EVAL_SEED, EVAL_SCENES, MAX_OBJECTS = 1234, 1000, 4
@@ -107,12 +108,6 @@ def proposal_loss(net: ProposalNet, pixels: torch.Tensor, targets, giou_weight: 
         gi = l1 = pred.sum() * 0
     loss = focal + giou_weight * gi + l1_weight * l1
     return loss, {"focal": focal.item(), "giou": gi.item(), "l1": l1.item()}
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 @torch.no_grad()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from nxc.prompt import PromptFormat, Turn, expand_region_refs, render_segments
 from nxc.shapes import retrieval_tasks as rt
 from nxc.shapes.batching import object_class
 from nxc.shapes.data import make_sample, make_scene
+from nxc.shapes.train import add_config_args, config_from_args, lr_at
 
 IGNORE = -100
 TASK_WEIGHTS = {"rec": 0.35, "caption": 0.2, "region": 0.15, "pope": 0.3}
@@ -59,12 +59,6 @@ class RetrievalTrainConfig:
                                          # layers attend to object N's row (as nxc.shapes.train's look loss)
     train_vision: bool = False           # the CLIP tower stays as NExT-Chat trained it (the projector learns)
     threads: int = 2
-
-
-def lr_at(step: int, total: int, base: float, warmup: int) -> float:
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def initial_model(proposals_dir: Path):
@@ -315,11 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--proposals", required=True, help="the trained detector (nxc.shapes.train_proposals --out)")
     ap.add_argument("--init", help="continue from this retrieval checkpoint (a previous run's --out)")
-    for f, v in asdict(RetrievalTrainConfig()).items():
-        kind = (lambda x: x.lower() in ("1", "true", "yes")) if isinstance(v, bool) else type(v)
-        ap.add_argument(f"--{f.replace('_', '-')}", type=kind, default=v)
+    add_config_args(ap, RetrievalTrainConfig())
     a = ap.parse_args(argv)
-    cfg = RetrievalTrainConfig(**{f: getattr(a, f) for f in asdict(RetrievalTrainConfig())})
+    cfg = config_from_args(a, RetrievalTrainConfig)
     train(Path(a.out), Path(a.proposals), cfg, "python -m nxc.shapes.train_retrieval " + " ".join(argv or sys.argv[1:]),
           init=Path(a.init) if a.init else None)
     return 0
