@@ -33,6 +33,8 @@ def test_a_reply_that_says_the_signal_tokens_makes_a_picture(drawing_pipe, embed
     assert im.pixels.shape == (s.image_height, s.image_width, 3) and im.pixels.dtype == np.uint8
     assert (im.seed, im.steps, im.scheduler) == (5, 4, "ddim") and im.guidance == 3.0
     assert all(not hasattr(d, "k") for d in result.detections)     # signal hiddens are not detections
+    group = drawing_pipe.tokenizer.decode(list(signals)).strip()
+    assert group in result.raw_text and group not in result.text     # shown without the signal tokens
 
 
 def test_no_signal_no_picture_and_the_reply_equals_the_build_without_a_generator(drawing_pipe, embedded_pipe):

@@ -62,6 +62,30 @@ def test_the_judges_on_a_hand_drawn_red_circle(judges):
     assert not judges.present(two, "yellow", "square") and judges.count(two) == 2
 
 
+def test_true_pictures_hold_exactly_the_requested_objects():
+    """picture_of paints the request's objects and nothing else: every requested colour is there, no other."""
+    from nxc.shapes.generator_data import picture_of
+    rng = np.random.default_rng(0)
+    for request in make_requests(5, 12):
+        pic = picture_of(rng, list(request.objects), side=64)
+        assert pic.shape == (64, 64, 3) and pic.dtype == np.uint8
+        near = {c: (np.abs(pic.astype(int) - COLOURS[c]).max(-1) < 30).sum() for c in COLOURS}
+        asked = {c for c, _ in request.objects}
+        assert all(near[c] >= 20 for c in asked), (request, near)
+        assert all(near[c] < 5 for c in COLOURS if c not in asked), (request, near)
+    a, b = (picture_of(np.random.default_rng(3), [("red", "star")], side=32) for _ in range(2))
+    assert np.array_equal(a, b)
+
+
+def test_the_judges_ceiling_on_true_pictures(judges):
+    """The judges on true pictures of the requests: near what they score on the scenes they were trained on (a
+    picture of other objects would fail the recall bound; the judges' precision is their own limit)."""
+    from nxc.shapes.eval_generation import judge_ceiling
+    c = judge_ceiling(judges, seed=1234, n=24, side=64)
+    assert set(c) == {"recall", "precision", "count_accuracy"}
+    assert c["recall"] >= 0.85 and c["count_accuracy"] >= 0.9 and 0.6 <= c["precision"] <= 1.0, c
+
+
 def test_a_build_that_does_not_draw_is_not_applicable(embedded_pipe):
     def no_judges():
         raise AssertionError("the judges are not loaded for a build that does not draw")
@@ -73,9 +97,11 @@ def test_the_tiny_random_nextgpt_build_end_to_end(nextgpt_build, judges):
     m = evaluate_generation(Pipeline.load(nextgpt_build), judges, seed=3, n=3, steps=2, guidance=2.0,
                             progress=False)
     assert (m["meta"]["steps"], m["meta"]["guidance"]) == (2, 2.0)
-    assert set(m) == {"recall", "precision", "count_accuracy", "seconds_per_picture", "drawn", "n", "pictures", "meta"}
+    assert set(m) == {"recall", "precision", "count_accuracy", "seconds_per_picture", "drawn", "n", "pictures", "meta",
+                      "ceiling_recall", "ceiling_precision", "ceiling_count_accuracy"}
     assert m["n"] == 3 and m["pictures"] >= 1
-    for k in ("recall", "precision", "count_accuracy", "drawn"):
+    for k in ("recall", "precision", "count_accuracy", "drawn", "ceiling_recall", "ceiling_precision",
+              "ceiling_count_accuracy"):
         assert 0.0 <= m[k] <= 1.0 and np.isfinite(m[k]), k
     assert np.isfinite(m["seconds_per_picture"]) and m["seconds_per_picture"] > 0
 

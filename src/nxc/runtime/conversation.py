@@ -269,8 +269,8 @@ class Conversation:
             self._turn_values = None
             eos = self.pipe.tokens[names.EOS]
             text = render_reply(raw)
-            for bound, watch in reply.watches.items():
-                text = bound.kind.render(text, watch)
+            for bound in self.pipe.dispatch.heads:
+                text = bound.kind.render(text, reply.watches.get(bound))
             return ChatResult(text=text, raw_text=raw, token_ids=reply.tokens, prompt_ids=turn.ids,
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
                               detections=[r for b, r in reply.found if b.kind.detections],

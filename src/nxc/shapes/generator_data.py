@@ -42,25 +42,41 @@ def make_picture(rng: np.random.Generator, *, side: int, max_objects: int = 3
     while True:
         n = int(rng.integers(1, max_objects + 1))
         kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
-        placed: list[tuple[float, float, float]] = []
-        for _ in range(60 * n):
-            if len(placed) == n:
-                break
-            r = rng.uniform(0.11, 0.20) * big
-            cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
-            if all(np.hypot(cx - x, cy - y) > GAP * (r + q) for x, y, q in placed):
-                placed.append((cx, cy, r))
+        placed = _place(rng, n, big)
+        if placed:
+            break
+    phrases = [(list(COLOURS)[k // len(SHAPES)], SHAPES[k % len(SHAPES)]) for k in kinds]
+    return _paint(rng, phrases, placed, side), phrases
+
+
+def picture_of(rng: np.random.Generator, phrases: list[tuple[str, str]], *, side: int) -> np.ndarray:
+    """[side, side, 3] uint8: a scene of exactly these (colour, shape) objects, placed and painted as make_picture's
+    (the true picture of a drawing request: what a perfect generator would draw)."""
+    big = side * SUPERSAMPLE
+    while not (placed := _place(rng, len(phrases), big)):
+        pass
+    return _paint(rng, list(phrases), placed, side)
+
+
+def _place(rng: np.random.Generator, n: int, big: int) -> list[tuple[float, float, float]] | None:
+    """n (cx, cy, r) in a big x big canvas, apart from each other and inside it; None when 60 * n tries fail."""
+    placed: list[tuple[float, float, float]] = []
+    for _ in range(60 * n):
         if len(placed) == n:
             break
+        r = rng.uniform(0.11, 0.20) * big
+        cx, cy = rng.uniform(r, big - r), rng.uniform(r, big - r)
+        if all(np.hypot(cx - x, cy - y) > GAP * (r + q) for x, y, q in placed):
+            placed.append((cx, cy, r))
+    return placed if len(placed) == n else None
+
+
+def _paint(rng: np.random.Generator, phrases, placed, side: int) -> np.ndarray:
+    big = side * SUPERSAMPLE
     img = _background(rng, big, big)
-    phrases = []
-    for k, (cx, cy, r) in zip(kinds, placed):
-        colour, shape = list(COLOURS)[k // len(SHAPES)], SHAPES[k % len(SHAPES)]
-        mask = _shape_mask(shape, big, big, cx, cy, r)
-        img[mask] = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 6, 3)
-        phrases.append((colour, shape))
-    pic = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").resize((side, side), Image.BOX)
-    return np.asarray(pic), phrases
+    for (colour, shape), (cx, cy, r) in zip(phrases, placed):
+        img[_shape_mask(shape, big, big, cx, cy, r)] = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 6, 3)
+    return np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").resize((side, side), Image.BOX))
 
 
 def make_batch(rng: np.random.Generator, n: int, *, side: int, max_objects: int = 3, uncond_prob: float = 0.1

@@ -5,7 +5,8 @@ entry, never a branch in the decode loop or in `Conversation`.
     a kind (HeadKind subclass, @register("name"))
       per trigger   record(conv, outputs, text) ─▶ the reply's record; event(k, record) ─▶ streamed (Box)
       per token     watch(conv, reply) ─▶ a watcher whose feed(token) gives records (heads with no trigger)
-      per reply     finish(conv, records, turn) ─▶ events it made (SAM masks on its records; Image); render(text)
+      per reply     finish(conv, records, turn) ─▶ events it made (SAM masks on its records; Image);
+                    render(text, watch) ─▶ the reply as shown (signal tokens hidden)
       per turn      slot_value(record) ─▶ fed back into the emitted slot of later turns
       per image     new_state(conv) ─▶ what the kind keeps for the conversation's image (SAM embedding,
                     proposals): conv.state(kind); prepare(conv) before a turn's prompt; prompt_format(conv);
@@ -108,7 +109,8 @@ class HeadKind:
         return None
 
     def render(self, text: str, watch) -> str:
-        """The reply as shown (after nxc.prompt.render_reply), for a head that watched it (`watch`, its watcher)."""
+        """The reply as shown (after nxc.prompt.render_reply; ChatResult.raw_text keeps what was generated), for
+        every head of the build: `watch` is its watcher for a head that watched the reply, else None."""
         return text
 
     # -- the conversation's image ----------------------------------------------------------------------

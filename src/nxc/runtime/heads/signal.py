@@ -7,7 +7,8 @@ position earlier). Once the reply ends, each complete group of N becomes a pictu
         ─▶ nxc.runtime.generator (numpy sampler, denoiser, latent_decoder) ─▶ Image event, ChatResult.images
 
 Per turn: head_options={"signal": {"steps", "guidance", "seed", "scheduler"}} (defaults: the build's); a group's
-picture k uses seed + k. A reply cut before its last signal token makes no picture.
+picture k uses seed + k. A reply cut before its last signal token makes no picture. The reply's text is shown without
+the signal tokens (render; ChatResult.raw_text and the streamed Token events keep them).
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ class SignalKind(HeadKind):
 
     def slot_value(self, record):
         return None                              # nothing of a picture is fed back into later turns
+
+    def render(self, text: str, watch) -> str:
+        """The reply as shown: without the signal tokens' group ("Sure, a red circle." and its picture; raw_text
+        keeps "[IMG0][IMG1][IMG2][IMG3]"), as the pictures stand for them."""
+        group = self.pipe.tokenizer.decode(list(self.bound.signals)).strip()
+        return text.replace(group, "").rstrip() if group and group in text else text
 
     def check_options(self, options):
         from nxc.runtime.generator import DrawOptions
