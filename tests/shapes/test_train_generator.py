@@ -127,7 +127,38 @@ def test_resume_continues_from_partial(trained, tmp_path):
         train(tmp_path / "empty", TINY, resume=True)
 
 
+def test_decoder_finetune_keeps_the_encoder_and_lowers_the_reconstruction(trained, tmp_path):
+    """Stage "decoder": only decoder and post_quant_conv change (the UNet's latents stay valid), the record grows."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from nxc.shapes.generator_data import make_batch
+    from nxc.shapes.train_generator import finetune_decoder
+    out = tmp_path / "ft"
+    shutil.copytree(trained, out, ignore=shutil.ignore_patterns("partial"))
+    before = AutoencoderKL.from_pretrained(out / "vae").eval()
+    x = torch.from_numpy(make_batch(np.random.default_rng(9), 8, side=16, uncond_prob=0.0)[0])
+
+    def error(vae):
+        with torch.no_grad():
+            return (vae.decode(vae.encode(x).latent_dist.mode()).sample - x).abs().mean().item()
+    finetune_decoder(out, 30, lr=3e-3, batch_size=8, command="ft")
+    after = AutoencoderKL.from_pretrained(out / "vae").eval()
+    for name, t in before.state_dict().items():
+        same = torch.equal(t, after.state_dict()[name])
+        assert same == (not name.startswith(("decoder.", "post_quant_conv."))), name
+    assert after.config.scaling_factor == before.config.scaling_factor
+    assert error(after) < error(before)
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["commands"][-1] == "ft" and rec["log"]["decoder"][-1]["step"] == 30
+    assert rec["decoder_finetune"]["steps"] == 30 and rec["seconds"]["decoder"] > 0
+    with pytest.raises(GeneratorTrainError, match="not a trained generator folder"):
+        finetune_decoder(tmp_path / "nothing", 2)
+
+
 @pytest.mark.parametrize("args, message", [
+    (["--finetune-decoder", "0"], "--finetune-decoder must be >= 1"),
     (["--steps", "0"], "--steps, --vae-steps and --threads must be >= 1"),
     (["--threads", "0"], "--steps, --vae-steps and --threads must be >= 1"),
     (["--resume"], "--resume: no .*state.pt; start without --resume"),

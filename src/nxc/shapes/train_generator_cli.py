@@ -10,7 +10,7 @@ from dataclasses import replace
 def main(argv: list[str] | None = None) -> int:
     try:
         from nxc.shapes.train_generator import (ARCHS, PROG, GeneratorTrainConfig, GeneratorTrainError,
-                                                train)
+                                                finetune_decoder, train)
     except ImportError as e:
         print(f"nxc-train-shapes-generator: needs the export extra ({e.name or 'torch'} is not installed): "
               "pip install 'nxc[export]'", file=sys.stderr)
@@ -25,13 +25,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", choices=sorted(ARCHS), default="shapes", help="named sizes (test: seconds, useless)")
     ap.add_argument("--resume", action="store_true", help=f"continue from OUT/partial/ (written every "
                                                           f"{GeneratorTrainConfig.checkpoint_every} steps)")
+    ap.add_argument("--finetune-decoder", type=int, metavar="N", help="instead of training: fine-tune the VAE "
+                    "decoder of the trained folder OUT for N steps, in place (encoder, latents and UNet unchanged)")
+    ap.add_argument("--decoder-lr", type=float, default=3e-4, help="--finetune-decoder's learning rate")
     a = ap.parse_args(argv)
+    command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    if a.finetune_decoder is not None:
+        if a.finetune_decoder < 1 or a.decoder_lr <= 0:
+            ap.error(f"--finetune-decoder must be >= 1 and --decoder-lr > 0, got {a.finetune_decoder}, "
+                     f"{a.decoder_lr}")
+        try:
+            finetune_decoder(a.out, a.finetune_decoder, lr=a.decoder_lr, seed=a.seed, threads=a.threads,
+                             command=command)
+        except GeneratorTrainError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 2
+        return 0
     if min(a.steps, a.vae_steps, a.threads) < 1:
         ap.error(f"--steps, --vae-steps and --threads must be >= 1, got {a.steps}, {a.vae_steps}, {a.threads}")
     cfg = replace(GeneratorTrainConfig(), arch=a.arch, seed=a.seed, unet_steps=a.steps, vae_steps=a.vae_steps,
                   threads=a.threads)
     try:
-        train(a.out, cfg, resume=a.resume, command=" ".join([PROG, *(sys.argv[1:] if argv is None else argv)]))
+        train(a.out, cfg, resume=a.resume, command=command)
     except GeneratorTrainError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return 2
