@@ -52,10 +52,11 @@ STATIC = Path(__file__).parent / "static"
 class ReplyText:
     """The decoded reply (`<at> <boxes>` literal; a retrieval build's `<ground>...</objects>`) -> the text a client
     sees ([k]), in deltas whose concatenation is the final text: a tail that may still become a slot (a grounding)
-    is held back until the next tokens settle it. objects: a retrieval build's object count, else None."""
+    is held back until the next tokens settle it. objects: a retrieval build's object count, else None; hide: a
+    drawing build's signal tokens as they read ("[IMG0][IMG1][IMG2][IMG3]"), left out as ChatResult.text leaves them."""
 
-    def __init__(self, objects: int | None = None):
-        self.raw, self.sent, self.objects = "", "", objects
+    def __init__(self, objects: int | None = None, hide: str = ""):
+        self.raw, self.sent, self.objects, self.hide = "", "", objects, hide
 
     def add(self, raw_delta: str) -> str:
         self.raw += raw_delta
@@ -64,7 +65,10 @@ class ReplyText:
             from nxc.object_index import render, settled
             text = render(text, self.objects)
             return self._send(text[:settled(text)])
-        hold = next((n for n in range(len(SLOT) - 1, 0, -1) if text.endswith(SLOT[:n])), 0)
+        if self.hide:                        # a drawing build's signal tokens: the picture stands for them
+            text = text.replace(self.hide, "")
+        hold = max(next((n for n in range(len(tail) - 1, 0, -1) if text.endswith(tail[:n])), 0)
+                   for tail in (SLOT, self.hide) if tail)
         return self._send(text[:len(text) - hold])
 
     def finish(self, final: str) -> str:
@@ -99,6 +103,8 @@ class Server:
                  drain_seconds: float = 300.0):
         self.pipe, self.model, self.limits, self.drain_seconds = pipe, model, limits, drain_seconds
         self.metrics = Metrics()
+        signal = pipe.dispatch.head_of_kind("signal")
+        self.hide = signal.kind.group() if signal is not None else ""     # shown without them (as ChatResult.text)
         # the token a Box event follows: a box head's slot, or `</objects>` closing a retrieval build's grounding
         self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.head_of_kind("index") is not None
                      else pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None)
@@ -270,7 +276,7 @@ class Server:
 
         async def sse():
             status = 200
-            text, pending, finished = ReplyText(turns.objects), None, False
+            text, pending, finished = ReplyText(turns.objects, self.hide), None, False
             try:
                 yield chunk({"role": "assistant", "content": ""})
                 async for ev in iterate_in_threadpool(iter(events)):

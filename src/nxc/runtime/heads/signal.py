@@ -52,8 +52,11 @@ class SignalKind(HeadKind):
     def render(self, text: str, watch) -> str:
         """The reply as shown: without the signal tokens' group ("Sure, a red circle." and its picture; raw_text
         keeps "[IMG0][IMG1][IMG2][IMG3]"), as the pictures stand for them."""
-        group = self.pipe.tokenizer.decode(list(self.bound.signals)).strip()
-        return text.replace(group, "").rstrip() if group and group in text else text
+        return text.replace(self.group(), "") if self.group() else text
+
+    def group(self) -> str:
+        """The signal tokens as they read in a reply ("[IMG0][IMG1][IMG2][IMG3]")."""
+        return self.pipe.tokenizer.decode(list(self.bound.signals)).strip()
 
     def check_options(self, options):
         from nxc.runtime.generator import DrawOptions
