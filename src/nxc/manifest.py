@@ -29,6 +29,7 @@ from nxc.config import (GeneratorSizes, LlamaSizes, NextChatConfig, ObjectSizes,
                         VisionSizes)
 from nxc.jsonfield import Field, shown, too_deep
 from nxc.manifest_generator import check_uncond, parse_generator
+from nxc.manifest_modules import parse_modules
 from nxc.manifest_types import (BATCH_ROWS, EMBEDDING_DTYPES, HEAD_SOURCES, KV_DTYPES, MANIFEST, MAX_BYTES, MAX_CONTEXT,  # noqa: F401
                                 MAX_DEPTH, PRECISIONS, REQUIRED_TOKENS, SCHEMA, BuildError, EmbeddingsSpec, FileEntry,
                                 Generation, GraphEntry, Head, ImagePreprocess, KVCacheSpec, Manifest, PromptSpec)
@@ -131,7 +132,7 @@ def _relpath(f: Field, rel: str) -> str:
 
 _TOP = ("schema", "nxc_version", "created", "source", "precision", "config", "tokens", "prompt", "preprocess",
         "generation", "heads", "max_context", "kv_cache", "axes", "embeddings", "tokenizer", "graphs", "files",
-        "generator")
+        "generator", "modules")
 _GRAPH = ("file", "external_data", "precision", "opset", "inputs", "outputs")
 
 
@@ -179,7 +180,8 @@ def _parse(data, root: Path) -> Manifest:
         kv_cache=_kv_cache(top["kv_cache"], graphs.get(names.GRAPH_LLM)), axes=MappingProxyType(axes),
         embeddings=_embeddings(top["embeddings"], config, files), tokenizer_file=_listed(tokenizer["file"], files),
         graphs=MappingProxyType(graphs), files=MappingProxyType(files),
-        generator=_generator(top, graphs, files, axes))
+        generator=_generator(top, graphs, files, axes),
+        modules=None if top.optional("modules") is None else parse_modules(top["modules"], graphs))
 
 
 def _generator(top: Field, graphs: Mapping[str, GraphEntry], files: Mapping[str, FileEntry], axes: Mapping):

@@ -158,6 +158,27 @@ class GeneratorEntry:
 
 
 @dataclass(frozen=True)
+class ModuleEntry:
+    """One module a reply may call (`<module>name</module>`): what it is for, in words, and the runtime backend that
+    runs it (nxc.runtime.modules.<backend>)."""
+    task: str
+    backend: str
+
+
+@dataclass(frozen=True)
+class ModulesEntry:
+    """The build's module calls (issue 29, nxc.manifest_modules checks them): the tag grammar the reply is parsed
+    with, the frame of a <region>'s numbers, and {module name: ModuleEntry}."""
+    grammar: str
+    region: str
+    calls: Mapping[str, ModuleEntry]
+
+    def to_dict(self) -> dict:
+        return {"grammar": self.grammar, "region": self.region,
+                "calls": {k: vars(v) for k, v in self.calls.items()}}
+
+
+@dataclass(frozen=True)
 class Manifest:
     root: Path
     schema: str
@@ -181,6 +202,7 @@ class Manifest:
     files: Mapping[str, FileEntry]
     objects: ImagePreprocess | None = None  # retrieval builds: the square frame of proposals and object_features
     generator: GeneratorEntry | None = None  # builds that draw (issue 28)
+    modules: ModulesEntry | None = None      # builds whose replies call modules (issue 29)
 
     def to_dict(self) -> dict:
         """The JSON form, as manifest.json holds it."""
@@ -197,7 +219,8 @@ class Manifest:
             "embeddings": vars(self.embeddings), "tokenizer": {"file": self.tokenizer_file},
             "graphs": {g: e.to_dict() for g, e in self.graphs.items()},
             "files": {rel: vars(e) for rel, e in self.files.items()},
-            **({"generator": self.generator.to_dict()} if self.generator is not None else {})})
+            **({"generator": self.generator.to_dict()} if self.generator is not None else {}),
+            **({"modules": self.modules.to_dict()} if self.modules is not None else {})})
 
     def _graph(self, name: str) -> GraphEntry:
         if name not in self.graphs:

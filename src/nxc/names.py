@@ -77,3 +77,8 @@ def present_key(i: int) -> str:
 
 def present_value(i: int) -> str:
     return f"present.{i}.value"
+
+# VITRON's module calls (issue 29): the backends a manifest's `modules` table may name, and the graphs each needs
+MODULE_BACKENDS = {"segment": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER)}
+MODULE_GRAMMARS = ("vitron",)                # <module>X</module><instruction>task: text</instruction><region>..
+REGION_FRAMES = ("pixels", "norm")           # a <region>'s numbers: pixel xyxy on the image, or xyxy in [0, 1]

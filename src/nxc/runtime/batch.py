@@ -80,7 +80,7 @@ class Handle:
                 result = conv._finish(req.reply, req.turn)
                 conv.timeline.finish()
                 conv.timeline = NO_TIMELINE
-                yield from result.images
+                yield from req.reply.late
                 yield Done(result)
                 return
             elif kind == "error":

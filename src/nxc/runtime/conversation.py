@@ -26,6 +26,7 @@ from nxc.runtime import preprocess as pp
 from nxc.runtime.beams import beam_reply
 from nxc.runtime.events import Box, ChatResult, Done, Token
 from nxc.runtime.events import Image as Picture
+from nxc.runtime.modules import CallResult
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.turn import (Claim, Reply, Turn, check_beams, check_boxes, check_max_new, check_text, one_turn,
                               region_boxes)
@@ -259,8 +260,13 @@ class Conversation:
     def _finish(self, reply: Reply, turn: Turn) -> ChatResult:
         """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
         made = []
+        for bound, watch in reply.watches.items():          # what the reply's end completes (a module call)
+            for record in getattr(watch, "close", list)():
+                reply.found.append((bound, record))
+                made.append(bound.kind.event(len(reply.found) - 1, record))
         for bound in self.pipe.dispatch.heads:
             made += bound.kind.finish(self, [r for b, r in reply.found if b is bound], turn) or []
+        reply.late = [e for e in made if e is not None]
         with self.timeline.stage("postprocess"):
             raw = self.pipe.tokenizer.decode(reply.tokens)
             self.history.append(HistoryTurn(turn.user_text, raw))
@@ -273,8 +279,9 @@ class Conversation:
                 text = bound.kind.render(text, reply.watches.get(bound))
             return ChatResult(text=text, raw_text=raw, token_ids=reply.tokens, prompt_ids=turn.ids,
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
-                              detections=[r for b, r in reply.found if b.kind.detections],
-                              images=[e for e in made if isinstance(e, Picture)])
+                              detections=[d for b, r in reply.found for d in b.kind.detections_of(r)],
+                              images=[e for e in made if isinstance(e, Picture)],
+                              calls=[r for _, r in reply.found if isinstance(r, CallResult)])
 
     # -- the public calls ------------------------------------------------------------------------------
     @one_turn
@@ -311,7 +318,7 @@ class Conversation:
         result = self._finish(reply, turn)
         self.timeline.finish()
         self.timeline = NO_TIMELINE
-        yield from result.images
+        yield from reply.late
         yield Done(result)
 
     def ask(self, text: str, **kwargs) -> ChatResult:

@@ -108,6 +108,9 @@ class Dispatch:
 
     def __init__(self, pipe):
         self.heads = [BoundHead(h, pipe, i) for i, h in enumerate(pipe.manifest.heads)]
+        if pipe.manifest.modules is not None:          # the module-call table: one more part that watches the reply
+            from nxc.runtime.modules import BoundModules
+            self.heads.append(BoundModules(pipe))
         self._by_kind = {}
         for b in self.heads:
             self._by_kind.setdefault(b.head.kind, b)
@@ -117,7 +120,7 @@ class Dispatch:
         self.slot_head = next((b for b in self.heads if b.head.encode_input), None)
         # Never sampled (nxc.sampling.pick_token's `banned`): a head's emitted slot comes only after its trigger,
         # and the image span only where the prompt puts it; the reference bans the same ids (TokenIds.never_sampled).
-        emitted = {b.emit for b in self.heads} | {t for b in self.heads for t in b.signals[1:]}
+        emitted = {b.emit for b in self.heads if b.emit is not None} | {t for b in self.heads for t in b.signals[1:]}
         self.never_sampled = tuple(sorted(emitted | {
             pipe.manifest.token_id(t) for t in (names.IM_START, names.IM_PATCH, names.IM_END)}))
 

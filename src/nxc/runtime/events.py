@@ -20,6 +20,7 @@ class ChatResult:
     finish_reason: str         # "stop" (</s>) or "length" (max_new_tokens or the build's context)
     detections: list = field(default_factory=list)     # what the heads found, in order (Detection for boxes)
     images: list = field(default_factory=list)         # the pictures the reply made, in order (Image)
+    calls: list = field(default_factory=list)          # its module calls, in order (nxc.runtime.modules.CallResult)
 
 
 @dataclass

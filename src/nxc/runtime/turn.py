@@ -38,6 +38,7 @@ class Reply:
     slot_end: int = 0                           # len(text) after the last emitted slot
     found: list = field(default_factory=list)   # (bound head, record) per trigger, in order
     watches: dict = field(default_factory=dict)  # bound head -> its watcher, for heads that read the tokens
+    late: list = field(default_factory=list)     # events made once the reply ended (pictures, calls it closed)
 
 
 def check_max_new(max_new_tokens, default: int) -> int:

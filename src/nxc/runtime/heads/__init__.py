@@ -84,6 +84,10 @@ class HeadKind:
         """The reply's record of one trigger (`text_before`: the reply text since the previous slot)."""
         raise NotImplementedError
 
+    def detections_of(self, record) -> list:
+        """What of a record goes to ChatResult.detections: the record itself, or nothing (detections False)."""
+        return [record] if self.detections else []
+
     def event(self, index: int, record):
         """What `stream` yields when the trigger fires (None: nothing)."""
         return None

@@ -1,0 +1,179 @@
+"""Module calls at run time (issue 29): the manifest's `modules` table bound to backends, read from the reply as it
+streams. One module per backend, named as the backend (`modules/segment.py` is `"backend": "segment"`), imported the
+first time a build names it; a new backend is a module here plus names.MODULE_BACKENDS, never a branch in the
+decode loop or in Conversation.
+
+    reply text ─▶ nxc.module_calls.ModuleCallParser ─▶ a complete call ─▶ modules table: module -> backend
+        ─▶ backend.run(conv, call, region box) ─▶ CallResult (detection, pictures) + its event (Mask), at once
+        unknown module, bad region, malformed or unclosed tags ─▶ CallResult with `error` (the reply stays text)
+
+The modules table is bound as one more part of the dispatch (BoundModules: a head with no trigger and no graph whose
+kind, "module", watches the reply), so Conversation streams, finishes and renders it like any watching head.
+ChatResult.calls holds every call's CallResult, in order; a segmentation's Detection is in ChatResult.detections too.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nxc.manifest_types import Head
+from nxc.module_calls import CallError, ModuleCall, ModuleCallParser
+from nxc.runtime.events import Detection
+from nxc.runtime.heads import HeadKind, HeadState
+
+BACKENDS: dict[str, type["Backend"]] = {}
+
+
+def backend(name: str):
+    """Class decorator: the runtime backend of manifest modules of `"backend": name`."""
+    def add(cls):
+        BACKENDS[name] = cls
+        return cls
+    return add
+
+
+def backend_class(name: str) -> type["Backend"]:
+    if name not in BACKENDS:
+        importlib.import_module(f"{__name__}.{name}")
+    return BACKENDS[name]
+
+
+@dataclass
+class CallResult:
+    """One module call of a reply: what was written (`call`, None when the tags themselves were wrong), the module's
+    task and backend, and what it made, or `error`: why nothing ran (the reply stays text)."""
+    index: int                            # the reply's k-th call (errors included)
+    call: ModuleCall | None
+    module: str | None = None
+    task: str | None = None
+    backend: str | None = None
+    detection: Detection | None = None    # segmentation: the region's box and its mask
+    images: list = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
+class Mask:
+    """Streamed when a segmentation call is done: its detection (box = the region, mask, score)."""
+    index: int
+    detection: Detection
+    call: CallResult
+
+
+class Backend:
+    """What a module's backend does with a complete call: run(conv, call, box_px) -> CallResult fields; raise
+    CallFailed(reason) for what the call asks that cannot be done (the reply stays text, the reason in the result)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def run(self, conv, call: ModuleCall, box_px: np.ndarray | None, result: CallResult):
+        raise NotImplementedError
+
+    def event(self, result: CallResult):
+        return None
+
+
+class CallFailed(ValueError):
+    """A call that cannot run: its message is the result's error."""
+
+
+class ModuleState(HeadState):
+    """What the backends keep for the conversation's image (a backend's once-per-image graph outputs)."""
+
+    def __init__(self, conv, shared: dict | None = None):
+        super().__init__(conv)
+        self.shared = shared if shared is not None else {}
+
+    def twin(self, conv) -> "ModuleState":
+        return ModuleState(conv, self.shared)
+
+
+class ModulesKind(HeadKind):
+    """The "module" part: watches the reply's text, runs each complete call's backend."""
+
+    detections = False
+
+    def __init__(self, head, pipe):
+        super().__init__(head, pipe)
+        self.table = pipe.manifest.modules
+        self.backends = {b: backend_class(b)(pipe) for b in {e.backend for e in self.table.calls.values()}}
+
+    def new_state(self, conv) -> ModuleState:
+        return ModuleState(conv)
+
+    def watch(self, conv, reply):
+        kind, parser = self, ModuleCallParser()
+
+        class Watch:
+            count = 0
+
+            def feed(self, token: int) -> list:
+                return [kind.run(conv, c, self) for c in parser.feed(reply.text)]
+
+            def close(self) -> list:
+                return [kind.run(conv, c, self) for c in parser.close()]
+        return Watch()
+
+    def run(self, conv, call: ModuleCall | CallError, watch) -> CallResult:
+        result = CallResult(index=watch.count, call=call if isinstance(call, ModuleCall) else None)
+        watch.count += 1
+        if isinstance(call, CallError):
+            result.error = call.reason
+            return result
+        entry = self.table.calls.get(call.module)
+        if entry is None:
+            result.error = (f"module {call.module!r} is not one this build has "
+                            f"({', '.join(sorted(self.table.calls))})")
+            return result
+        result.module, result.task, result.backend = call.module, entry.task, entry.backend
+        try:
+            box = None if call.region is None else self.region_box(conv, call.region)
+            with conv.timeline.stage(f"module:{entry.backend}"):
+                self.backends[entry.backend].run(conv, call, box, result)
+        except CallFailed as e:
+            result.error = str(e)
+        return result
+
+    def region_box(self, conv, region) -> np.ndarray:
+        """The region's numbers as a pixel box [4] on the conversation's image (manifest modules.region: "pixels"
+        as written, "norm" x width / height); a box that leaves the image is refused."""
+        w, h = conv.width, conv.height
+        box = np.asarray(region, np.float32)
+        if self.table.region == "norm":
+            box = box * np.asarray([w, h, w, h], np.float32)
+        if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
+            raise CallFailed(f"region {list(region)} is outside the {w} x {h} image (xyxy, "
+                             f"{'pixels' if self.table.region == 'pixels' else 'fractions of the side'})")
+        return box
+
+    def detections_of(self, record: CallResult) -> list:
+        return [] if record.detection is None else [record.detection]
+
+    def event(self, index, record: CallResult):
+        if record.error is not None or record.backend is None:
+            return None
+        return self.backends[record.backend].event(record)
+
+    def finish(self, conv, records, turn):
+        return []
+
+    def slot_value(self, record):
+        return None
+
+
+class BoundModules:
+    """The modules table as a part of the dispatch: no trigger, no graph, a watcher (BoundHead's interface)."""
+
+    def __init__(self, pipe):
+        self.head = Head(kind="module", trigger=None, emit="", graph="", inputs={}, collect=(), feedback=None,
+                         finish=None, encode_input=None, encode_output=None)
+        self.pipe = pipe
+        self.trigger, self.emit, self.signals, self.stage = None, None, [], "module"
+        self.kind = ModulesKind(self.head, pipe)
+        self.kind.bound = self
+
+    def steps(self) -> dict:
+        return {}

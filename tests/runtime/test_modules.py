@@ -1,0 +1,159 @@
+"""Module calls through the manifest alone (issue 29): the embedded NExT-Chat build given a `modules` table whose
+module "B" is image segmentation (its own SAM graphs). The model was never taught VITRON's tags, so each test makes
+it say a reply (its llm logits boosted toward the reply's tokens, one step at a time); everything after the logits
+is the runtime's: the parse as the reply streams, the table, the backend, the events and the result."""
+import json
+import shutil
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from nxc import names
+from nxc.manifest import BuildError, load_manifest
+from nxc.runtime.events import Done, Token
+from nxc.runtime.modules import Mask
+
+MODULES = {"grammar": "vitron", "region": "pixels",
+           "calls": {"B": {"task": "image segmentation", "backend": "segment"}}}
+
+
+@pytest.fixture(scope="module")
+def module_build(embedded_build, tmp_path_factory):
+    build = tmp_path_factory.mktemp("modules") / "build"
+    shutil.copytree(embedded_build, build)
+    m = json.loads((build / "manifest.json").read_text())
+    m["modules"] = MODULES
+    (build / "manifest.json").write_text(json.dumps(m, indent=1))
+    return build
+
+
+@pytest.fixture(scope="module")
+def module_pipe(module_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(module_build)
+
+
+@contextmanager
+def say(pipe, text: str):
+    """Within the block, each turn's reply is `text` then </s>: decode step k's logits get +1e4 on token k."""
+    ids = pipe.tokenizer.encode(text, add_bos=False) + [pipe.tokens[names.EOS]]
+    runner = pipe.runner(names.GRAPH_LLM)
+    step = {"k": 0}
+    real = runner.run_cached
+
+    def run_cached(embeds, cache):
+        out = real(embeds, cache)
+        k = step["k"] if embeds.shape[1] == 1 else 0
+        step["k"] = k + 1
+        logits = out["logits"].copy()
+        logits[..., ids[min(k, len(ids) - 1)]] += 1e4
+        return {**out, "logits": logits}
+    runner.run_cached = run_cached
+    try:
+        yield
+    finally:
+        del runner.run_cached
+
+
+def scene():
+    from nxc.shapes.data import make_scene
+    return make_scene(np.random.default_rng(3), max_objects=3)
+
+
+def box_text(box) -> str:
+    return "[" + ", ".join(str(int(round(v))) for v in box) + "]"
+
+
+def test_a_segmentation_call_streams_a_mask_when_its_region_closes(module_pipe):
+    s = scene()
+    obj = s.objects[0]
+    reply = (f"Sure. <module>B</module><instruction>segmentation: the {obj.phrase}</instruction>"
+             f"<region>{box_text(obj.box)}</region> Here it is.")
+    with say(module_pipe, reply):
+        events = list(module_pipe.stream(s.image, "Segment it.", max_new_tokens=120))
+    result = events[-1].result
+    assert isinstance(events[-1], Done) and result.raw_text == reply
+    masks = [i for i, e in enumerate(events) if isinstance(e, Mask)]
+    assert len(masks) == 1
+    before = "".join(e.text for e in events[:masks[0]] if isinstance(e, Token))
+    assert before.endswith("</region>"), before                   # at once, not at the end of the reply
+    call, = result.calls
+    assert (call.error, call.module, call.backend, call.task) == (None, "B", "segment", "image segmentation")
+    assert call.call.instructions == (f"the {obj.phrase}",) and call.call.tasks == ("segmentation",)
+    d = call.detection
+    assert result.detections == [d] and events[masks[0]].detection is d
+    np.testing.assert_allclose(d.box, np.round(obj.box), atol=0)
+    assert d.mask.shape == (s.image.height, s.image.width) and d.mask.dtype == bool
+    inside = d.mask[int(d.box[1]):int(d.box[3]), int(d.box[0]):int(d.box[2])].sum()
+    assert d.mask.sum() > 0 and inside >= 0.8 * d.mask.sum(), (inside, d.mask.sum())   # SAM kept to the box
+    # (how well: not here. The embedded NExT-Chat's SAM decoder learned with the LLM's prompt rows beside the box;
+    # on a box alone it finds a sliver of the object, IoU ~0.1. SAM's own decoder is made for box prompts.)
+
+
+def test_the_mask_equals_the_box_heads_sam_on_the_same_box(module_pipe, embedded_pipe):
+    """Same graphs, same box: the segmentation backend's mask is the one the build's own SAM path gives for that
+    box with no prompt rows (the box head's finish on a Detection of that box, zero seg_prompt, no threshold)."""
+    from types import SimpleNamespace
+
+    from nxc.runtime.events import Detection
+    from nxc.runtime.preprocess import normalise_boxes
+    s = scene()
+    box = np.asarray(np.round(s.objects[-1].box), np.float32)
+    with say(module_pipe, f"<module>B</module><instruction>x</instruction><region>{box_text(box)}</region>"):
+        got = module_pipe.chat(s.image, "Segment it.", max_new_tokens=80).calls[0].detection
+    spec = {t.name: t for t in embedded_pipe.manifest.graph_spec(names.GRAPH_SAM_DECODER).inputs}["seg_prompt"]
+    rows = spec.resolve({a: 1 for a in spec.dynamic_axes().values()})[1:]
+    want = Detection(box=box, box_norm=normalise_boxes(box[None], s.image.width, s.image.height)[0], phrase="",
+                     seg_prompt=np.zeros(rows, np.float32))
+    conv = embedded_pipe.conversation(s.image)
+    embedded_pipe.dispatch.head_of_kind("box").kind.finish(conv, [want], SimpleNamespace(threshold=None))
+    assert np.array_equal(got.mask, want.mask) and got.score == pytest.approx(want.score, abs=1e-6)
+
+
+@pytest.mark.parametrize("reply, reason", [
+    ("<module>Z</module><instruction>x</instruction><region>[1, 1, 9, 9]</region>", "module 'Z' is not one"),
+    ("<module>B</module><instruction>x</instruction><region>[1, 1, 900, 9]</region>", "is outside the"),
+    ("<module>B</module><instruction>segmentation: the cat</instruction>", "needs a <region>"),
+    ("<module>B</module><instruction>the cat", "<instruction> is never closed"),
+    ("<module>B</module><instruction>x</instruction><region>left</region>", "4 numbers"),
+])
+def test_a_call_that_cannot_run_leaves_the_reply_text_with_the_reason(module_pipe, reply, reason):
+    s = scene()
+    with say(module_pipe, reply):
+        events = list(module_pipe.stream(s.image, "Segment it.", max_new_tokens=80))
+    result = events[-1].result
+    assert result.raw_text == reply and not any(isinstance(e, Mask) for e in events)
+    assert len(result.calls) == 1 and reason in result.calls[0].error and result.detections == []
+
+
+def test_a_build_without_modules_parses_nothing(embedded_pipe):
+    s = scene()
+    with say(embedded_pipe, "<module>B</module><instruction>x</instruction><region>[1, 1, 9, 9]</region>"):
+        result = embedded_pipe.chat(s.image, "Segment it.", max_new_tokens=80)
+    assert result.calls == [] and result.detections == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["modules"]["calls"]["B"].update(backend="paint"), "modules.calls.B.backend: 'paint' is not a module backend"),
+    (lambda m: m["modules"].update(region="inches"), "modules.region: 'inches' is not a region frame"),
+    (lambda m: m["modules"]["calls"].update({"<B>": {"task": "x", "backend": "segment"}}), "is not a module name"),
+    (lambda m: m["modules"].update(calls={}), "names at least one"),
+    (lambda m: m["graphs"].pop("sam_decoder"), "backend 'segment' runs graphs sam_decoder"),
+])
+def test_a_modules_table_the_runtime_cannot_run_is_refused_in_one_line(module_build, tmp_path, edit, message):
+    build = tmp_path / "b"
+    shutil.copytree(module_build, build)
+    m = json.loads((build / "manifest.json").read_text())
+    edit(m)
+    if "sam_decoder" not in m["graphs"]:          # a build without SAM: its box head's finish would not run either
+        m["heads"] = [h for h in m["heads"] if h.get("finish") != "sam_masks"]
+    (build / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BuildError) as e:
+        load_manifest(build)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_modules_table_round_trips(module_build):
+    m = load_manifest(module_build)
+    assert m.modules.calls["B"].backend == "segment" and m.to_dict()["modules"] == MODULES
