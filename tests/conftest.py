@@ -266,3 +266,26 @@ def shapes_nextgpt_build(tmp_path_factory):
 def shapes_nextgpt_pipe(shapes_nextgpt_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(shapes_nextgpt_build)
+
+
+@pytest.fixture(scope="session")
+def module_build(embedded_build, tmp_path_factory):
+    """The embedded fp32 build with a modules table: module "B" is image segmentation on its SAM graphs (issue 29).
+    Read-only."""
+    import json
+
+    import shutil
+
+    from module_helpers import MODULES
+    build = tmp_path_factory.mktemp("modules") / "build"
+    shutil.copytree(embedded_build, build)
+    m = json.loads((build / "manifest.json").read_text())
+    m["modules"] = MODULES
+    (build / "manifest.json").write_text(json.dumps(m, indent=1))
+    return build
+
+
+@pytest.fixture(scope="session")
+def module_pipe(module_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(module_build)

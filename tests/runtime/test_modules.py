@@ -4,65 +4,15 @@ it say a reply (its llm logits boosted toward the reply's tokens, one step at a 
 is the runtime's: the parse as the reply streams, the table, the backend, the events and the result."""
 import json
 import shutil
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from module_helpers import MODULES, REPLY_TWO, box_text, say, scene
 
 from nxc import names
 from nxc.manifest import BuildError, load_manifest
 from nxc.runtime.events import Done, Token
 from nxc.runtime.modules import Mask
-
-MODULES = {"grammar": "vitron", "region": "pixels",
-           "calls": {"B": {"task": "image segmentation", "backend": "segment"}}}
-
-
-@pytest.fixture(scope="module")
-def module_build(embedded_build, tmp_path_factory):
-    build = tmp_path_factory.mktemp("modules") / "build"
-    shutil.copytree(embedded_build, build)
-    m = json.loads((build / "manifest.json").read_text())
-    m["modules"] = MODULES
-    (build / "manifest.json").write_text(json.dumps(m, indent=1))
-    return build
-
-
-@pytest.fixture(scope="module")
-def module_pipe(module_build):
-    from nxc.runtime.pipeline import Pipeline
-    return Pipeline.load(module_build)
-
-
-@contextmanager
-def say(pipe, text: str):
-    """Within the block, each turn's reply is `text` then </s>: decode step k's logits get +1e4 on token k."""
-    ids = pipe.tokenizer.encode(text, add_bos=False) + [pipe.tokens[names.EOS]]
-    runner = pipe.runner(names.GRAPH_LLM)
-    step = {"k": 0}
-    real = runner.run_cached
-
-    def run_cached(embeds, cache):
-        out = real(embeds, cache)
-        k = step["k"] if embeds.shape[1] == 1 else 0
-        step["k"] = k + 1
-        logits = out["logits"].copy()
-        logits[..., ids[min(k, len(ids) - 1)]] += 1e4
-        return {**out, "logits": logits}
-    runner.run_cached = run_cached
-    try:
-        yield
-    finally:
-        del runner.run_cached
-
-
-def scene():
-    from nxc.shapes.data import make_scene
-    return make_scene(np.random.default_rng(3), max_objects=3)
-
-
-def box_text(box) -> str:
-    return "[" + ", ".join(str(int(round(v))) for v in box) + "]"
 
 
 def test_a_segmentation_call_streams_a_mask_when_its_region_closes(module_pipe):
@@ -157,3 +107,26 @@ def test_a_modules_table_the_runtime_cannot_run_is_refused_in_one_line(module_bu
 def test_the_modules_table_round_trips(module_build):
     m = load_manifest(module_build)
     assert m.modules.calls["B"].backend == "segment" and m.to_dict()["modules"] == MODULES
+
+
+def test_nxc_run_lists_the_calls(module_build, module_pipe, monkeypatch, tmp_path, capsys):
+    from nxc.runtime import cli
+    from nxc.runtime.pipeline import Pipeline
+    s = scene()
+    image = tmp_path / "scene.png"
+    s.image.save(image)
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, *a, **k: module_pipe))
+    reply = REPLY_TWO.format(box=box_text(s.objects[0].box))
+    with say(module_pipe, reply):
+        assert cli.main([str(module_build), "--image", str(image), "--prompt", "Segment it.",
+                         "--max-new-tokens", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "call 0: module B (image segmentation) -> detection 0" in out
+    assert "call 1: not run: module 'Q' is not one this build has (B)" in out
+    with say(module_pipe, reply):
+        assert cli.main([str(module_build), "--image", str(image), "--prompt", "Segment it.",
+                         "--max-new-tokens", "120", "--json"]) == 0
+    calls = json.loads(capsys.readouterr().out)["calls"]
+    assert [(c["module"], c["backend"], c["detection"], c["error"] is None) for c in calls] == [
+        ("B", "segment", 0, True), ("Q", None, None, False)]
+    assert calls[0]["region"] == [float(round(v)) for v in s.objects[0].box] and calls[0]["instructions"] == ["it"]

@@ -12,6 +12,7 @@ from PIL import Image
 from nxc.manifest import BuildError
 from nxc.runtime.backends import BACKENDS, BackendError
 from nxc.runtime.images import ImageError, blank_image, load_image
+from nxc.runtime.modules import calls_json
 from nxc.prompt import PromptError
 
 
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                           "detections": [{"box": [round(float(v), 2) for v in d.box], "phrase": d.phrase,
                                           "score": d.score, "mask_pixels": int(d.mask.sum()) if d.mask is not None else 0}
                                          for d in r.detections], "annotated": a.out if a.out and not r.images else None,
+                          "calls": calls_json(r),
                           "pictures": [{"file": str(f) if a.out else None, "seed": im.seed, "steps": im.steps,
                                         "guidance": im.guidance, "scheduler": im.scheduler}
                                        for f, im in zip(written if a.out else [None] * len(r.images), r.images)]},
@@ -174,12 +176,23 @@ def main(argv: list[str] | None = None) -> int:
             score = "-" if d.score is None else f"{d.score:.2f}"
             mask = "-" if d.mask is None else str(int(d.mask.sum()))
             print(f"{k:>3}  {box:<34} {score:>6} {mask:>8}  {d.phrase}")
+    for c in r.calls:
+        print(_call_line(c, r))
     for im in r.images:
         print(f"picture {im.index}: {im.pixels.shape[1]}x{im.pixels.shape[0]}, seed {im.seed}, {im.steps} "
               f"{im.scheduler} steps, guidance {im.guidance:g}")
     if a.out:
         print(f"\nwrote {', '.join(map(str, written))}")
     return 0
+
+
+def _call_line(c, r) -> str:
+    """"call 0: module B (image segmentation) -> detection 0" or "call 1: not run: <why>"."""
+    if c.error is not None:
+        return f"call {c.index}: not run: {c.error}"
+    made = [f"detection {k}" for k, d in enumerate(r.detections) if d is c.detection]
+    made += [f"picture {im.index}" for im in c.images]
+    return f"call {c.index}: module {c.module} ({c.task}) -> {', '.join(made) or 'nothing'}"
 
 
 def _write_pictures(images, out: Path) -> list[Path]:

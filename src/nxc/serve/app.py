@@ -32,6 +32,7 @@ from nxc.runtime.images import ImageError
 from nxc.runtime.events import Image
 from nxc.runtime.pipeline import Box, Done, Pipeline, Token
 from nxc.prompt import SLOT, PromptError, render_reply
+from nxc.runtime.modules import calls_json
 from nxc.runtime.timing import Timeline
 from nxc.serve import protocol as proto
 from nxc.serve.metrics import Metrics
@@ -301,7 +302,8 @@ class Server:
                         r = ev.result
                         self._record(r, timeline, events)
                         yield chunk({"content": text.finish(r.text),
-                                     "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)]},
+                                     "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)],
+                                     **({"calls": calls_json(r)} if r.calls else {})},
                                     finish=r.finish_reason)
                         if req.include_usage:
                             yield json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -337,6 +339,7 @@ class Server:
                                  "finish_reason": r.finish_reason,
                                  "grounding": [proto.detection_json(k, d) for k, d in enumerate(r.detections)],
                                  **({"images": [proto.picture_part(im) for im in r.images]} if r.images else {}),
+                                 **({"calls": calls_json(r)} if r.calls else {}),
                                  "usage": proto.usage(len(r.prompt_ids), len(r.token_ids))})
         return await self.handle(request, work)
 

@@ -335,6 +335,9 @@ def message(r) -> dict:
     part per picture) with the pictures' nxc fields in "images" when the reply drew."""
     out = {"role": "assistant", "content": r.text,
            "grounding": [detection_json(k, d) for k, d in enumerate(r.detections)]}
+    if r.calls:
+        from nxc.runtime.modules import calls_json
+        out["calls"] = calls_json(r)
     if r.images:
         out["content"] = [{"type": "text", "text": r.text}] + [
             {"type": "image_url", "image_url": {"url": picture_png(im.pixels)}} for im in r.images]

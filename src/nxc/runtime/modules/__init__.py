@@ -54,6 +54,20 @@ class CallResult:
     error: str | None = None
 
 
+def calls_json(result) -> list[dict]:
+    """A ChatResult's module calls as JSON (nxc-run --json, nxc-serve): what was called, with what, and what it made
+    ("detection": the index of its detection in the result's detections / grounding) or why it did not run."""
+    out = []
+    for c in result.calls:
+        call = c.call
+        out.append({"index": c.index, "module": c.module if call is None else call.module, "task": c.task,
+                    "backend": c.backend, "instructions": list(call.instructions) if call else [],
+                    "region": None if call is None or call.region is None else list(call.region),
+                    "detection": next((k for k, d in enumerate(result.detections) if d is c.detection), None),
+                    "pictures": [im.index for im in c.images], "error": c.error})
+    return out
+
+
 @dataclass
 class Mask:
     """Streamed when a segmentation call is done: its detection (box = the region, mask, score)."""
