@@ -289,3 +289,42 @@ def module_build(embedded_build, tmp_path_factory):
 def module_pipe(module_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(module_build)
+
+
+@pytest.fixture(scope="session")
+def module_draw_build(embedded_build, tmp_path_factory):
+    """The embedded fp32 build with the shipped shapes generator (its CLIP text encoder exported as text_encoder)
+    and a modules table: "A" image generation, "B" image segmentation (issue 29). Read-only."""
+    require_export_extra("the generator's export")
+    import json
+    import shutil
+
+    from nxc.assets import nextgpt_checkpoint
+    from nxc.export.generator import export_generator
+    from nxc.manifest import sha256_file
+    build = tmp_path_factory.mktemp("module-draw") / "build"
+    shutil.copytree(embedded_build, build)
+    gen = export_generator(nextgpt_checkpoint() / "generator", build, default_steps=20, default_guidance=4.0,
+                           text_encoder=True, log=lambda m: None)
+    m = json.loads((build / "manifest.json").read_text())
+    m["generator"] = gen.entry
+    m["axes"]["batch"] = [1, 1, 2]                    # the denoiser's [unconditional, conditional] rows
+    m["modules"] = {"grammar": "vitron", "region": "pixels",
+                    "calls": {"A": {"task": "image generation", "backend": "generate"},
+                              "B": {"task": "image segmentation", "backend": "segment"}}}
+    for name, rec in gen.graphs.items():
+        m["graphs"][name] = {k: v for k, v in rec.items() if k not in ("parity", "accuracy")}
+    rels = ["uncond.npy", *[f"{gen.entry['tokenizer']}/{f}" for f in ("vocab.json", "merges.txt",
+                                                                      "tokenizer_config.json")]]
+    rels += [r["file"] for r in gen.graphs.values()] + [f"graphs/{x}" for r in gen.graphs.values()
+                                                         for x in r.get("external_data", [])]
+    for rel in rels:
+        m["files"][rel] = {"sha256": sha256_file(build / rel), "bytes": (build / rel).stat().st_size}
+    (build / "manifest.json").write_text(json.dumps(m, indent=1))
+    return build
+
+
+@pytest.fixture(scope="session")
+def module_draw_pipe(module_draw_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(module_draw_build)

@@ -31,7 +31,8 @@ FORBIDDEN = {
     "nxc.diffusion": (*CONTRACT_FORBIDS, "nxc.shapes", "torch", "transformers", "onnx", "diffusers"),
     **{m: CONTRACT_FORBIDS for m in ("nxc.prompt", "nxc.tokens", "nxc.names", "nxc.config", "nxc.specs",
                                      "nxc.manifest", "nxc.manifest_types", "nxc.manifest_generator",
-                                     "nxc.manifest_modules", "nxc.module_calls", "nxc.jsonfield")},
+                                     "nxc.manifest_modules", "nxc.module_calls", "nxc.clip_tokenizer",
+                                     "nxc.jsonfield")},
 }
 
 

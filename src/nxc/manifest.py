@@ -156,7 +156,7 @@ def _parse(data, root: Path) -> Manifest:
     files = {rel: _file_entry(top["files"], rel, f) for rel, f in top["files"].items()}
     axes = _axes(top["axes"])
     for g in top["graphs"].object():
-        if g not in names.ALL_GRAPHS + names.GENERATOR_GRAPHS + (names.GRAPH_PROJECTOR,):
+        if g not in names.ALL_GRAPHS + names.GENERATOR_GRAPHS + (names.GRAPH_PROJECTOR, names.GRAPH_TEXT_ENCODER):
             raise top["graphs"].error(f"{g!r} is not a graph nxc exports "
                                       f"({', '.join(names.ALL_GRAPHS + names.GENERATOR_GRAPHS)}, "
                                       f"{names.GRAPH_PROJECTOR})")
@@ -190,7 +190,7 @@ def _generator(top: Field, graphs: Mapping[str, GraphEntry], files: Mapping[str,
     if f is None:
         return None
     return parse_generator(f, sizes=_sizes(f["sizes"], GeneratorSizes), graphs=graphs, axes=axes,
-                           uncond_file=_listed(f["uncond_file"], files))
+                           uncond_file=_listed(f["uncond_file"], files), files=files)
 
 
 def _schema(f: Field) -> None:

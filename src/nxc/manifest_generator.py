@@ -20,10 +20,11 @@ from nxc import names
 from nxc.config import GeneratorSizes
 from nxc.jsonfield import Field
 from nxc.manifest_types import PIXEL_FORMATS, BuildError, GeneratorEntry, GraphEntry, Manifest
-from nxc.specs import generator_specs
+from nxc.specs import generator_specs, text_encoder_spec
 
 KEYS = ("sizes", "denoiser", "decoder", "scheduler", "default_scheduler", "default_steps", "default_guidance",
-        "uncond_file", "pixel_format")
+        "uncond_file", "pixel_format", "text_encoder", "tokenizer")
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")   # a CLIP tokenizer (nxc.clip_tokenizer)
 PREDICTION_TYPES = ("epsilon",)             # the denoiser graph's output is the noise
 
 
@@ -52,8 +53,24 @@ def _scheduler(f: Field) -> dict:
     return copy.deepcopy(f.value)
 
 
+def _text_encoder(f: Field, graphs: Mapping[str, GraphEntry], sizes: GeneratorSizes, files) -> tuple:
+    """(text encoder graph, tokenizer dir) or (None, None): the optional pair that turns text into conditioning at
+    run time (a VITRON-style module call); its tokenizer's files must be listed under files (verified)."""
+    te, tok = f.optional("text_encoder"), f.optional("tokenizer")
+    if te is None and tok is None:
+        return None, None
+    if te is None or tok is None:
+        raise f.error("text_encoder and tokenizer come together (the graph and the CLIP tokenizer that feeds it)")
+    d = tok.text().rstrip("/")
+    unlisted = [f"{d}/{x}" for x in TOKENIZER_FILES if f"{d}/{x}" not in files]
+    if unlisted:
+        raise tok.error(f"{d!r}: {', '.join(unlisted)} not listed under files (a CLIP tokenizer folder)")
+    return _graph(te, graphs, text_encoder_spec(sizes)), d
+
+
 def parse_generator(f: Field, *, sizes: dict, graphs: Mapping[str, GraphEntry], uncond_file: str,
-                    axes: Mapping[str, tuple[int, int, int]]) -> GeneratorEntry:
+                    axes: Mapping[str, tuple[int, int, int]], files: Mapping = MappingProxyType({})
+                    ) -> GeneratorEntry:
     """The entry at `f` (its `sizes` and `uncond_file` already read by nxc.manifest); BuildError naming the field."""
     f.object(known=KEYS)
     sizes = GeneratorSizes.from_dict(sizes)
@@ -63,8 +80,9 @@ def parse_generator(f: Field, *, sizes: dict, graphs: Mapping[str, GraphEntry], 
     if batch[2] < 2:
         raise f.error(f"the denoiser is called with 2 rows (unconditional, conditional), but axes.batch is "
                       f"{list(batch)}: its max must be 2 or more")
+    text_encoder, tokenizer = _text_encoder(f, graphs, sizes, files)
     return GeneratorEntry(
-        sizes=sizes, denoiser=_graph(f["denoiser"], graphs, specs[names.GRAPH_DENOISER]),
+        text_encoder=text_encoder, tokenizer=tokenizer, sizes=sizes, denoiser=_graph(f["denoiser"], graphs, specs[names.GRAPH_DENOISER]),
         decoder=_graph(f["decoder"], graphs, specs[names.GRAPH_LATENT_DECODER]),
         scheduler=MappingProxyType(scheduler),
         default_scheduler=f["default_scheduler"].choice(names.GENERATOR_SCHEDULERS, "a sampler nxc has"),

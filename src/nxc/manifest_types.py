@@ -152,9 +152,12 @@ class GeneratorEntry:
     default_guidance: float
     uncond_file: str
     pixel_format: str
+    text_encoder: str | None = None     # graph: CLIP ids -> conditioning (a build that draws from text at run time)
+    tokenizer: str | None = None        # its CLIP tokenizer's folder in the build
 
     def to_dict(self) -> dict:
-        return {**vars(self), "sizes": self.sizes.to_dict(), "scheduler": plain(self.scheduler)}
+        out = {**vars(self), "sizes": self.sizes.to_dict(), "scheduler": plain(self.scheduler)}
+        return {k: v for k, v in out.items() if v is not None or k not in ("text_encoder", "tokenizer")}
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ ALL_GRAPHS = GRAPHS + (GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
 GRAPH_DENOISER = "denoiser"               # UNet: sample, timestep, encoder_hidden_states -> noise (epsilon)
 GRAPH_LATENT_DECODER = "latent_decoder"   # VAE decoder: raw latents -> pixels in [0, 1]
 GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER)
+GRAPH_TEXT_ENCODER = "text_encoder"       # the generator's CLIP text encoder: input_ids -> conditioning (optional)
 GENERATOR_SCHEDULERS = ("ddim", "euler", "lcm")   # the runtime's samplers, named as a manifest's default_scheduler
 # NExT-GPT's output projector: the signal tokens' hiddens -> a generator's conditioning (nxc.model.nextgpt_projector)
 GRAPH_PROJECTOR = "projector"
@@ -79,6 +80,7 @@ def present_value(i: int) -> str:
     return f"present.{i}.value"
 
 # VITRON's module calls (issue 29): the backends a manifest's `modules` table may name, and the graphs each needs
-MODULE_BACKENDS = {"segment": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER)}
+MODULE_BACKENDS = {"segment": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER),
+                   "generate": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER)}
 MODULE_GRAMMARS = ("vitron",)                # <module>X</module><instruction>task: text</instruction><region>..
 REGION_FRAMES = ("pixels", "norm")           # a <region>'s numbers: pixel xyxy on the image, or xyxy in [0, 1]

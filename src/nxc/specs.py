@@ -175,6 +175,15 @@ def generator_specs(sizes: GeneratorSizes) -> dict[str, GraphSpec]:
     }
 
 
+def text_encoder_spec(sizes: GeneratorSizes) -> GraphSpec:
+    """The generator's optional text encoder (a diffusers folder's text_encoder/, transformers' CLIPTextModel):
+    input_ids [B,L] int64 (its CLIP tokenizer's ids, padded to L = context_length) ─▶ conditioning [B,L,D], the
+    last hidden state the denoiser's encoder_hidden_states take (as StableDiffusionPipeline.encode_prompt)."""
+    return GraphSpec(names.GRAPH_TEXT_ENCODER,
+                     inputs=(_t("input_ids", ("batch", sizes.context_length), "int64"),),
+                     outputs=(_t("conditioning", ("batch", sizes.context_length, sizes.cross_attention_dim)),))
+
+
 def axis_ranges(max_context: int, *, max_batch: int = 1, max_detections: int = 16,
                 max_boxes: int = 16, prefill_opt: int = 0) -> dict[str, tuple[int, int, int]]:
     """(min, opt, max) per dynamic axis: the optimisation profiles a TensorRT build needs, kept in the manifest.

@@ -191,12 +191,44 @@ def _graphs_int8(records: dict, out: Path, scratch: Path, specs: dict, precision
             "graphs": {g: _accuracy(ref, out / records[g]["file"], specs[g])}}
 
 
+TOKENIZER_DIR = "generator_tokenizer"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
+
+
+def _text_encoder(folder: Path, out: Path, sizes, opset: int, parity: bool, log) -> tuple[dict, dict | None]:
+    """The folder's CLIP text encoder as graph text_encoder (fp32 at every precision: it runs once a picture) and
+    its tokenizer's files under generator_tokenizer/ (the runtime's nxc.clip_tokenizer reads them)."""
+    import torch
+    from transformers import CLIPTextModel
+
+    from nxc.export.generator_graphs import TextEncoderGraph
+    from nxc.model.generator import TEXT_ENCODER, TOKENIZER, _quiet
+    from nxc.specs import text_encoder_spec
+    missing = [f"{TOKENIZER}/{f}" for f in TOKENIZER_FILES if not (folder / TOKENIZER / f).is_file()]
+    if not (folder / TEXT_ENCODER).is_dir() or missing:
+        raise ExportError(f"{folder}: a text encoder graph needs the folder's {TEXT_ENCODER}/ and "
+                          f"{', '.join(missing) or TOKENIZER + '/'}; this folder ships none (uncond.npy only)")
+    with _quiet():
+        encoder = CLIPTextModel.from_pretrained(folder / TEXT_ENCODER, local_files_only=True,
+                                                torch_dtype=torch.float32).eval()
+    spec = text_encoder_spec(sizes)
+    wrapper = TextEncoderGraph(encoder).eval()
+    log(f"[nxc-export] {spec.name}: exporting (fp32)")
+    record = _export(wrapper, spec, out / "graphs" / f"{spec.name}.onnx", "fp32", opset)
+    report = _parity(wrapper, out / record["file"], spec, "fp32", log) if parity else None
+    (out / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
+    for f in TOKENIZER_FILES:
+        shutil.copyfile(folder / TOKENIZER / f, out / TOKENIZER_DIR / f)
+    return record, report
+
+
 def export_generator(folder: str | Path, out_dir: str | Path, *, precision: str = "fp32", opset: int = 17,
                      parity: bool = True, default_scheduler: str = "ddim", default_steps: int = 50,
-                     default_guidance: float = 7.5, log=_log) -> GeneratorExport:
+                     default_guidance: float = 7.5, text_encoder: bool = False, log=_log) -> GeneratorExport:
     """Export the generator in diffusers folder `folder` into the build directory `out_dir` (normally the
     exporter's partial directory): graphs/denoiser.onnx, graphs/latent_decoder.onnx (+ external data when large),
-    uncond.npy. `precision` is the build's (fp32 | fp16 | int8 | int4). Raises GeneratorError (the folder) or
+    uncond.npy; with `text_encoder`, graphs/text_encoder.onnx and generator_tokenizer/ (a VITRON-style build
+    turns an instruction into conditioning at run time). `precision` is the build's (fp32 | fp16 | int8 | int4). Raises GeneratorError (the folder) or
     ExportError (a graph that does not match torch); scratch files are removed either way."""
     from nxc.model.generator import load_generator, unconditional_conditioning
     if precision not in PRECISIONS:
@@ -230,9 +262,14 @@ def export_generator(folder: str | Path, out_dir: str | Path, *, precision: str 
                 accuracy = _graphs_int8(records, out, scratch, specs, precision, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if text_encoder:
+        records[names.GRAPH_TEXT_ENCODER], report = _text_encoder(Path(folder), out, sizes, opset, parity, log)
+        if report is not None:
+            par[names.GRAPH_TEXT_ENCODER] = report
     for g, rec in records.items():
         log(f"[nxc-export] {g}: {rec['precision']}, {graph_mb(out, rec):.1f} MB, {lint_summary(rec['tensorrt_lint'])}")
     entry = {"sizes": sizes.to_dict(), "denoiser": names.GRAPH_DENOISER, "decoder": names.GRAPH_LATENT_DECODER,
              "scheduler": scheduler, "default_scheduler": default_scheduler, "default_steps": default_steps,
-             "default_guidance": float(default_guidance), "uncond_file": UNCOND_FILE, "pixel_format": PIXEL_FORMAT}
+             "default_guidance": float(default_guidance), "uncond_file": UNCOND_FILE, "pixel_format": PIXEL_FORMAT,
+             **({"text_encoder": names.GRAPH_TEXT_ENCODER, "tokenizer": TOKENIZER_DIR} if text_encoder else {})}
     return GeneratorExport(entry=entry, graphs=records, parity=par, accuracy=accuracy)

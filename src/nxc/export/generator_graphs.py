@@ -91,3 +91,15 @@ class LatentDecoderGraph(nn.Module):
             z = z + self.shift_factor
         x = self.vae.decode(z, return_dict=False)[0]
         return (x / 2 + 0.5).clamp(0, 1)
+
+
+class TextEncoderGraph(nn.Module):
+    """input_ids [B,L] ─▶ the CLIP text encoder's last hidden state [B,L,D] (no attention mask: SD's pipelines pass
+    none to CLIPTextModel, whose config has no use_attention_mask)."""
+
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids)[0]

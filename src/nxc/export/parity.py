@@ -34,6 +34,8 @@ def random_inputs(spec: GraphSpec, axes: dict[str, int], rng: np.random.Generato
             x = (np.arange(shape[0]) * 7 % 100).astype(np.int64)
         elif t.name == "position_ids":
             x = np.broadcast_to(np.arange(axes["past"], axes["past"] + shape[1], dtype=np.int64), shape).copy()
+        elif t.name == "input_ids":                      # a CLIP tokenizer's ids: its 256 byte symbols exist in any
+            x = rng.integers(0, 256, shape).astype(np.int64)
         elif t.name == "timestep":                                          # a diffusion step, 0..999
             x = rng.uniform(0, 1000, shape).astype(np.float32)
         elif t.name == "boxes":

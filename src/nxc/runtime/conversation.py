@@ -259,14 +259,15 @@ class Conversation:
 
     def _finish(self, reply: Reply, turn: Turn) -> ChatResult:
         """Each head's once-per-reply stage (SAM masks for boxes), then the turn joins the history."""
-        made = []
+        closed, made = [], []
         for bound, watch in reply.watches.items():          # what the reply's end completes (a module call)
             for record in getattr(watch, "close", list)():
                 reply.found.append((bound, record))
-                made.append(bound.kind.event(len(reply.found) - 1, record))
+                closed.append(bound.kind.event(len(reply.found) - 1, record))
         for bound in self.pipe.dispatch.heads:
             made += bound.kind.finish(self, [r for b, r in reply.found if b is bound], turn) or []
-        reply.late = [e for e in made if e is not None]
+        reply.late = [e for e in closed + made if e is not None]
+        calls = [r for _, r in reply.found if isinstance(r, CallResult)]
         with self.timeline.stage("postprocess"):
             raw = self.pipe.tokenizer.decode(reply.tokens)
             self.history.append(HistoryTurn(turn.user_text, raw))
@@ -280,8 +281,9 @@ class Conversation:
             return ChatResult(text=text, raw_text=raw, token_ids=reply.tokens, prompt_ids=turn.ids,
                               finish_reason="stop" if reply.tokens and reply.tokens[-1] == eos else "length",
                               detections=[d for b, r in reply.found for d in b.kind.detections_of(r)],
-                              images=[e for e in made if isinstance(e, Picture)],
-                              calls=[r for _, r in reply.found if isinstance(r, CallResult)])
+                              images=[im for c in calls for im in c.images] + [e for e in made
+                                                                                 if isinstance(e, Picture)],
+                              calls=calls)
 
     # -- the public calls ------------------------------------------------------------------------------
     @one_turn

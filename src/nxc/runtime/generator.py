@@ -59,8 +59,9 @@ class Generator:
     entry: the manifest's GeneratorEntry; uncond: [1,L,D] float32; run(graph, **feeds) -> {output: array} (a
     Pipeline's run, or any backend's runners)."""
 
-    def __init__(self, *, entry, uncond: np.ndarray, run):
+    def __init__(self, *, entry, uncond: np.ndarray, run, tokenizer=None):
         self.entry, self.uncond, self.run = entry, np.asarray(uncond, np.float32), run
+        self.tokenizer = tokenizer          # nxc.clip_tokenizer.ClipTokenizer of the build's text encoder, or None
 
     @classmethod
     def from_pipeline(cls, pipe) -> "Generator":
@@ -68,7 +69,24 @@ class Generator:
         if entry is None:
             raise BuildError(f"{pipe.manifest.root}: this build has no generator; it answers in text (re-export "
                              "a model that draws, e.g. NExT-GPT, to get pictures)")
-        return cls(entry=entry, uncond=np.load(pipe.manifest.path(entry.uncond_file)), run=pipe.run)
+        tokenizer = None
+        if entry.tokenizer is not None:
+            from nxc.clip_tokenizer import ClipTokenizer
+            tokenizer = ClipTokenizer.from_folder(pipe.manifest.path(entry.tokenizer))
+        return cls(entry=entry, uncond=np.load(pipe.manifest.path(entry.uncond_file)), run=pipe.run,
+                   tokenizer=tokenizer)
+
+    def text_conditioning(self, text: str, *, timeline=None) -> np.ndarray:
+        """[1,L,D]: `text` through the build's CLIP tokenizer and text_encoder graph (StableDiffusionPipeline's
+        prompt encoding); a build without a text encoder cannot (BuildError)."""
+        from nxc.runtime.timing import NO_TIMELINE
+        e = self.entry
+        if e.text_encoder is None or self.tokenizer is None:
+            raise BuildError("this build's generator has no text encoder (its pictures come from a projector); "
+                             "export the generator with its text encoder to draw from text")
+        ids = np.asarray([self.tokenizer.encode(text, max_length=e.sizes.context_length)], np.int64)
+        with (timeline or NO_TIMELINE).stage(e.text_encoder):
+            return self.run(e.text_encoder, input_ids=ids)["conditioning"]
 
     def options(self, options: DrawOptions) -> DrawOptions:
         """`options` with the build's defaults filled in."""

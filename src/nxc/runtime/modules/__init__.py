@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nxc.manifest_types import Head
+from nxc.manifest_types import BuildError, Head
 from nxc.module_calls import CallError, ModuleCall, ModuleCallParser
 from nxc.runtime.events import Detection
 from nxc.runtime.heads import HeadKind, HeadState
@@ -50,8 +50,10 @@ class CallResult:
     task: str | None = None
     backend: str | None = None
     detection: Detection | None = None    # segmentation: the region's box and its mask
-    images: list = field(default_factory=list)
+    images: list = field(default_factory=list)   # generation: the pictures (Image) it drew
     error: str | None = None
+    note: str | None = None               # what the backend did not do with the call (an unused region)
+    picture_base: int = 0                 # pictures the reply made before this call (the first one's index)
 
 
 def calls_json(result) -> list[dict]:
@@ -64,7 +66,7 @@ def calls_json(result) -> list[dict]:
                     "backend": c.backend, "instructions": list(call.instructions) if call else [],
                     "region": None if call is None or call.region is None else list(call.region),
                     "detection": next((k for k, d in enumerate(result.detections) if d is c.detection), None),
-                    "pictures": [im.index for im in c.images], "error": c.error})
+                    "pictures": [im.index for im in c.images], "error": c.error, "note": c.note})
     return out
 
 
@@ -122,7 +124,7 @@ class ModulesKind(HeadKind):
         kind, parser = self, ModuleCallParser()
 
         class Watch:
-            count = 0
+            count = pictures = 0
 
             def feed(self, token: int) -> list:
                 return [kind.run(conv, c, self) for c in parser.feed(reply.text)]
@@ -132,7 +134,8 @@ class ModulesKind(HeadKind):
         return Watch()
 
     def run(self, conv, call: ModuleCall | CallError, watch) -> CallResult:
-        result = CallResult(index=watch.count, call=call if isinstance(call, ModuleCall) else None)
+        result = CallResult(index=watch.count, call=call if isinstance(call, ModuleCall) else None,
+                            picture_base=watch.pictures)
         watch.count += 1
         if isinstance(call, CallError):
             result.error = call.reason
@@ -147,8 +150,9 @@ class ModulesKind(HeadKind):
             box = None if call.region is None else self.region_box(conv, call.region)
             with conv.timeline.stage(f"module:{entry.backend}"):
                 self.backends[entry.backend].run(conv, call, box, result)
-        except CallFailed as e:
+        except (CallFailed, BuildError) as e:
             result.error = str(e)
+        watch.pictures += len(result.images)
         return result
 
     def region_box(self, conv, region) -> np.ndarray:
