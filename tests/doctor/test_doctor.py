@@ -305,3 +305,14 @@ def test_a_build_that_does_not_draw_says_nothing_of_pictures(build, capsys):
     assert main([str(build), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)["build"]
     assert data["draws"] is False and {g["role"] for g in data["graphs"]} >= {"image encoder, once per image"}
+
+
+def test_a_build_that_calls_modules_names_them_and_its_text_encoder(module_draw_build, capsys):
+    """A VITRON-style build: its module table in the head line, the text encoder a graph with its role."""
+    from nxc.engines.cli import parser as build_parser
+    assert main([str(module_draw_build)]) == 0
+    out = capsys.readouterr().out
+    assert "draws pictures, module calls A: generate, B: segment): runs here with onnxruntime" in out
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
+    assert rows["text_encoder"].endswith("picture: a module call's text -> conditioning")
+    assert build_parser().parse_args([str(module_draw_build), "--graphs", "text_encoder"]).graphs

@@ -312,3 +312,10 @@ def test_refuses_a_drawing_build_in_one_line(drawing_build, tmp_path, capsys):
     assert main([str(drawing_build[0]), str(tmp_path / "repo")]) != 0
     err = capsys.readouterr().err
     assert "a build that draws" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_refuses_a_build_that_calls_modules_in_one_line(module_build, tmp_path):
+    with pytest.raises(RepoError, match=r"a build whose replies call modules \(VITRON-style: B\); nxc-triton writes "
+                                        "NExT-Chat's repository only. Serve it with nxc-serve$"):
+        write_repository(module_build, tmp_path / "repo")
+    assert not (tmp_path / "repo").exists()

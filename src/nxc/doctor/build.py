@@ -31,7 +31,8 @@ ROLES = {names.GRAPH_VISION: "image encoder, once per image", names.GRAPH_LLM: "
          names.GRAPH_OBJECT_FEATURES: "object rows, once per image",
          names.GRAPH_PROJECTOR: "picture: signal tokens -> conditioning",
          names.GRAPH_DENOISER: "picture: every denoise step",
-         names.GRAPH_LATENT_DECODER: "picture: latents -> pixels, once"}
+         names.GRAPH_LATENT_DECODER: "picture: latents -> pixels, once",
+         names.GRAPH_TEXT_ENCODER: "picture: a module call's text -> conditioning"}
 
 GPU_ONNXRUNTIME = ("install onnxruntime-gpu built for this machine's CUDA (on a Jetson: the wheel for your JetPack "
                    "from NVIDIA's Jetson AI Lab index), or run on the CPU provider (the default)")
@@ -186,6 +187,8 @@ def check_build(build: Path | str, facts: dict, *, providers: list[str] | None =
     report["runs_with"] = [b for b in ("onnxruntime", "tensorrt") if all(g[b]["ok"] for g in report["graphs"])]
     report["runs"] = bool(report["runs_with"])
     report["draws"] = m.generator is not None            # pictures: its projector, denoiser and latent_decoder
+    report["modules"] = ({k: e.backend for k, e in m.modules.calls.items()} if m.modules is not None
+                         else None)                          # module calls (VITRON-style): module -> backend
     if not report["runs"]:
         first = next(g for g in report["graphs"] if not g["onnxruntime"]["ok"])
         report["why"] = f"{first['graph']}: {first['onnxruntime']['why']}"

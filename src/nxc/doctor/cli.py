@@ -59,7 +59,9 @@ def build_lines(r: dict) -> list[str]:
     if not r["readable"]:
         return [f"build {r['build']}: cannot be read: {r['why']}", f"  fix: {r['fix']}"]
     head = (f"build {r['build']} ({r['precision']}, nxc {r['nxc_version']}"
-            + (", draws pictures" if r.get("draws") else "") + "): "
+            + (", draws pictures" if r.get("draws") else "")
+            + (f", module calls {', '.join(f'{k}: {b}' for k, b in r['modules'].items())}" if r.get("modules") else "")
+            + "): "
             + (f"runs here with {' and '.join(r['runs_with'])}" if r["runs"] else f"does not run here: {r['why']}"))
     lines = [head] + ([f"  note: {r['note']}"] if r.get("note") else [])
     reasons: list[tuple[str, str]] = []

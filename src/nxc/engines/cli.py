@@ -15,7 +15,7 @@ def no_tensorrt() -> str:
 
 
 # every graph a build may hold (nxc-doctor's fixes name them): NExT-Chat's, the retrieval family's, a generator's
-ENGINE_GRAPHS = (*names.ALL_GRAPHS, names.GRAPH_PROJECTOR, *names.GENERATOR_GRAPHS)
+ENGINE_GRAPHS = (*names.ALL_GRAPHS, names.GRAPH_PROJECTOR, *names.GENERATOR_GRAPHS, names.GRAPH_TEXT_ENCODER)
 
 
 class _Unavailable(Exception):

@@ -352,6 +352,19 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
         graphs.update(drawing.graphs)
         if accuracy is not None:
             accuracy["graphs"].update(drawing.accuracy)
+    modules = None
+    if options.modules is not None:
+        from nxc.export.modules import export_module_generator, read_modules
+        modules = read_modules(options.modules)
+        if modules["generator"] is not None:
+            if drawing is not None:
+                raise ExportError("--modules with a generator: this model draws with its own generator already "
+                                  "(NExT-GPT); one generator a build")
+            drawing = export_module_generator(modules["generator"], tmp, precision=options.precision,
+                                              parity=options.parity, log=_log)
+            graphs.update(drawing.graphs)
+            if accuracy is not None and drawing.accuracy:
+                accuracy["graphs"].update(drawing.accuracy.get("graphs", drawing.accuracy))
     if accuracy is not None:
         (tmp / "reports" / "accuracy.json").write_text(json.dumps(accuracy, indent=2) + "\n")
     np.save(tmp / "embeddings.npy", llm_weights.source.numpy("model.embed_tokens.weight", np.float32))
@@ -359,6 +372,10 @@ def _write_build(model, tokenizer, llm_weights: LlmWeights, tmp: Path, out: Path
     body["graphs"] = graphs
     if drawing is not None:
         body["generator"] = drawing.entry
+        lo, opt, hi = body["axes"].get("batch", (1, 1, 1))
+        body["axes"]["batch"] = [lo, opt, max(hi, 2)]       # the denoiser's [unconditional, conditional] rows
+    if modules is not None:
+        body["modules"] = modules["table"]
     write_manifest(tmp, body)
     try:
         load_manifest(tmp, verify=False)            # a build whose manifest would not load is never published

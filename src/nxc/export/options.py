@@ -25,6 +25,7 @@ class ExportOptions:
     calib_samples: int = 32
     recalibrate: bool = False          # ignore ranges cached in <out>/calib
     float_graphs: tuple[str, ...] = ()  # int8 / int4: encoders kept float32 (not calibrated), e.g. ("sam_encoder",)
+    modules: str | None = None         # a module-call table file (nxc.export.modules; VITRON-style builds)
 
     @property
     def graph_precision(self) -> str:
@@ -45,6 +46,9 @@ def check_options(options: ExportOptions) -> None:
     """Refuse a precision or graph name nxc-export does not know (before anything is loaded)."""
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
+    if options.modules is not None:
+        from nxc.export.modules import read_modules
+        read_modules(options.modules)
     unknown = [g for g in options.graphs if g not in names.EXPORT_GRAPHS]
     if unknown:
         raise ExportError(f"unknown graph {unknown[0]!r}; the graphs are {', '.join(names.EXPORT_GRAPHS)}")

@@ -142,6 +142,10 @@ def _write(tmp: Path, build: Path, *, variant: str, backend: str, engines: Path 
     if m.generator is not None or any(h.kind == "signal" for h in m.heads):
         raise RepoError(f"{build}: a build that draws (signal tokens and a generator, NExT-GPT-style); nxc-triton "
                         "writes NExT-Chat's repository only. Serve it with nxc-serve")
+    if m.modules is not None:
+        raise RepoError(f"{build}: a build whose replies call modules (VITRON-style: "
+                        f"{', '.join(sorted(m.modules.calls))}); nxc-triton writes NExT-Chat's repository only. "
+                        "Serve it with nxc-serve")
     missing = [g for g in names.GRAPHS if g not in m.graphs]
     if missing:
         raise RepoError(f"{build}: the build has no {', '.join(missing)} graph; nxc_chat needs all of "
