@@ -130,3 +130,16 @@ def test_nxc_run_lists_the_calls(module_build, module_pipe, monkeypatch, tmp_pat
     assert [(c["module"], c["backend"], c["detection"], c["error"] is None) for c in calls] == [
         ("B", "segment", 0, True), ("Q", None, None, False)]
     assert calls[0]["region"] == [float(round(v)) for v in s.objects[0].box] and calls[0]["instructions"] == ["it"]
+
+
+def test_a_calls_graphs_are_timed_once(module_pipe):
+    """The segment backend runs while a token arrives: its SAM stages are not also counted as decode time."""
+    from nxc.runtime.timing import Timeline
+    s = scene()
+    tl = Timeline()
+    with say(module_pipe, f"<module>B</module><instruction>x</instruction><region>{box_text(s.objects[0].box)}"
+                          "</region> ok"):
+        module_pipe.chat(s.image, "Segment it.", max_new_tokens=80, timeline=tl)
+    totals = {k: v for k, v in tl.totals().items() if v}
+    assert tl.count("sam_decoder") == 1 and tl.count("sam_encoder") == 1, totals
+    assert sum(totals.values()) <= (tl.end - tl.start) * 1.02 + 1e-3, (totals, tl.end - tl.start)

@@ -261,9 +261,10 @@ class Batcher:
         for c in choose([r.row for r in self._rows], heads=heads, eos=self._eos):
             req = c.row.tag
             req.choice = c
+            mark = req.conv.timeline.mark()
             events = req.conv._on_token(req.reply, c.token, c.found)
             stage = heads[c.row.fed].stage if c.found is not None else "decode"
-            req.conv.timeline.add(stage, t0, time.perf_counter())
+            req.conv.timeline.add_outside(stage, t0, time.perf_counter(), mark)
             req.conv.timeline.mark_first_token()
             for ev in events:
                 req.handle._events.put(("event", ev))

@@ -216,8 +216,9 @@ class Conversation:
                                         heads=heads, max_new=turn.max_new, eos=self.pipe.tokens[names.EOS],
                                         room=self.cache.room):
             t0 = picked.pop() if picked else time.perf_counter()
+            mark = tl.mark()
             events = self._on_token(reply, token, found)
-            tl.add("decode", t0, time.perf_counter())
+            tl.add_outside("decode", t0, time.perf_counter(), mark)     # a module call's graphs: their own stages
             tl.mark_first_token()
             yield from events
 

@@ -59,6 +59,15 @@ class Timeline:
     def count(self, stage: str) -> int:
         return sum(e.stage == stage for e in self.events)
 
+    def add_outside(self, name: str, t0: float, t1: float, mark: int) -> None:
+        """add(name, t0, t1) less the stages recorded since len(events) was `mark` (work timed as its own stages
+        inside this span, e.g. a module call run as a token arrives, is not counted twice)."""
+        inner = sum(e.seconds for e in self.events[mark:])
+        self.events.append(Event(name, t0, max(t0, t1 - inner)))
+
+    def mark(self) -> int:
+        return len(self.events)
+
 
 class _NoTimeline:
     """Stand-in when nobody is timing: stage() is a no-op context."""
@@ -69,6 +78,12 @@ class _NoTimeline:
 
     def add(self, name: str, t0: float, t1: float) -> None:
         pass
+
+    def add_outside(self, name: str, t0: float, t1: float, mark: int) -> None:
+        pass
+
+    def mark(self) -> int:
+        return 0
 
     def mark_first_token(self) -> None:
         pass

@@ -39,8 +39,10 @@ class Segment(Backend):
         if "seg_prompt" in spec:        # NExT-Chat's decoder also takes the box head's prompt rows: none here
             shape = spec["seg_prompt"].resolve({a: 1 for a in spec["seg_prompt"].dynamic_axes().values()})
             feeds["seg_prompt"] = np.zeros(shape, np.float32)
-        dec = self.pipe.run(names.GRAPH_SAM_DECODER, **feeds)
-        masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, None)
+        with conv.timeline.stage(names.GRAPH_SAM_DECODER):
+            dec = self.pipe.run(names.GRAPH_SAM_DECODER, **feeds)
+        with conv.timeline.stage("postprocess"):
+            masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, None)
         result.detection = Detection(box=box_px, box_norm=box_norm, phrase=" ".join(call.instructions),
                                      mask=masks[0], score=float(dec["iou"][0, 0]))
 
