@@ -24,7 +24,6 @@ from nxc.specs import generator_specs, text_encoder_spec
 
 KEYS = ("sizes", "denoiser", "decoder", "scheduler", "default_scheduler", "default_steps", "default_guidance",
         "uncond_file", "pixel_format", "text_encoder", "tokenizer")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")   # a CLIP tokenizer (nxc.clip_tokenizer)
 PREDICTION_TYPES = ("epsilon",)             # the denoiser graph's output is the noise
 
 
@@ -62,7 +61,7 @@ def _text_encoder(f: Field, graphs: Mapping[str, GraphEntry], sizes: GeneratorSi
     if te is None or tok is None:
         raise f.error("text_encoder and tokenizer come together (the graph and the CLIP tokenizer that feeds it)")
     d = tok.text().rstrip("/")
-    unlisted = [f"{d}/{x}" for x in TOKENIZER_FILES if f"{d}/{x}" not in files]
+    unlisted = [f"{d}/{x}" for x in names.CLIP_TOKENIZER_FILES if f"{d}/{x}" not in files]
     if unlisted:
         raise tok.error(f"{d!r}: {', '.join(unlisted)} not listed under files (a CLIP tokenizer folder)")
     return _graph(te, graphs, text_encoder_spec(sizes)), d

@@ -46,6 +46,7 @@ GRAPH_DENOISER = "denoiser"               # UNet: sample, timestep, encoder_hidd
 GRAPH_LATENT_DECODER = "latent_decoder"   # VAE decoder: raw latents -> pixels in [0, 1]
 GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER)
 GRAPH_TEXT_ENCODER = "text_encoder"       # the generator's CLIP text encoder: input_ids -> conditioning (optional)
+CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")   # its tokenizer (nxc.clip_tokenizer)
 GENERATOR_SCHEDULERS = ("ddim", "euler", "lcm")   # the runtime's samplers, named as a manifest's default_scheduler
 # NExT-GPT's output projector: the signal tokens' hiddens -> a generator's conditioning (nxc.model.nextgpt_projector)
 GRAPH_PROJECTOR = "projector"

@@ -192,7 +192,6 @@ def _graphs_int8(records: dict, out: Path, scratch: Path, specs: dict, precision
 
 
 TOKENIZER_DIR = "generator_tokenizer"
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")
 
 
 def _text_encoder(folder: Path, out: Path, sizes, opset: int, parity: bool, log) -> tuple[dict, dict | None]:
@@ -204,7 +203,7 @@ def _text_encoder(folder: Path, out: Path, sizes, opset: int, parity: bool, log)
     from nxc.export.generator_graphs import TextEncoderGraph
     from nxc.model.generator import TEXT_ENCODER, TOKENIZER, _quiet
     from nxc.specs import text_encoder_spec
-    missing = [f"{TOKENIZER}/{f}" for f in TOKENIZER_FILES if not (folder / TOKENIZER / f).is_file()]
+    missing = [f"{TOKENIZER}/{f}" for f in names.CLIP_TOKENIZER_FILES if not (folder / TOKENIZER / f).is_file()]
     if not (folder / TEXT_ENCODER).is_dir() or missing:
         raise ExportError(f"{folder}: a text encoder graph needs the folder's {TEXT_ENCODER}/ and "
                           f"{', '.join(missing) or TOKENIZER + '/'}; this folder ships none (uncond.npy only)")
@@ -217,7 +216,7 @@ def _text_encoder(folder: Path, out: Path, sizes, opset: int, parity: bool, log)
     record = _export(wrapper, spec, out / "graphs" / f"{spec.name}.onnx", "fp32", opset)
     report = _parity(wrapper, out / record["file"], spec, "fp32", log) if parity else None
     (out / TOKENIZER_DIR).mkdir(parents=True, exist_ok=True)
-    for f in TOKENIZER_FILES:
+    for f in names.CLIP_TOKENIZER_FILES:
         shutil.copyfile(folder / TOKENIZER / f, out / TOKENIZER_DIR / f)
     return record, report
 

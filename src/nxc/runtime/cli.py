@@ -176,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             score = "-" if d.score is None else f"{d.score:.2f}"
             mask = "-" if d.mask is None else str(int(d.mask.sum()))
             print(f"{k:>3}  {box:<34} {score:>6} {mask:>8}  {d.phrase}")
-    for c in r.calls:
-        print(_call_line(c, r))
+    for c in calls_json(r):
+        print(_call_line(c))
     for im in r.images:
         print(f"picture {im.index}: {im.pixels.shape[1]}x{im.pixels.shape[0]}, seed {im.seed}, {im.steps} "
               f"{im.scheduler} steps, guidance {im.guidance:g}")
@@ -186,13 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _call_line(c, r) -> str:
-    """"call 0: module B (image segmentation) -> detection 0" or "call 1: not run: <why>"."""
-    if c.error is not None:
-        return f"call {c.index}: not run: {c.error}"
-    made = [f"detection {k}" for k, d in enumerate(r.detections) if d is c.detection]
-    made += [f"picture {im.index}" for im in c.images]
-    return f"call {c.index}: module {c.module} ({c.task}) -> {', '.join(made) or 'nothing'}"
+def _call_line(c: dict) -> str:
+    """"call 0: module B (image segmentation) -> detection 0" or "call 1: not run: <why>" (c: a calls_json entry)."""
+    if c["error"] is not None:
+        return f"call {c['index']}: not run: {c['error']}"
+    made = ([] if c["detection"] is None else [f"detection {c['detection']}"]) + [f"picture {k}" for k in c["pictures"]]
+    return f"call {c['index']}: module {c['module']} ({c['task']}) -> {', '.join(made) or 'nothing'}"
 
 
 def _write_pictures(images, out: Path) -> list[Path]:

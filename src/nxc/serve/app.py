@@ -109,7 +109,7 @@ class Server:
         # the token a Box event follows: a box head's slot, or `</objects>` closing a retrieval build's grounding
         self.slot = (pipe.manifest.token_id("</objects>") if pipe.dispatch.head_of_kind("index") is not None
                      else pipe.manifest.token_id(pipe.manifest.heads[0].emit) if pipe.manifest.heads else None)
-        self.draws = pipe.dispatch.head_of_kind("signal") is not None     # a reply may make pictures
+        self.draws = signal is not None                                    # a reply may make pictures
         self.batcher = None
         if max_batch > 0:
             try:

@@ -35,7 +35,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +183,15 @@ def unet_loss(unet, text, tokenizer, vae, ddpm, x: torch.Tensor, captions: list[
     return loss, {"mse": loss.item()}
 
 
+def decoder_loss(vae, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Stage "decoder": L1 + MSE of the decoder's picture from the frozen encoder's posterior sample."""
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.sample()
+    rec = vae.decode(z).sample
+    l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
+    return l1 + mse, {"l1": l1.item(), "mse": mse.item()}
+
+
 @torch.no_grad()
 def latent_scale(vae, rng: np.random.Generator, cfg: GeneratorTrainConfig, arch: GeneratorArch, n: int = 4) -> float:
     """1 / std of the VAE's latent samples over n batches (SD-1.5's scaling_factor was found this way)."""
@@ -319,7 +328,6 @@ def finetune_decoder(out: str | Path, steps: int, *, lr: float = 3e-4, batch_siz
                                   "training.json); train it first with nxc-train-shapes-generator --out DIR")
     record = json.loads(record_file.read_text())
     cfg = GeneratorTrainConfig(**record["config"])
-    arch = ARCHS[cfg.arch]
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 77])
@@ -332,31 +340,13 @@ def finetune_decoder(out: str | Path, steps: int, *, lr: float = 3e-4, batch_siz
         p_.requires_grad_(True)
     vae.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    prog, log, t0 = Progress("decoder", 0, steps), [], time.perf_counter()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, lr, warmup)
-        x = torch.from_numpy(make_batch(rng, batch_size, side=arch.image_size, max_objects=cfg.max_objects,
-                                        uncond_prob=0.0)[0])
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        rec = vae.decode(z).sample
-        l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
-        loss = l1 + mse
-        if not math.isfinite(loss.item()):
-            raise GeneratorTrainError(f"decoder step {step}: loss {loss.item()}; lower --decoder-lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        row = prog.update(step, {"l1": l1.item(), "mse": mse.item()}, opt.param_groups[0]["lr"])
-        if row:
-            log.append(row)
+    record["log"].setdefault("decoder", [])
+    record["seconds"].setdefault("decoder", 0.0)
+    _loop("decoder", replace(cfg, batch_size=batch_size, warmup=warmup), record, out, rng, 0, steps, opt, lr,
+          trained, None, lambda x, c: decoder_loss(vae, x), None)
     vae.eval()
     with _quiet():
         vae.save_pretrained(out / VAE)
-    record["log"]["decoder"] = record["log"].get("decoder", []) + log
-    record["seconds"]["decoder"] = record["seconds"].get("decoder", 0.0) + time.perf_counter() - t0
     record.setdefault("decoder_finetune", {}).update(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
     record["commands"].append(command)
     record["minutes"] = sum(record["seconds"].values()) / 60
@@ -380,6 +370,8 @@ def _snapshot(folder: Path, vae, unet, text, ema: Ema, tok_dir: Path) -> None:
 
 def _loop(stage, cfg, record, out, rng, start, steps, opt, base_lr, modules, ema, loss_fn, weights,
           snapshot=None) -> None:
+    """steps start..steps of one stage: the lr schedule, a batch, loss_fn, a clipped AdamW step, the EMA, the log;
+    every cfg.checkpoint_every steps partial/state.pt from weights() (None: no checkpoints, stage "decoder")."""
     arch = ARCHS[cfg.arch]
     params = [p for m in modules for p in m.parameters()]
     prog = Progress(stage, start, steps)
@@ -392,8 +384,9 @@ def _loop(stage, cfg, record, out, rng, start, steps, opt, base_lr, modules, ema
                                  uncond_prob=cfg.uncond_prob if stage == "unet" else 0.0)
         loss, stats = loss_fn(torch.from_numpy(x), captions)
         if not math.isfinite(loss.item()):
-            raise GeneratorTrainError(f"{stage} step {step}: loss {loss.item()} ({stats}); lower the learning rate "
-                                     f"or --resume from the last checkpoint in {out / 'partial'}")
+            again = "" if weights is None else f" or --resume from the last checkpoint in {out / 'partial'}"
+            raise GeneratorTrainError(f"{stage} step {step}: loss {loss.item()} ({stats}); lower the learning "
+                                      f"rate{again}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -406,7 +399,7 @@ def _loop(stage, cfg, record, out, rng, start, steps, opt, base_lr, modules, ema
         now = time.perf_counter()
         record["seconds"][stage] += now - t_prev
         t_prev = now
-        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
+        if weights is not None and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < steps:
             (out / "partial").mkdir(parents=True, exist_ok=True)
             torch.save({"config": asdict(cfg), "stage": stage, "step": step + 1, "record": record,
                         "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
