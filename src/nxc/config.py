@@ -127,6 +127,16 @@ class GeneratorSizes:
     scaling_factor: float
     context_length: int
     cross_attention_dim: int
+    # GLIGEN (UNet2DConditionModel(attention_type="gated")): the denoiser also takes `grounding_objects` slots of
+    # boxes and phrase embeddings ([phrase_dim], the text encoder's pooled output); 0 = not a grounded UNet.
+    # inpaint_channels: GLIGEN's inpainting UNet takes [masked source latents, mask] beside the latents (5 = 4 + 1)
+    grounding_objects: int = 0
+    phrase_dim: int = 0
+    inpaint_channels: int = 0
+
+    @property
+    def grounded(self) -> bool:
+        return self.grounding_objects > 0
 
     @property
     def image_height(self) -> int:

@@ -209,8 +209,17 @@ def _sizes(f: Field, cls, *, signed: tuple[str, ...] = (), nested: tuple[str, ..
             "bool": Field.flag, "tuple[int, ...]": lambda g: [e.integer(0) for e in g.elements()]}
     own = [x for x in fields(cls) if x.name != "extra"]
     f.object(known=tuple(x.name for x in own))
-    return {x.name: f[x.name].integer(None) if x.name in signed else read.get(x.type, Field.object)(f[x.name])
-            for x in own if x.name not in nested}
+    out = {}
+    for x in own:
+        if x.name in nested:
+            continue
+        if x.type == "int" and x.default == 0:     # an optional count (GLIGEN's slots), absent = 0 = none
+            g = f.optional(x.name)
+            if g is not None:
+                out[x.name] = g.integer(0)
+            continue
+        out[x.name] = f[x.name].integer(None) if x.name in signed else read.get(x.type, Field.object)(f[x.name])
+    return out
 
 
 def _config(f: Field) -> NextChatConfig:

@@ -2,7 +2,10 @@
 
     "generator": {"sizes": {GeneratorSizes}, "denoiser": "denoiser", "decoder": "latent_decoder",
                   "scheduler": {diffusers' scheduler_config.json as read}, "default_scheduler": "ddim",
-                  "default_steps": 50, "default_guidance": 7.5, "uncond_file": "uncond.npy", "pixel_format": "rgb01"}
+                  "default_steps": 50, "default_guidance": 7.5, "uncond_file": "uncond.npy", "pixel_format": "rgb01",
+                  optional: "text_encoder": "text_encoder", "tokenizer": "generator_tokenizer"   (text at run time),
+                            "encoder": "latent_encoder", "grounding_beta": 0.3                  (GLIGEN: editing,
+                                                                                                 scheduled sampling)}
 
 nxc.manifest reads the sizes and the file name (`_sizes`, `_listed`: uncond.npy must be listed under files, so that
 verify checks its sha256) and hands them here; `check_uncond` reads the file's .npy header (never its data) when
@@ -23,7 +26,7 @@ from nxc.manifest_types import PIXEL_FORMATS, BuildError, GeneratorEntry, GraphE
 from nxc.specs import generator_specs, text_encoder_spec
 
 KEYS = ("sizes", "denoiser", "decoder", "scheduler", "default_scheduler", "default_steps", "default_guidance",
-        "uncond_file", "pixel_format", "text_encoder", "tokenizer")
+        "uncond_file", "pixel_format", "text_encoder", "tokenizer", "encoder", "grounding_beta")
 PREDICTION_TYPES = ("epsilon",)             # the denoiser graph's output is the noise
 
 
@@ -80,8 +83,20 @@ def parse_generator(f: Field, *, sizes: dict, graphs: Mapping[str, GraphEntry], 
         raise f.error(f"the denoiser is called with 2 rows (unconditional, conditional), but axes.batch is "
                       f"{list(batch)}: its max must be 2 or more")
     text_encoder, tokenizer = _text_encoder(f, graphs, sizes, files)
+    encoder, beta = f.optional("encoder"), f.optional("grounding_beta")
+    if sizes.grounded:
+        if text_encoder is None:
+            raise f.error("a GLIGEN generator (sizes.grounding_objects > 0) embeds its phrases with its text encoder: "
+                          "text_encoder and tokenizer are missing; re-export the build")
+        if beta is None:
+            raise f.error("a GLIGEN generator needs grounding_beta (the share of steps with grounding, e.g. 0.3)")
+    elif encoder is not None or beta is not None:
+        raise f.error("encoder and grounding_beta belong to a GLIGEN generator; these sizes have no grounding_objects")
     return GeneratorEntry(
-        text_encoder=text_encoder, tokenizer=tokenizer, sizes=sizes, denoiser=_graph(f["denoiser"], graphs, specs[names.GRAPH_DENOISER]),
+        text_encoder=text_encoder, tokenizer=tokenizer,
+        encoder=None if encoder is None else _graph(encoder, graphs, specs[names.GRAPH_LATENT_ENCODER]),
+        grounding_beta=None if beta is None else beta.number(0, 1),
+        sizes=sizes, denoiser=_graph(f["denoiser"], graphs, specs[names.GRAPH_DENOISER]),
         decoder=_graph(f["decoder"], graphs, specs[names.GRAPH_LATENT_DECODER]),
         scheduler=MappingProxyType(scheduler),
         default_scheduler=f["default_scheduler"].choice(names.GENERATOR_SCHEDULERS, "a sampler nxc has"),

@@ -154,10 +154,15 @@ class GeneratorEntry:
     pixel_format: str
     text_encoder: str | None = None     # graph: CLIP ids -> conditioning (a build that draws from text at run time)
     tokenizer: str | None = None        # its CLIP tokenizer's folder in the build
+    encoder: str | None = None          # GLIGEN: graph pixels -> latent mean / std (editing a picture)
+    grounding_beta: float | None = None     # GLIGEN: the gated attention runs for the first int(beta * steps) steps
 
     def to_dict(self) -> dict:
         out = {**vars(self), "sizes": self.sizes.to_dict(), "scheduler": plain(self.scheduler)}
-        return {k: v for k, v in out.items() if v is not None or k not in ("text_encoder", "tokenizer")}
+        return {k: v for k, v in out.items() if v is not None or k not in OPTIONAL_GENERATOR_KEYS}
+
+
+OPTIONAL_GENERATOR_KEYS = ("text_encoder", "tokenizer", "encoder", "grounding_beta")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,8 @@ ALL_GRAPHS = GRAPHS + (GRAPH_PROPOSALS, GRAPH_OBJECT_FEATURES)
 # the generator (issue 28, nxc.model.generator): a latent diffusion decoder, in a build beside a family's graphs
 GRAPH_DENOISER = "denoiser"               # UNet: sample, timestep, encoder_hidden_states -> noise (epsilon)
 GRAPH_LATENT_DECODER = "latent_decoder"   # VAE decoder: raw latents -> pixels in [0, 1]
-GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER)
+GRAPH_LATENT_ENCODER = "latent_encoder"   # VAE encoder (GLIGEN builds: editing): pixels -> latent mean, std
+GENERATOR_GRAPHS = (GRAPH_DENOISER, GRAPH_LATENT_DECODER, GRAPH_LATENT_ENCODER)
 GRAPH_TEXT_ENCODER = "text_encoder"       # the generator's CLIP text encoder: input_ids -> conditioning (optional)
 CLIP_TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json")   # its tokenizer (nxc.clip_tokenizer)
 GENERATOR_SCHEDULERS = ("ddim", "euler", "lcm")   # the runtime's samplers, named as a manifest's default_scheduler
@@ -82,6 +83,7 @@ def present_value(i: int) -> str:
 
 # VITRON's module calls (issue 29): the backends a manifest's `modules` table may name, and the graphs each needs
 MODULE_BACKENDS = {"segment": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER),
-                   "generate": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER)}
+                   "generate": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER),
+                   "edit": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER, GRAPH_LATENT_ENCODER)}
 MODULE_GRAMMARS = ("vitron",)                # <module>X</module><instruction>task: text</instruction><region>..
 REGION_FRAMES = ("pixels", "norm")           # a <region>'s numbers: pixel xyxy on the image, or xyxy in [0, 1]

@@ -159,29 +159,48 @@ def generator_specs(sizes: GeneratorSizes) -> dict[str, GraphSpec]:
 
         denoiser        sample [B,C,h,w] (the scheduler's scaled input), timestep [B] (float, 0..num_train - 1),
                         encoder_hidden_states [B,L,D] ─▶ noise [B,C,h,w] (epsilon prediction)
-        latent_decoder  latents [B,C,h,w] (raw, as the sampler ends) ─▶ pixels [B,3,H,W], RGB in [0, 1]"""
+                        GLIGEN (sizes.grounded) also: boxes [B,N,4] (xyxy in [0, 1]), phrase_embeddings [B,N,P],
+                        object_mask [B,N] (1 = a phrase), grounding [B] (1 = gated attention on, 0 = off: the
+                        pipeline's enable_fuser); sample has C + inpaint_channels channels for the inpainting UNet
+        latent_decoder  latents [B,C,h,w] (raw, as the sampler ends) ─▶ pixels [B,3,H,W], RGB in [0, 1]
+        latent_encoder  (grounded only: editing) pixels [B,3,H,W] in [0, 1] ─▶ latent_mean, latent_std [B,C,h,w],
+                        the VAE posterior's, times scaling_factor (a latent = mean + std * standard normal)"""
     c, h, w = sizes.latent_channels, sizes.latent_height, sizes.latent_width
     latent = ("batch", c, h, w)
-    return {
+    pixels = ("batch", 3, sizes.image_height, sizes.image_width)
+    grounding = ()
+    if sizes.grounded:
+        n = sizes.grounding_objects
+        grounding = (_t("boxes", ("batch", n, 4)), _t("phrase_embeddings", ("batch", n, sizes.phrase_dim)),
+                     _t("object_mask", ("batch", n)), _t("grounding", ("batch",)))
+    specs = {
         names.GRAPH_DENOISER: GraphSpec(
             names.GRAPH_DENOISER,
-            inputs=(_t("sample", latent), _t("timestep", ("batch",)),
-                    _t("encoder_hidden_states", ("batch", sizes.context_length, sizes.cross_attention_dim))),
+            inputs=(_t("sample", ("batch", c + sizes.inpaint_channels, h, w)), _t("timestep", ("batch",)),
+                    _t("encoder_hidden_states", ("batch", sizes.context_length, sizes.cross_attention_dim)),
+                    *grounding),
             outputs=(_t("noise", latent),)),
         names.GRAPH_LATENT_DECODER: GraphSpec(
             names.GRAPH_LATENT_DECODER,
             inputs=(_t("latents", latent),),
-            outputs=(_t("pixels", ("batch", 3, sizes.image_height, sizes.image_width)),)),
+            outputs=(_t("pixels", pixels),)),
     }
+    if sizes.grounded:
+        specs[names.GRAPH_LATENT_ENCODER] = GraphSpec(
+            names.GRAPH_LATENT_ENCODER, inputs=(_t("pixels", pixels),),
+            outputs=(_t("latent_mean", latent), _t("latent_std", latent)))
+    return specs
 
 
 def text_encoder_spec(sizes: GeneratorSizes) -> GraphSpec:
     """The generator's optional text encoder (a diffusers folder's text_encoder/, transformers' CLIPTextModel):
     input_ids [B,L] int64 (its CLIP tokenizer's ids, padded to L = context_length) ─▶ conditioning [B,L,D], the
-    last hidden state the denoiser's encoder_hidden_states take (as StableDiffusionPipeline.encode_prompt)."""
+    last hidden state the denoiser's encoder_hidden_states take (as StableDiffusionPipeline.encode_prompt), and
+    pooled [B,D], its pooler output (the row at the first end-of-text token: GLIGEN's phrase embedding)."""
     return GraphSpec(names.GRAPH_TEXT_ENCODER,
                      inputs=(_t("input_ids", ("batch", sizes.context_length), "int64"),),
-                     outputs=(_t("conditioning", ("batch", sizes.context_length, sizes.cross_attention_dim)),))
+                     outputs=(_t("conditioning", ("batch", sizes.context_length, sizes.cross_attention_dim)),
+                              _t("pooled", ("batch", sizes.cross_attention_dim))))
 
 
 def axis_ranges(max_context: int, *, max_batch: int = 1, max_detections: int = 16,

@@ -16,7 +16,7 @@ QUIET = {"log": lambda _m: None}
 def test_fp32_graphs_match_torch_at_batch_1_and_2(tiny_generator_fp32):
     out, result = tiny_generator_fp32
     specs = generator_specs(GENERATOR_SIZES["tiny"])
-    assert set(result.graphs) == set(names.GENERATOR_GRAPHS) == set(result.parity)
+    assert set(result.graphs) == set(specs) == set(result.parity) == {"denoiser", "latent_decoder"}
     for g, rec in result.graphs.items():
         assert (out / rec["file"]).is_file() and rec["external_data"] == [] and rec["precision"] == "fp32"
         assert {k: rec[k] for k in ("inputs", "outputs")} == specs[g].to_dict()
@@ -132,7 +132,8 @@ def test_the_onnx_loop_equals_diffusers_pipeline(tiny_generator, tiny_generator_
         want_latents = pipe(**call, output_type="latent").images.numpy()
         want = pipe(**call, output_type="np").images.transpose(0, 3, 1, 2)        # [1, 3, H, W]
 
-    denoiser, decoder = (_session(out / result.graphs[g]["file"]) for g in names.GENERATOR_GRAPHS)
+    denoiser, decoder = (_session(out / result.graphs[g]["file"]) for g in (names.GRAPH_DENOISER,
+                                                                            names.GRAPH_LATENT_DECODER))
     scheduler = DDIMScheduler.from_config(result.entry["scheduler"])
     scheduler.set_timesteps(20)
     x, context = latents.numpy() * scheduler.init_noise_sigma, np.concatenate([uncond, cond])

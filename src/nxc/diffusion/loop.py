@@ -61,7 +61,8 @@ def guide(noise_uncond: np.ndarray, noise_cond: np.ndarray, guidance: float) -> 
 
 def sample(denoise: Callable[[np.ndarray, np.generic], np.ndarray], latents: np.ndarray, scheduler, steps: int,
            guidance: float, *, rng: np.random.Generator | None = None,
-           on_step: Callable[[int, int], None] | None = None) -> np.ndarray:
+           on_step: Callable[[int, int], None] | None = None,
+           before_step: Callable[[int, np.generic, np.ndarray], np.ndarray] | None = None) -> np.ndarray:
     """Run `steps` denoising steps from `latents` ([B, C, H, W] unit-variance noise, e.g. `initial_latents`) and
     return the final latents, [B, C, H, W] float32 (still to be scaled and decoded by the caller).
 
@@ -72,7 +73,8 @@ def sample(denoise: Callable[[np.ndarray, np.generic], np.ndarray], latents: np.
       t is the scheduler's timestep as a numpy scalar (int64 for DDIM / LCM, float32 for Euler). The result must
       have x's shape; it is taken as float32 (an fp16 graph's output is fine).
     rng: a numpy Generator for schedulers that draw noise between steps (LCM); on_step(i, n) is called after step
-    i of n (0-based), for progress or timing.
+    i of n (0-based), for progress or timing; before_step(i, t, latents) -> latents runs at the top of step i,
+    before the model input is made (GLIGEN: the fuser's switch, the inpainting blend).
     """
     w = _check_guidance(guidance)
     cfg = w > 1
@@ -83,6 +85,8 @@ def sample(denoise: Callable[[np.ndarray, np.generic], np.ndarray], latents: np.
     latents = latents * scheduler.init_noise_sigma
     n = len(scheduler.timesteps)
     for i, t in enumerate(scheduler.timesteps):
+        if before_step is not None:
+            latents = np.asarray(before_step(i, t, latents), F32)
         x = scheduler.scale_model_input(latents, t)
         batch = np.concatenate([x, x]) if cfg else x
         noise = np.asarray(denoise(batch, t), F32)

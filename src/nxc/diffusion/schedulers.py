@@ -180,6 +180,12 @@ class _Scheduler:
         """The model's input at timestep t; DDIM and LCM feed the sample as it is."""
         return sample
 
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, t) -> np.ndarray:
+        """`original` noised to training timestep t: sqrt(a_t) x + sqrt(1 - a_t) noise, float32 (diffusers'
+        DDPM-family add_noise; GLIGEN's inpainting blends it outside the edited region every step)."""
+        a = self.alphas_cumprod[int(t)]
+        return np.sqrt(a) * _f32(original) + np.sqrt(F32(1) - a) * _f32(noise)
+
     def _require_timesteps(self):
         if self.timesteps is None:
             raise RuntimeError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before stepping")
@@ -266,6 +272,10 @@ class EulerDiscreteScheduler(_Scheduler):
         """x / sqrt(sigma_t^2 + 1): the model was trained on unit-variance inputs x_t = sqrt(a) x0 + sqrt(1-a) eps."""
         sigma = self.sigmas[self._index(t)]
         return _f32(sample) / np.sqrt(sigma * sigma + F32(1))
+
+    def add_noise(self, original: np.ndarray, noise: np.ndarray, t) -> np.ndarray:
+        """x + sigma_t noise, sigma_t at t's place in .timesteps (diffusers' Euler add_noise inside a sampling loop)."""
+        return _f32(original) + _f32(noise) * self.sigmas[self._index(t)]
 
     def step(self, model_output: np.ndarray, t, sample: np.ndarray, *, rng=None) -> np.ndarray:
         """-> the sample at the next sigma (rng is unused: no churn)."""

@@ -30,11 +30,14 @@ from nxc.export.reports import log as _log
 from nxc.specs import GraphSpec, generator_specs
 
 UNCOND_FILE = "uncond.npy"
+GROUNDING_BETA = 0.3       # StableDiffusionGLIGENPipeline's gligen_scheduled_sampling_beta: grounded for 30% of steps
 PIXEL_FORMAT = "rgb01"
 # latent_decoder at fp16 ships only if, on random latents N(0, s^2) for each s, its pixels (in [0, 1]) are finite
 # and within these of the fp32 graph's: 8 levels of 255 at worst, 1 on average. Else the fp32 graph ships.
 FP16_DECODER_TOLERANCE = {"max_abs": 8 / 255, "mean_abs": 1 / 255}
 DECODER_CHECK_SCALES = (1.0, 1.0, 1.5, 2.0)
+KEPT_ENCODER_FP32 = ("the VAE encoder runs once an edit and its latents are the picture outside the edited "
+                     "region: kept float32")
 KEPT_FP32_AT_INT8 = ("the VAE decoder is convolutions (int8 weight-only covers MatMul / Gemm only, its one "
                      "attention block) and decides every pixel: kept float32")
 
@@ -55,6 +58,16 @@ def _wrappers(unet, vae) -> dict:
     from nxc.export.generator_graphs import DenoiserGraph, LatentDecoderGraph
     return {names.GRAPH_DENOISER: DenoiserGraph(unet).eval(),
             names.GRAPH_LATENT_DECODER: LatentDecoderGraph(vae).eval()}
+
+
+def _latent_encoder(vae, out: Path, spec: GraphSpec, opset: int, parity: bool, log) -> tuple[dict, dict | None]:
+    """GLIGEN's editing input: the VAE encoder as graph latent_encoder, fp32 at every precision (it runs once an
+    edit, and its latents are the picture outside the region)."""
+    from nxc.export.generator_graphs import LatentEncoderGraph
+    wrapper = LatentEncoderGraph(vae).eval()
+    log(f"[nxc-export] {spec.name}: exporting (fp32)")
+    record = _export(wrapper, spec, out / "graphs" / f"{spec.name}.onnx", "fp32", opset)
+    return record, (_parity(wrapper, out / record["file"], spec, "fp32", log) if parity else None)
 
 
 def _export(wrapper, spec: GraphSpec, path: Path, precision: str, opset: int) -> dict:
@@ -142,7 +155,7 @@ def _graphs_fp16(unet, vae, out: Path, scratch: Path, specs: dict, opset: int, p
     to_fp16(vae)
     records, accuracy = {}, {"precision": "fp16", "reference": "fp32 graphs of the same generator, fresh random "
                                                                "inputs", "graphs": {}}
-    half_in = {names.GRAPH_DENOISER: (True, False, True), dec: (True,)}     # the timestep stays float32
+    half_in = {g: tuple(t.name != "timestep" for t in spec.inputs) for g, spec in specs.items()}  # timestep: f32
     for g, spec in specs.items():
         path = out / "graphs" / f"{g}.onnx"
         log(f"[nxc-export] {g}: exporting (fp16)")
@@ -245,13 +258,26 @@ def export_generator(folder: str | Path, out_dir: str | Path, *, precision: str 
     (out / "graphs").mkdir(parents=True, exist_ok=True)
     np.save(out / UNCOND_FILE, uncond)
     specs = generator_specs(sizes)
+    encoder_spec = specs.pop(names.GRAPH_LATENT_ENCODER, None)
+    if sizes.grounded and not text_encoder:
+        log("[nxc-export] generator: a GLIGEN UNet embeds its phrases at run time: exporting its text encoder too")
+        text_encoder = True
     scratch = out / ".generator-fp32"
     (scratch / "rejected").mkdir(parents=True, exist_ok=True)
+    records, par = {}, {}
+    if encoder_spec is not None:                     # before the fp16 step turns the VAE to half
+        records[encoder_spec.name], report = _latent_encoder(vae, out, encoder_spec, opset, parity, log)
+        if precision != "fp32":
+            records[encoder_spec.name]["fp32_reason"] = KEPT_ENCODER_FP32
+        if report is not None:
+            par[encoder_spec.name] = report
     try:
         if precision == "fp16":
-            records, par, accuracy = _graphs_fp16(unet, vae, out, scratch, specs, opset, parity, log)
+            main, main_par, accuracy = _graphs_fp16(unet, vae, out, scratch, specs, opset, parity, log)
+            records.update(main)
+            par.update(main_par)
         else:
-            records, par, accuracy = {}, {}, None
+            accuracy = None
             for g, wrapper in _wrappers(unet, vae).items():
                 log(f"[nxc-export] {g}: exporting")
                 records[g] = _export(wrapper, specs[g], out / "graphs" / f"{g}.onnx", "fp32", opset)
@@ -270,5 +296,6 @@ def export_generator(folder: str | Path, out_dir: str | Path, *, precision: str 
     entry = {"sizes": sizes.to_dict(), "denoiser": names.GRAPH_DENOISER, "decoder": names.GRAPH_LATENT_DECODER,
              "scheduler": scheduler, "default_scheduler": default_scheduler, "default_steps": default_steps,
              "default_guidance": float(default_guidance), "uncond_file": UNCOND_FILE, "pixel_format": PIXEL_FORMAT,
-             **({"text_encoder": names.GRAPH_TEXT_ENCODER, "tokenizer": TOKENIZER_DIR} if text_encoder else {})}
+             **({"text_encoder": names.GRAPH_TEXT_ENCODER, "tokenizer": TOKENIZER_DIR} if text_encoder else {}),
+             **({"encoder": names.GRAPH_LATENT_ENCODER, "grounding_beta": GROUNDING_BETA} if sizes.grounded else {})}
     return GeneratorExport(entry=entry, graphs=records, parity=par, accuracy=accuracy)

@@ -1,4 +1,5 @@
-"""Export wrappers for the generator's graphs, `denoiser` and `latent_decoder` (nxc.specs.generator_specs).
+"""Export wrappers for the generator's graphs, `denoiser`, `latent_decoder` and, for GLIGEN, `latent_encoder`
+(nxc.specs.generator_specs), and its optional `text_encoder`.
 
 Each reads diffusers' modules (nxc.model.generator) and leaves them untouched; the sampler (timesteps, the
 scheduler's input scaling and step, classifier-free guidance) is the runtime's, in numpy, not in a graph.
@@ -58,19 +59,53 @@ class ChunkedAttention:
         return hidden_states / attn.rescale_output_factor
 
 
+class _Gate:
+    """The grounding input [B] of the graph being traced, read by every gated fuser of the UNet."""
+    value: torch.Tensor | None = None
+
+
+def _gated(fuser, gate: _Gate):
+    """GatedSelfAttentionDense.forward with its on / off switch (`enabled`, which StableDiffusionGLIGENPipeline
+    flips at the scheduled-sampling step) as a number per row: x + g tanh(a) Attn(..) and x + g tanh(b) FF(..).
+    g = 1 is diffusers' enabled fuser, op for op (times 1); g = 0 adds 0 to x: its disabled fuser, exactly."""
+    def forward(x, objs):
+        n_visual = x.shape[1]
+        objs = fuser.linear(objs)
+        g = gate.value.to(x.dtype).view(-1, 1, 1)
+        x = x + g * fuser.alpha_attn.tanh() * fuser.attn(fuser.norm1(torch.cat([x, objs], dim=1)))[:, :n_visual, :]
+        return x + g * fuser.alpha_dense.tanh() * fuser.ff(fuser.norm2(x))
+    return forward
+
+
 class DenoiserGraph(nn.Module):
     """sample [B,C,h,w] (the scheduler's model input), timestep [B] (float32, 0..num_train_timesteps - 1),
     encoder_hidden_states [B,L,D] -> noise [B,C,h,w]: the UNet's epsilon prediction for one step. The runtime's
     call is B = 2, [unconditional, conditional], as StableDiffusionPipeline's. The UNet's attention runs as
-    ChunkedAttention (its processors are replaced: same arithmetic, query chunks of `chunk` rows)."""
+    ChunkedAttention (its processors are replaced: same arithmetic, query chunks of `chunk` rows).
+
+    A GLIGEN UNet (attention_type "gated": it has a position_net) also takes boxes [B,N,4], phrase_embeddings
+    [B,N,P], object_mask [B,N] (diffusers' cross_attention_kwargs["gligen"] boxes / positive_embeddings / masks) and
+    grounding [B], each gated fuser's switch (see _gated); one graph serves both parts of scheduled sampling."""
 
     def __init__(self, unet: nn.Module, *, chunk: int = ATTENTION_CHUNK):
         super().__init__()
         self.unet = unet
         unet.set_attn_processor(ChunkedAttention(chunk))
+        self.gate = _Gate()
+        self.grounded = getattr(unet, "position_net", None) is not None
+        if self.grounded:
+            from diffusers.models.attention import GatedSelfAttentionDense
+            for m in unet.modules():
+                if type(m) is GatedSelfAttentionDense:
+                    m.forward = _gated(m, self.gate)
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                boxes=None, phrase_embeddings=None, object_mask=None, grounding=None):
+        kwargs = None
+        if self.grounded:
+            self.gate.value = grounding
+            kwargs = {"gligen": {"boxes": boxes, "positive_embeddings": phrase_embeddings, "masks": object_mask}}
+        return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs, return_dict=False)[0]
 
 
 class LatentDecoderGraph(nn.Module):
@@ -93,13 +128,33 @@ class LatentDecoderGraph(nn.Module):
         return (x / 2 + 0.5).clamp(0, 1)
 
 
+class LatentEncoderGraph(nn.Module):
+    """pixels [B,3,H,W], RGB in [0, 1] ─▶ latent_mean, latent_std [B,C,h,w]: the VAE encoder's posterior (diffusers'
+    DiagonalGaussianDistribution: std = exp(logvar / 2), logvar clamped to [-30, 20]) on 2 x pixels - 1 (the
+    VaeImageProcessor's normalisation), both times scaling_factor, as StableDiffusionGLIGENPipeline scales its
+    source latents. The runtime draws the latent, mean + std * standard normal (latent_dist.sample())."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+
+    def forward(self, pixels: torch.Tensor):
+        dist = self.vae.encode(pixels * 2 - 1, return_dict=False)[0]
+        return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+
+
 class TextEncoderGraph(nn.Module):
     """input_ids [B,L] ─▶ the CLIP text encoder's last hidden state [B,L,D] (no attention mask: SD's pipelines pass
-    none to CLIPTextModel, whose config has no use_attention_mask)."""
+    none to CLIPTextModel, whose config has no use_attention_mask) and its pooler output [B,D] (the row at the first
+    end-of-text token; causal attention: the padding after it does not change it, so a phrase padded to L pools as
+    GLIGEN's `text_encoder(**tokenizer(phrases, padding=True)).pooler_output`)."""
 
     def __init__(self, text_encoder):
         super().__init__()
         self.text_encoder = text_encoder
 
     def forward(self, input_ids):
-        return self.text_encoder(input_ids)[0]
+        out = self.text_encoder(input_ids)
+        return out[0], out[1]

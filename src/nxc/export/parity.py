@@ -39,9 +39,13 @@ def random_inputs(spec: GraphSpec, axes: dict[str, int], rng: np.random.Generato
         elif t.name == "timestep":                                          # a diffusion step, 0..999
             x = rng.uniform(0, 1000, shape).astype(np.float32)
         elif t.name == "boxes":
-            xy = np.sort(rng.uniform(0, 1, (shape[0], 2, 2)), axis=1)      # [K, corner, (x,y)]: x1<x2, y1<y2
-            x = xy.reshape(shape[0], 4)                                      # x1 y1 x2 y2
+            xy = np.sort(rng.uniform(0, 1, (*shape[:-1], 2, 2)), axis=-2)  # [..., corner, (x,y)]: x1<x2, y1<y2
+            x = xy.reshape(shape)                                            # x1 y1 x2 y2
             x = (x * (sam_size if spec.name == "sam_decoder" else 1)).astype(np.float32)
+        elif t.name in ("object_mask", "grounding"):                       # GLIGEN: slots in use, fuser on / off
+            x = rng.integers(0, 2, shape).astype(np.float32)
+        elif t.name == "pixels" and spec.name == "latent_encoder":          # RGB in [0, 1]
+            x = rng.uniform(0, 1, shape).astype(np.float32)
         else:
             x = rng.standard_normal(shape).astype(t.dtype)
         feeds[t.name] = x

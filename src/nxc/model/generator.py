@@ -27,6 +27,9 @@ UNET, VAE, SCHEDULER_FILE = "unet", "vae", "scheduler/scheduler_config.json"
 TEXT_ENCODER, TOKENIZER, UNCOND_FILE = "text_encoder", "tokenizer", "uncond.npy"
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                 "diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json")
+ATTENTION_TYPES = ("default", "gated")
+GLIGEN_OBJECTS = 30                # StableDiffusionGLIGENPipeline's max_objs: boxes / phrases slots per picture
+GLIGEN_INPAINT_CHANNELS = 5        # GLIGEN's inpainting UNet: + masked source latents (4) + the mask (1)
 PREDICTION_TYPES = ("epsilon",)     # the denoiser graph's output is the noise; v / sample prediction are refused
 LAYOUT = ("a diffusers folder in Stable Diffusion's layout (unet/ UNet2DConditionModel, vae/ AutoencoderKL, "
           "scheduler/scheduler_config.json), e.g. a StableDiffusionPipeline's save_pretrained")
@@ -98,12 +101,17 @@ def _check_unet(folder: Path, unet: dict) -> None:
         raise GeneratorError(f"{where}: {extra} needs conditioning inputs beyond sample, timestep and "
                              "encoder_hidden_states (SDXL's added embeddings, class labels, an LCM guidance "
                              "embedding), which the denoiser graph does not have; use an SD-1.x / SD-2.x-style UNet")
-    if unet.get("attention_type", "default") != "default":
-        raise GeneratorError(f"{where}: attention_type {unet['attention_type']!r} (GLIGEN boxes and phrases) has "
-                             "inputs the denoiser graph does not have; use a UNet with attention_type 'default'")
-    if unet.get("in_channels") != unet.get("out_channels"):
+    attention = unet.get("attention_type", "default")
+    if attention not in ATTENTION_TYPES:
+        raise GeneratorError(f"{where}: attention_type {attention!r}; nxc exports 'default' (text to image) and "
+                             "'gated' (GLIGEN: boxes and phrases); 'gated-text-image' (image-grounded GLIGEN) is not "
+                             "supported")
+    extra = unet.get("in_channels", 0) - unet.get("out_channels", 0)
+    if extra and not (attention == "gated" and extra == GLIGEN_INPAINT_CHANNELS):
         raise GeneratorError(f"{where}: in_channels {unet.get('in_channels')} != out_channels "
-                             f"{unet.get('out_channels')} (an inpainting or depth UNet); use a text-to-image UNet")
+                             f"{unet.get('out_channels')} (an inpainting or depth UNet); nxc takes a text-to-image "
+                             f"UNet, or GLIGEN's inpainting UNet (attention_type 'gated', {GLIGEN_INPAINT_CHANNELS} "
+                             "more input channels)")
     dims = unet.get("cross_attention_dim")
     if isinstance(dims, list) and len(set(dims)) == 1:
         dims = dims[0]
@@ -148,7 +156,11 @@ def inspect_generator(folder: str | Path) -> tuple[dict, dict, dict, GeneratorSi
                              f"samplers take {' or '.join(PREDICTION_TYPES)} prediction (e.g. SD-1.5, SD-2-base), not "
                              "v-prediction (SD-2 768 px)")
     _check_unet(folder, unet)
-    if not unet["in_channels"] == vae.get("latent_channels"):
+    gated = unet.get("attention_type", "default") == "gated"
+    if gated and not (folder / TEXT_ENCODER).is_dir():
+        raise GeneratorError(f"{folder}: a GLIGEN UNet (attention_type 'gated') embeds its phrases with the text "
+                             f"encoder; the folder has no {TEXT_ENCODER}/ and {TOKENIZER}/")
+    if not unet["out_channels"] == vae.get("latent_channels"):
         raise GeneratorError(f"{folder}: the UNet takes {unet['in_channels']} latent channels, the VAE makes "
                              f"{vae.get('latent_channels')}; unet/ and vae/ are not one model's")
     if vae.get("out_channels") != 3:
@@ -158,10 +170,12 @@ def inspect_generator(folder: str | Path) -> tuple[dict, dict, dict, GeneratorSi
     h, w = (side, side) if isinstance(side, int) else tuple(side)
     width = unet["cross_attention_dim"]
     width = width[0] if isinstance(width, list) else width
-    sizes = GeneratorSizes(latent_channels=unet["in_channels"], latent_height=h, latent_width=w,
+    sizes = GeneratorSizes(latent_channels=unet["out_channels"], latent_height=h, latent_width=w,
                            vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                            scaling_factor=float(vae.get("scaling_factor", 0.18215)),
-                           context_length=_context_length(folder, width), cross_attention_dim=width)
+                           context_length=_context_length(folder, width), cross_attention_dim=width,
+                           grounding_objects=GLIGEN_OBJECTS if gated else 0, phrase_dim=width if gated else 0,
+                           inpaint_channels=unet["in_channels"] - unet["out_channels"])
     return unet, vae, scheduler, sizes
 
 
@@ -227,23 +241,36 @@ def _write_tiny_text_encoder(out: Path, *, width: int, context_length: int) -> N
 
 
 def make_tiny_generator(out: str | Path, *, seed: int = 0, context_length: int = 77, cross_attention_dim: int = 32,
-                        latent_size: int = 8, text_encoder: bool = True) -> Path:
+                        latent_size: int = 8, text_encoder: bool = True, gated: bool = False,
+                        inpainting: bool = False) -> Path:
     """A random-weight generator in diffusers' layout at `out`: UNet2DConditionModel (blocks 32/64, one layer each,
     cross-attention width `cross_attention_dim`, latents [4, latent_size, latent_size]), AutoencoderKL (blocks
     32/64: pixels 2x the latent side), SD-1.5's DDIM schedule, and a tiny CLIP text encoder + tokenizer
-    (`text_encoder`) or, without them, a random uncond.npy [1, context_length, cross_attention_dim]."""
+    (`text_encoder`) or, without them, a random uncond.npy [1, context_length, cross_attention_dim].
+    `gated`: GLIGEN's UNet (attention_type "gated"; its gates alpha_attn / alpha_dense set to random values in
+    [0.5, 1.5] rather than GLIGEN's initial 0, so that the grounding changes the noise); `inpainting`: GLIGEN's
+    inpainting UNet (9 input channels)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if inpainting and not gated:
+        raise ValueError("an inpainting UNet here is GLIGEN's: pass gated=True with inpainting=True")
     with torch.random.fork_rng(), _quiet():
         torch.manual_seed(seed)
-        UNet2DConditionModel(
-            sample_size=latent_size, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        unet = UNet2DConditionModel(
+            sample_size=latent_size, in_channels=4 + (GLIGEN_INPAINT_CHANNELS if inpainting else 0), out_channels=4,
+            block_out_channels=(32, 64), layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=32,
-        ).save_pretrained(out / UNET)
+            attention_type="gated" if gated else "default")
+        if gated:
+            with torch.no_grad():
+                for name, p in unet.named_parameters():
+                    if name.endswith(("alpha_attn", "alpha_dense")):
+                        p.uniform_(0.5, 1.5)
+        unet.save_pretrained(out / UNET)
         AutoencoderKL(
             in_channels=3, out_channels=3, block_out_channels=(32, 64), latent_channels=4, norm_num_groups=32,
             down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
