@@ -291,27 +291,16 @@ def module_pipe(module_build):
     return Pipeline.load(module_build)
 
 
-@pytest.fixture(scope="session")
-def module_draw_build(embedded_build, tmp_path_factory):
-    """The embedded fp32 build with the shipped shapes generator (its CLIP text encoder exported as text_encoder)
-    and a modules table: "A" image generation, "B" image segmentation (issue 29). Read-only."""
-    require_export_extra("the generator's export")
+def _with_generator(embedded_build, build, gen, modules: dict):
+    """A copy of the embedded build at `build` (where `gen`, an export_generator result, was written) with the
+    generator's entry, graphs and files in its manifest and the modules table `modules`."""
     import json
-    import shutil
 
-    from nxc.assets import nextgpt_checkpoint
-    from nxc.export.generator import export_generator
     from nxc.manifest import sha256_file
-    build = tmp_path_factory.mktemp("module-draw") / "build"
-    shutil.copytree(embedded_build, build)
-    gen = export_generator(nextgpt_checkpoint() / "generator", build, default_steps=20, default_guidance=4.0,
-                           text_encoder=True, log=lambda m: None)
     m = json.loads((build / "manifest.json").read_text())
     m["generator"] = gen.entry
     m["axes"]["batch"] = [1, 1, 2]                    # the denoiser's [unconditional, conditional] rows
-    m["modules"] = {"grammar": "vitron", "region": "pixels",
-                    "calls": {"A": {"task": "image generation", "backend": "generate"},
-                              "B": {"task": "image segmentation", "backend": "segment"}}}
+    m["modules"] = modules
     for name, rec in gen.graphs.items():
         m["graphs"][name] = {k: v for k, v in rec.items() if k not in ("parity", "accuracy")}
     rels = ["uncond.npy", *[f"{gen.entry['tokenizer']}/{f}" for f in ("vocab.json", "merges.txt",
@@ -322,6 +311,47 @@ def module_draw_build(embedded_build, tmp_path_factory):
         m["files"][rel] = {"sha256": sha256_file(build / rel), "bytes": (build / rel).stat().st_size}
     (build / "manifest.json").write_text(json.dumps(m, indent=1))
     return build
+
+
+@pytest.fixture(scope="session")
+def module_draw_build(embedded_build, tmp_path_factory):
+    """The embedded fp32 build with the shipped shapes generator (its CLIP text encoder exported as text_encoder)
+    and a modules table: "A" image generation, "B" image segmentation (issue 29). Read-only."""
+    require_export_extra("the generator's export")
+    import shutil
+
+    from nxc.assets import nextgpt_checkpoint
+    from nxc.export.generator import export_generator
+    build = tmp_path_factory.mktemp("module-draw") / "build"
+    shutil.copytree(embedded_build, build)
+    gen = export_generator(nextgpt_checkpoint() / "generator", build, default_steps=20, default_guidance=4.0,
+                           text_encoder=True, log=lambda m: None)
+    return _with_generator(embedded_build, build, gen, {
+        "grammar": "vitron", "region": "pixels",
+        "calls": {"A": {"task": "image generation", "backend": "generate"},
+                  "B": {"task": "image segmentation", "backend": "segment"}}})
+
+
+@pytest.fixture(scope="session")
+def gligen_module_build(embedded_build, tmp_path_factory):
+    """(build, generator folder): the embedded fp32 build with a tiny random GLIGEN generator (gated UNet, 16 x 16
+    pictures, 10 DDIM steps, guidance 7.5) and a modules table: "A" image generation, "B" image segmentation, "C"
+    image editing (issue 29). Read-only."""
+    require_export_extra("the generator's export")
+    import shutil
+
+    from nxc.export.generator import export_generator
+    from nxc.model.generator import make_tiny_generator
+    root = tmp_path_factory.mktemp("module-gligen")
+    folder = make_tiny_generator(root / "gen", seed=5, gated=True)
+    build = root / "build"
+    shutil.copytree(embedded_build, build)
+    gen = export_generator(folder, build, default_steps=10, default_guidance=7.5, log=lambda m: None)
+    return _with_generator(embedded_build, build, gen, {
+        "grammar": "vitron", "region": "pixels",
+        "calls": {"A": {"task": "image generation", "backend": "generate"},
+                  "B": {"task": "image segmentation", "backend": "segment"},
+                  "C": {"task": "image editing", "backend": "edit"}}}), folder
 
 
 @pytest.fixture(scope="session")

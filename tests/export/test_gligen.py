@@ -5,13 +5,13 @@ same initial latents and, for inpainting, the same noise draws (the pipeline's o
 runtime's, in the order it makes them)."""
 import numpy as np
 import pytest
+from gligen_helpers import GUIDANCE, STEPS, as_float, pipeline_picture, reference_pipeline, replay_draws, runtime_generator
 
 from nxc import names
 
 pytest.importorskip("diffusers", reason="GLIGEN's export and its reference pipeline need the export extra")
 
 QUIET = {"log": lambda _m: None}
-STEPS, GUIDANCE, BETA = 10, 7.5, 0.3            # 3 grounded steps of 10
 PHRASES, BOXES = ["a red circle", "a blue square"], [[0.1, 0.1, 0.5, 0.6], [0.5, 0.25, 0.875, 0.875]]
 
 
@@ -35,56 +35,6 @@ def gligen_inpainting(tmp_path_factory):
     folder = make_tiny_generator(root / "gen", seed=6, gated=True, inpainting=True)
     return folder, root / "out", export_generator(folder, root / "out", default_steps=STEPS,
                                                   default_guidance=GUIDANCE, **QUIET)
-
-
-def runtime_generator(out, result):
-    """The runtime's Generator on the exported graphs (ONNX Runtime, CPU)."""
-    import onnxruntime as ort
-
-    from nxc.clip_tokenizer import ClipTokenizer
-    from nxc.config import GeneratorSizes
-    from nxc.manifest_types import GeneratorEntry
-    from nxc.runtime.generator import Generator
-    e = dict(result.entry)
-    entry = GeneratorEntry(sizes=GeneratorSizes.from_dict(e.pop("sizes")), **e)
-    sessions = {g: ort.InferenceSession(str(out / r["file"]), providers=["CPUExecutionProvider"])
-                for g, r in result.graphs.items()}
-
-    def run(graph, **feeds):
-        s = sessions[graph]
-        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
-    return Generator(entry=entry, uncond=np.load(out / "uncond.npy"), run=run,
-                     tokenizer=entry.tokenizer and ClipTokenizer.from_folder(out / entry.tokenizer))
-
-
-def reference_pipeline(folder):
-    import torch
-    from diffusers import DDIMScheduler, StableDiffusionGLIGENPipeline
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    from nxc.model.generator import _quiet, load_generator
-    unet, vae, config, _ = load_generator(folder)
-    with _quiet():
-        pipe = StableDiffusionGLIGENPipeline(
-            vae=vae, unet=unet, scheduler=DDIMScheduler.from_config(config),
-            text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval(),
-            tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def pipeline_picture(pipe, prompt, latents, **kwargs) -> np.ndarray:
-    """The pipeline's picture as the runtime returns one: [H,W,3] uint8 from its float output (np, [0, 1])."""
-    import torch
-    with torch.no_grad():
-        px = pipe(prompt=prompt, latents=torch.from_numpy(latents), num_inference_steps=STEPS,
-                  guidance_scale=GUIDANCE, gligen_scheduled_sampling_beta=BETA, output_type="np", **kwargs).images[0]
-    return px
-
-
-def as_float(pixels_uint8):
-    return pixels_uint8.astype(np.float64) / 255
 
 
 def test_a_gligen_generator_exports_its_grounding_inputs_encoder_and_phrase_pooling(gligen):
@@ -158,20 +108,6 @@ def test_the_fuser_switch_is_the_pipelines_enable_fuser(gligen):
     assert np.abs(outs[0] - outs[1]).max() > 1e-2, "the gated attention does nothing: the test would say little"
 
 
-def _replay(monkeypatch, seed, shape):
-    """Replace the pipeline's torch draws (the VAE posterior's randn_tensor, the per-step torch.randn_like) by the
-    runtime's: np.random.default_rng(seed + 2), one standard normal of `shape` per draw, in order."""
-    import torch
-
-    import diffusers.models.autoencoders.vae as vae_module
-    rng = np.random.default_rng(seed + 2)
-
-    def draw(*_a, **_k):
-        return torch.from_numpy(rng.standard_normal(shape, dtype=np.float32))
-    monkeypatch.setattr(vae_module, "randn_tensor", draw)
-    monkeypatch.setattr(torch, "randn_like", lambda x, *a, **k: draw())
-
-
 def _source():
     """A 16 x 16 picture: a green field with a yellow block."""
     px = np.zeros((16, 16, 3), np.uint8)
@@ -195,12 +131,8 @@ def test_inpainting_equals_the_gligen_pipeline(which, request, monkeypatch):
     box = [[0.25, 0.25, 0.75, 0.75]]
     cond = gen.text_conditioning("a ball on grass")
     got, _ = gen.draw(cond, DrawOptions(seed=4), grounding=(["a red ball"], box), source=_source())
-    _replay(monkeypatch, 4, (1, 4, 8, 8))
-    pipe = reference_pipeline(folder)
-    if which == "gligen":
-        forward = pipe.unet.forward
-        monkeypatch.setattr(pipe.unet, "forward", lambda sample, *a, **k: forward(sample[:, :4], *a, **k))
-    want = pipeline_picture(pipe, "a ball on grass", initial_latents((1, 4, 8, 8), 4),
+    replay_draws(monkeypatch, 4, (1, 4, 8, 8))
+    want = pipeline_picture(reference_pipeline(folder), "a ball on grass", initial_latents((1, 4, 8, 8), 4),
                             gligen_phrases=["a red ball"], gligen_boxes=box,
                             gligen_inpaint_image=Image.fromarray(_source()))
     assert np.abs(as_float(got) - want).max() <= 1 / 255 + 1e-6

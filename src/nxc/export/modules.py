@@ -39,7 +39,7 @@ def read_modules(path: str | Path) -> dict:
             raise ExportError(f"--modules {path}: calls.{name}.backend {backend!r} is not one of "
                               f"{', '.join(names.MODULE_BACKENDS)}")
     generator = data.get("generator")
-    needs = any(c["backend"] == "generate" for c in data["calls"].values())
+    needs = any(c["backend"] in ("generate", "edit") for c in data["calls"].values())
     if needs and not isinstance(generator, dict):
         raise ExportError(f"--modules {path}: a generate module needs \"generator\": {{\"path\": a diffusers folder "
                           "with text_encoder/ and tokenizer/}}")

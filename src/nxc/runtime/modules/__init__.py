@@ -88,12 +88,30 @@ class Backend:
     def run(self, conv, call: ModuleCall, box_px: np.ndarray | None, result: CallResult):
         raise NotImplementedError
 
+    def region_box(self, conv, region, frame: str) -> np.ndarray:
+        """The region's numbers as a pixel box [4] on the conversation's image (manifest modules.region: "pixels"
+        as written, "norm" x width / height); a box that leaves the image is refused. A backend that draws a new
+        picture reads the region in that picture's frame instead (Generate)."""
+        return frame_box(region, frame, conv.width, conv.height, "image")
+
     def event(self, result: CallResult):
         return None
 
 
 class CallFailed(ValueError):
     """A call that cannot run: its message is the result's error."""
+
+
+def frame_box(region, frame: str, width: int, height: int, what: str) -> np.ndarray:
+    """A region (xyxy: pixels of a width x height `what`, or fractions of its sides; the parser has checked x1 < x2
+    and y1 < y2) as pixels [4]; CallFailed for a box that leaves it."""
+    box = np.asarray(region, np.float32)
+    if frame == "norm":
+        box = box * np.asarray([width, height, width, height], np.float32)
+    if box[0] < 0 or box[1] < 0 or box[2] > width or box[3] > height:
+        raise CallFailed(f"region {list(region)} is outside the {width} x {height} {what} (xyxy, "
+                         f"{'pixels' if frame == 'pixels' else 'fractions of the side'})")
+    return box
 
 
 class ModuleState(HeadState):
@@ -147,24 +165,13 @@ class ModulesKind(HeadKind):
             return result
         result.module, result.task, result.backend = call.module, entry.task, entry.backend
         try:
-            box = None if call.region is None else self.region_box(conv, call.region)
-            self.backends[entry.backend].run(conv, call, box, result)    # its graphs timed as their own stages
+            backend = self.backends[entry.backend]
+            box = None if call.region is None else backend.region_box(conv, call.region, self.table.region)
+            backend.run(conv, call, box, result)    # its graphs timed as their own stages
         except (CallFailed, BuildError) as e:
             result.error = str(e)
         watch.pictures += len(result.images)
         return result
-
-    def region_box(self, conv, region) -> np.ndarray:
-        """The region's numbers as a pixel box [4] on the conversation's image (manifest modules.region: "pixels"
-        as written, "norm" x width / height); a box that leaves the image is refused."""
-        w, h = conv.width, conv.height
-        box = np.asarray(region, np.float32)
-        if self.table.region == "norm":
-            box = box * np.asarray([w, h, w, h], np.float32)
-        if box[0] < 0 or box[1] < 0 or box[2] > w or box[3] > h:
-            raise CallFailed(f"region {list(region)} is outside the {w} x {h} image (xyxy, "
-                             f"{'pixels' if self.table.region == 'pixels' else 'fractions of the side'})")
-        return box
 
     def detections_of(self, record: CallResult) -> list:
         return [] if record.detection is None else [record.detection]
