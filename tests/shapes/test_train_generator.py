@@ -173,3 +173,33 @@ def test_cli_refuses_in_one_line(tmp_path, capsys, args, message):
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and re.search(message, err[-1]), err
+
+
+def test_gligen_stage_trains_gates_and_position_net_on_a_frozen_base(trained, tmp_path):
+    """--gligen: the base UNet's weights are kept exactly, the fusers' gates move off 0, and the folder is a GLIGEN
+    generator nxc exports (grounding inputs, latent encoder)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from nxc.export.generator import export_generator
+    from nxc.model.generator import inspect_generator
+    from nxc.shapes.train_gligen import GligenTrainConfig, train_gligen
+    out = train_gligen(trained, tmp_path / "g", GligenTrainConfig(steps=4, batch_size=4, warmup=1, lr=1e-2, ema_decay=0.0),
+                       command="gligen")
+    sizes = inspect_generator(out)[3]
+    assert (sizes.grounding_objects, sizes.phrase_dim) == (30, 16)
+    base = UNet2DConditionModel.from_pretrained(trained / "unet").state_dict()
+    gated = UNet2DConditionModel.from_pretrained(out / "unet").state_dict()
+    assert all(torch.equal(base[k], gated[k]) for k in base)
+    rec = json.loads((out / "training.json").read_text())
+    assert rec["new_parameters"] == sum(v.numel() for k, v in gated.items() if k not in base)
+    assert rec["commands"] == ["gligen"] and len(rec["log"]) == 1 and np.isfinite(rec["log"][0]["mse"])
+    assert any(abs(v) > 1e-3 for v in rec["gates_tanh"].values()), rec["gates_tanh"]
+    result = export_generator(out, tmp_path / "build", log=lambda *a: None)
+    assert {"latent_encoder", "text_encoder"} <= set(result.graphs)
+
+
+def test_gligen_cli_refuses_a_folder_that_is_not_a_generator(tmp_path, capsys):
+    from nxc.shapes.train_generator_cli import main
+    assert main(["--out", str(tmp_path / "o"), "--gligen", str(tmp_path), "--steps", "2"]) == 2
+    assert "no unet/; give a trained shapes generator folder" in capsys.readouterr().err

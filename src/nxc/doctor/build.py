@@ -32,7 +32,8 @@ ROLES = {names.GRAPH_VISION: "image encoder, once per image", names.GRAPH_LLM: "
          names.GRAPH_PROJECTOR: "picture: signal tokens -> conditioning",
          names.GRAPH_DENOISER: "picture: every denoise step",
          names.GRAPH_LATENT_DECODER: "picture: latents -> pixels, once",
-         names.GRAPH_TEXT_ENCODER: "picture: a module call's text -> conditioning"}
+         names.GRAPH_TEXT_ENCODER: "picture: a module call's text -> conditioning (and GLIGEN's phrases)",
+         names.GRAPH_LATENT_ENCODER: "editing: the picture to edit -> latents, once per edit"}
 
 GPU_ONNXRUNTIME = ("install onnxruntime-gpu built for this machine's CUDA (on a Jetson: the wheel for your JetPack "
                    "from NVIDIA's Jetson AI Lab index), or run on the CPU provider (the default)")

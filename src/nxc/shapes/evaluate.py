@@ -30,6 +30,9 @@ import numpy as np
 from nxc.shapes.data import TASKS, make_samples, phrases_in
 from nxc.shapes.eval_generation import ROWS as GENERATION_ROWS
 from nxc.shapes.eval_generation import evaluate_generation, not_applicable
+from nxc.shapes.eval_modules import ROWS as MODULE_ROWS
+
+MODULE_TASKS = ("grounded-generation", "editing")
 
 ChatFn = Callable[..., object]   # (image, text, boxes) -> object with .text and .detections[.box, .mask]
 
@@ -192,7 +195,7 @@ ROWS = (("REC Acc@0.5", "rec", "acc@0.5"), ("REC mean IoU", "rec", "mean_iou"), 
         ("POPE accuracy", "pope", "accuracy"), ("POPE precision", "pope", "precision"),
         ("POPE recall", "pope", "recall"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
         ("region-caption accuracy", "region", "accuracy"), ("grounded-caption F1", "caption", "grounded_f1"),
-        ("proposal recall@0.5", "proposals", "recall@0.5"), *GENERATION_ROWS)
+        ("proposal recall@0.5", "proposals", "recall@0.5"), *GENERATION_ROWS, *MODULE_ROWS)
 
 
 def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
@@ -233,6 +236,20 @@ def _generation(target: Target, a, judges: list) -> dict:
                                steps=a.draw_steps, guidance=a.draw_guidance, judges_factory=shipped)
 
 
+def _modules(target: Target, a, judges: list) -> dict:
+    """The grounded-generation and editing tasks for a build (nxc.shapes.eval_modules)."""
+    from nxc.shapes.eval_modules import NOT_GROUNDED, evaluate_grounded, grounded
+    keys = [t.replace("-", "_") for t in MODULE_TASKS if t in a.tasks]
+    if target.pipe is None or not grounded(target.pipe):
+        reason = ("these tasks are judged on build directories: export the checkpoint with nxc-export"
+                  if target.pipe is None else NOT_GROUNDED)
+        return {k: {"n/a": reason} for k in keys}
+    from nxc.shapes.eval_generation import Judges
+    judges[:] = judges or [Judges.shipped(backend=a.backend, providers=a.provider)]
+    out = evaluate_grounded(target.pipe, judges[0].nextchat, seed=a.seed, n=a.n_per_task)
+    return {k: out[k] for k in keys}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
@@ -248,8 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam", help="separate SAM weights for a checkpoint")
     ap.add_argument("--n-per-task", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation"), default=list(TASKS),
-                    help="grounding tasks, and 'generation' (pictures a build draws, judged by the shipped models)")
+    ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation", *MODULE_TASKS), default=list(TASKS),
+                    help="grounding tasks, 'generation' (pictures a build draws, judged by the shipped models), "
+                    "'grounded-generation' and 'editing' (a GLIGEN generator's boxes and edits, judged by the "
+                    "shipped NExT-Chat)")
     ap.add_argument("--draw-steps", type=int, help="generation: denoising steps per picture (default: the build's)")
     ap.add_argument("--draw-guidance", type=float, help="generation: classifier-free guidance (default: the build's)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -284,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics["meta"].update(target=str(path), family=target.family)
         if "generation" in a.tasks:
             metrics["generation"] = _generation(target, a, judges)
+        if set(MODULE_TASKS) & set(a.tasks):
+            metrics.update(_modules(target, a, judges))
         runs.append(metrics)
     if len(runs) == 1:
         print(format_table(runs[0]))

@@ -38,6 +38,14 @@ def make_picture(rng: np.random.Generator, *, side: int, max_objects: int = 3
                  ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """One scene: ([side, side, 3] uint8 RGB, [(colour, shape), ...] in drawing order). 1..max_objects objects with
     distinct (colour, shape), radius 11-20% of the side, apart from each other and inside the picture."""
+    pic, phrases, _ = make_grounded_picture(rng, side=side, max_objects=max_objects)
+    return pic, phrases
+
+
+def make_grounded_picture(rng: np.random.Generator, *, side: int, max_objects: int = 3
+                          ) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray]:
+    """make_picture's scene (the same draws) with each object's box: [K, 4] float32 xyxy fractions of the side, the
+    painted shape's extent (GLIGEN's training boxes)."""
     big = side * SUPERSAMPLE
     while True:
         n = int(rng.integers(1, max_objects + 1))
@@ -46,16 +54,24 @@ def make_picture(rng: np.random.Generator, *, side: int, max_objects: int = 3
         if placed:
             break
     phrases = [(list(COLOURS)[k // len(SHAPES)], SHAPES[k % len(SHAPES)]) for k in kinds]
-    return _paint(rng, phrases, placed, side), phrases
+    boxes: list = []
+    return _paint(rng, phrases, placed, side, boxes), phrases, np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
 def picture_of(rng: np.random.Generator, phrases: list[tuple[str, str]], *, side: int) -> np.ndarray:
     """[side, side, 3] uint8: a scene of exactly these (colour, shape) objects, placed and painted as make_picture's
     (the true picture of a drawing request: what a perfect generator would draw)."""
+    return grounded_picture_of(rng, phrases, side=side)[0]
+
+
+def grounded_picture_of(rng: np.random.Generator, phrases: list[tuple[str, str]], *, side: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """picture_of's picture (the same draws) and its objects' boxes [K, 4], xyxy fractions of the side."""
     big = side * SUPERSAMPLE
     while not (placed := _place(rng, len(phrases), big)):
         pass
-    return _paint(rng, list(phrases), placed, side)
+    boxes: list = []
+    return _paint(rng, list(phrases), placed, side, boxes), np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
 def _place(rng: np.random.Generator, n: int, big: int) -> list[tuple[float, float, float]] | None:
@@ -71,11 +87,16 @@ def _place(rng: np.random.Generator, n: int, big: int) -> list[tuple[float, floa
     return placed if len(placed) == n else None
 
 
-def _paint(rng: np.random.Generator, phrases, placed, side: int) -> np.ndarray:
+def _paint(rng: np.random.Generator, phrases, placed, side: int, boxes: list | None = None) -> np.ndarray:
+    """The picture; each object's box (xyxy fractions of the side, x2 / y2 exclusive) appended to `boxes`."""
     big = side * SUPERSAMPLE
     img = _background(rng, big, big)
     for (colour, shape), (cx, cy, r) in zip(phrases, placed):
-        img[_shape_mask(shape, big, big, cx, cy, r)] = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 6, 3)
+        mask = _shape_mask(shape, big, big, cx, cy, r)
+        img[mask] = np.asarray(COLOURS[colour], np.float32) + rng.normal(0, 6, 3)
+        if boxes is not None:
+            ys, xs = np.nonzero(mask)
+            boxes.append([xs.min() / big, ys.min() / big, (xs.max() + 1) / big, (ys.max() + 1) / big])
     return np.asarray(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB").resize((side, side), Image.BOX))
 
 
@@ -92,6 +113,26 @@ def make_batch(rng: np.random.Generator, n: int, *, side: int, max_objects: int 
         captions.append("" if rng.random() < uncond_prob else text)
     x = np.stack(pics).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
     return x, captions
+
+
+def make_grounded_batch(rng: np.random.Generator, n: int, *, side: int, max_objects: int = 3,
+                        uncond_prob: float = 0.1, ungrounded_prob: float = 0.1
+                        ) -> tuple[np.ndarray, list[str], list[tuple[list[str], np.ndarray]]]:
+    """make_batch's pictures and captions with each picture's grounding, ([phrases], boxes [K, 4] in [0, 1]): the
+    objects' phrases ("a red circle") and boxes, or none with probability `ungrounded_prob` (GLIGEN trains with its
+    grounding dropped too, so that the null slots mean "no object")."""
+    pics, captions, grounding = [], [], []
+    for _ in range(n):
+        pic, phrases, boxes = make_grounded_picture(rng, side=side, max_objects=max_objects)
+        order = rng.permutation(len(phrases))
+        pics.append(pic)
+        captions.append("" if rng.random() < uncond_prob else caption_of([phrases[i] for i in order]))
+        if rng.random() < ungrounded_prob:
+            grounding.append(([], np.zeros((0, 4), np.float32)))
+        else:
+            grounding.append(([caption_of([p]) for p in phrases], boxes))
+    x = np.stack(pics).transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1.0
+    return x, captions, grounding
 
 
 def request_captions(seed: int, n: int, *, max_objects: int = 3) -> list[str]:

@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder to write (diffusers layout + training.json)")
-    ap.add_argument("--steps", type=int, default=GeneratorTrainConfig.unet_steps, help="UNet + text encoder steps")
+    ap.add_argument("--steps", type=int, default=None, help=f"UNet + text encoder steps ({GeneratorTrainConfig.unet_steps}; "
+                    "with --gligen: the grounding's steps, 2000)")
     ap.add_argument("--vae-steps", type=int, default=GeneratorTrainConfig.vae_steps, help="VAE steps (first)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=GeneratorTrainConfig.threads,
@@ -28,8 +29,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-decoder", type=int, metavar="N", help="instead of training: fine-tune the VAE "
                     "decoder of the trained folder OUT for N steps, in place (encoder, latents and UNet unchanged)")
     ap.add_argument("--decoder-lr", type=float, default=3e-4, help="--finetune-decoder's learning rate")
+    ap.add_argument("--gligen", metavar="BASE", help="instead of training: teach the trained generator BASE GLIGEN's "
+                    "grounding (gated attention + position_net, the base frozen) into OUT")
     a = ap.parse_args(argv)
     command = " ".join([PROG, *(sys.argv[1:] if argv is None else argv)])
+    if a.gligen is not None:
+        from nxc.shapes.train_gligen import GligenTrainConfig, GligenTrainError, train_gligen
+        cfg = replace(GligenTrainConfig(), seed=a.seed, threads=a.threads,
+                      **({} if a.steps is None else {"steps": a.steps}))
+        if min(cfg.steps, cfg.threads) < 1:
+            ap.error(f"--steps and --threads must be >= 1, got {cfg.steps}, {cfg.threads}")
+        try:
+            train_gligen(a.gligen, a.out, cfg, command=command)
+        except GligenTrainError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if a.steps is None:
+        a.steps = GeneratorTrainConfig.unet_steps
     if a.finetune_decoder is not None:
         if a.finetune_decoder < 1 or a.decoder_lr <= 0:
             ap.error(f"--finetune-decoder must be >= 1 and --decoder-lr > 0, got {a.finetune_decoder}, "
