@@ -53,6 +53,22 @@ def test_a_gligen_generator_exports_its_grounding_inputs_encoder_and_phrase_pool
     assert [o["name"] for o in result.graphs["text_encoder"]["outputs"]] == ["conditioning", "pooled"]
 
 
+def test_each_fuser_runs_inside_an_if_on_the_grounding_switch(gligen):
+    """Scheduled sampling costs nothing after beta: every fuser's nodes are the then-branch of an If on
+    max(grounding) > 0 (nxc.export.gligen_graph), none is left in the main graph."""
+    import onnx
+    from diffusers.models.attention import GatedSelfAttentionDense
+
+    from nxc.model.generator import load_generator
+    folder, out, result = gligen
+    fusers = sum(type(m) is GatedSelfAttentionDense for m in load_generator(folder)[0].modules())
+    g = onnx.load(str(out / result.graphs["denoiser"]["file"])).graph
+    ifs = [n for n in g.node if n.op_type == "If"]
+    assert fusers >= 2 and len(ifs) == fusers
+    assert not [n.name for n in g.node if "/fuser/" in n.name and n.op_type != "If"]
+    assert all(len(n.attribute[0].g.node) > 20 for n in ifs if n.attribute[0].name == "then_branch")
+
+
 def test_grounded_generation_equals_the_gligen_pipeline(gligen):
     """Two phrases in two boxes, 10 DDIM steps, grounding for the first 3 (scheduled sampling), guidance 7.5: the
     runtime's picture equals StableDiffusionGLIGENPipeline's within one uint8 level; without the boxes it is another

@@ -75,6 +75,9 @@ def _export(wrapper, spec: GraphSpec, path: Path, precision: str, opset: int) ->
     from nxc.export.exporter import export_graph
     from nxc.export.graph_files import graph_record
     external = export_graph(wrapper, spec, None, path, ExportOptions(precision=precision, opset=opset))
+    if "grounding" in spec.input_names:              # GLIGEN: the fusers run only while grounding is on
+        from nxc.export.gligen_graph import gate_fusers
+        gate_fusers(path)
     return graph_record(path, spec, precision, opset, external)
 
 

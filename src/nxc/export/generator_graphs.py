@@ -71,7 +71,7 @@ def _gated(fuser, gate: _Gate):
     def forward(x, objs):
         n_visual = x.shape[1]
         objs = fuser.linear(objs)
-        g = gate.value.to(x.dtype).view(-1, 1, 1)
+        g = gate.value                                   # [B, 1, 1], x's dtype (DenoiserGraph.forward)
         x = x + g * fuser.alpha_attn.tanh() * fuser.attn(fuser.norm1(torch.cat([x, objs], dim=1)))[:, :n_visual, :]
         return x + g * fuser.alpha_dense.tanh() * fuser.ff(fuser.norm2(x))
     return forward
@@ -103,7 +103,7 @@ class DenoiserGraph(nn.Module):
                 boxes=None, phrase_embeddings=None, object_mask=None, grounding=None):
         kwargs = None
         if self.grounded:
-            self.gate.value = grounding
+            self.gate.value = grounding.to(sample.dtype).view(-1, 1, 1)     # once, outside the fusers (If)
             kwargs = {"gligen": {"boxes": boxes, "positive_embeddings": phrase_embeddings, "masks": object_mask}}
         return self.unet(sample, timestep, encoder_hidden_states, cross_attention_kwargs=kwargs, return_dict=False)[0]
 
