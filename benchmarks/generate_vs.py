@@ -3,6 +3,12 @@ guidance (issue 28, item 7): seconds per denoise step, the whole picture, peak R
 
     .venv/bin/python benchmarks/generate_vs.py --work /data/gv --keep               # SD-1.5's sizes, 512x512, 20 steps
     .venv/bin/python benchmarks/generate_vs.py --size tiny --steps 4 --threads 1    # a dry run (seconds)
+    .venv/bin/python benchmarks/generate_vs.py --gligen --work /data/gl --keep      # GLIGEN (issue 29), 512x512
+
+--gligen (issue 29): GLIGEN's layout instead (SD-1.4's UNet with attention_type "gated", 1.07 B parameters, and a
+random CLIP-L-sized text encoder for the phrases); both sides draw "a red circle" and "a blue square" in two boxes,
+the fusers on for the first 30% of the steps (the torch side is StableDiffusionGLIGENPipeline's loop written out);
+the JSON adds the grounded and the plain steps' medians and speedups.
 
 Sizes (--size): sd-1.5, a random-weight SD-1.5-layout diffusers folder (nxc.model.generator.make_sd15_generator, as
 nxc-make-checkpoint --generator sd-1.5 makes it: UNet2DConditionModel's default config with SD-1.5's
@@ -47,6 +53,10 @@ RSS_HEADROOM_GB = 1.5           # issue 28: a picture's peak RSS <= the generato
 STEP_SPEEDUP_TARGET = 1.2       # issue 28: denoise step >= 1.2x diffusers' PyTorch fp32
 PICTURE_TOLERANCE = 1e-3        # issue 28: the runtime's picture equals the torch reference's within 1e-3 (fp32)
 GB = 1e9
+GLIGEN_PHRASES = ["a red circle", "a blue square"]             # --gligen: what is grounded where (xyxy in [0, 1])
+GLIGEN_BOXES = [[0.1, 0.1, 0.5, 0.6], [0.5, 0.25, 0.875, 0.875]]
+GLIGEN_BETA = 0.3                                              # the pipeline's gligen_scheduled_sampling_beta
+GLIGEN_RUN = False                                             # set by parse_args
 
 def log(msg: str) -> None:
     print(f"[generate-vs] {msg}", file=sys.stderr, flush=True)
@@ -71,20 +81,20 @@ def _write_streamed(model, folder: Path) -> None:
     write_streamed(model, folder)
 
 
-def make_sd15(folder: Path, seed: int) -> None:
-    """A random-weight SD-1.5-layout diffusers folder (no text encoder: uncond.npy [1,77,768]):
-    nxc.model.generator.make_sd15_generator."""
+def make_sd15(folder: Path, seed: int, gligen: bool = False) -> None:
+    """A random-weight SD-1.5-layout diffusers folder (no text encoder: uncond.npy [1,77,768]), or GLIGEN's
+    (gated SD-1.4 UNet + a random CLIP-L-sized text encoder): nxc.model.generator.make_sd15_generator."""
     from nxc.model.generator import make_sd15_generator
-    make_sd15_generator(folder, seed=seed, log=lambda m: log(f"make: {m}"))
+    make_sd15_generator(folder, seed=seed, gligen=gligen, log=lambda m: log(f"make: {m}"))
 
 
 def side_make(a) -> dict:
     folder = a.work / "generator"
     if a.size == "tiny":
         from nxc.model.generator import make_tiny_generator
-        make_tiny_generator(folder, seed=a.seed, text_encoder=False)
+        make_tiny_generator(folder, seed=a.seed, text_encoder=a.gligen, gated=a.gligen)
     else:
-        make_sd15(folder, a.seed)
+        make_sd15(folder, a.seed, a.gligen)
     (folder / ".complete").write_text("made by benchmarks/generate_vs.py\n")
     return {}
 
@@ -123,7 +133,10 @@ def side_export(a) -> dict:
 # -- the two pictures ----------------------------------------------------------------------------------------------
 def _timings(steps_s: list[float], picture_s: float, load_s: float, pixels: np.ndarray, out: Path) -> dict:
     np.save(out, pixels.astype(np.float32))
-    return {"load_seconds": round(load_s, 3), "denoise_step_seconds": statistics.median(steps_s),
+    grounded = int(GLIGEN_BETA * len(steps_s))        # GLIGEN: the first steps run the fusers (--gligen only)
+    split = ({"grounded_step_seconds": statistics.median(steps_s[:grounded]),
+              "plain_step_seconds": statistics.median(steps_s[grounded:])} if GLIGEN_RUN and grounded else {})
+    return {**split, "load_seconds": round(load_s, 3), "denoise_step_seconds": statistics.median(steps_s),
             "denoise_steps": len(steps_s), "denoise_step_seconds_all": [round(s, 4) for s in steps_s],
             "picture_seconds": picture_s, "picture_shape": list(pixels.shape)}
 
@@ -141,9 +154,17 @@ def side_nxc(a) -> dict:
     e = dict(exp["entry"])
     entry = GeneratorEntry(**{**e, "sizes": GeneratorSizes.from_dict(e["sizes"])})
     specs = generator_specs(entry.sizes)
+    graphs = (entry.denoiser, entry.decoder)
+    tokenizer = None
+    if a.gligen:
+        from nxc.clip_tokenizer import ClipTokenizer
+        from nxc.specs import text_encoder_spec
+        specs[entry.text_encoder] = text_encoder_spec(entry.sizes)
+        graphs += (entry.text_encoder,)
+        tokenizer = ClipTokenizer.from_folder(build / entry.tokenizer)
     t0 = time.perf_counter()
     backend = get_backend("onnxruntime", threads=a.threads)
-    runners = {g: backend.load(build / exp["graphs"][g]["file"], specs[g]) for g in (entry.denoiser, entry.decoder)}
+    runners = {g: backend.load(build / exp["graphs"][g]["file"], specs[g]) for g in graphs}
     load_s = time.perf_counter() - t0
     decoded = {}
 
@@ -152,15 +173,15 @@ def side_nxc(a) -> dict:
         if graph == entry.decoder:
             decoded["pixels"] = out["pixels"][0]               # [3,H,W] in [0, 1], before Generator's uint8 step
         return out
-    gen = Generator(entry=entry, uncond=np.load(build / entry.uncond_file), run=run)
+    gen = Generator(entry=entry, uncond=np.load(build / entry.uncond_file), run=run, tokenizer=tokenizer)
     tl = Timeline()
     t0 = time.perf_counter()
     picture, used = gen.draw(np.load(a.work / "conditioning.npy"),
                              DrawOptions(steps=a.steps, guidance=a.guidance, seed=a.seed, scheduler="ddim"),
-                             timeline=tl)
+                             timeline=tl, **({"grounding": (GLIGEN_PHRASES, GLIGEN_BOXES)} if a.gligen else {}))
     picture_s = time.perf_counter() - t0
     steps_s = [ev.seconds for ev in tl.events if ev.stage == entry.denoiser]
-    files = [build / f for g in (entry.denoiser, entry.decoder)
+    files = [build / f for g in graphs
              for f in [exp["graphs"][g]["file"], *exp["graphs"][g]["external_data"]]] + [build / entry.uncond_file]
     np.save(a.work / "pictures" / "nxc-uint8.npy", picture)
     return {**_timings(steps_s, picture_s, load_s, decoded["pixels"], a.work / "pictures" / "nxc.npy"),
@@ -175,6 +196,7 @@ def side_torch(a) -> dict:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     from nxc.diffusion import initial_latents
+    from nxc.model.generator import unconditional_conditioning
     torch.set_num_threads(a.threads)
     folder = a.work / "generator"
     t0 = time.perf_counter()
@@ -182,9 +204,24 @@ def side_torch(a) -> dict:
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch.float32).eval()
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     load_s = time.perf_counter() - t0
-    uncond = torch.from_numpy(np.load(folder / "uncond.npy"))
+    uncond = torch.from_numpy(unconditional_conditioning(folder))
     cond = torch.from_numpy(np.load(a.work / "conditioning.npy"))
-    shape = (1, unet.config.in_channels, *(2 * [unet.config.sample_size] if isinstance(unet.config.sample_size, int)
+    gligen, fusers = None, []
+    if a.gligen:      # StableDiffusionGLIGENPipeline's phrase embeddings, slots and enable_fuser, written out
+        from diffusers.models.attention import GatedSelfAttentionDense
+        from transformers import CLIPTextModel, CLIPTokenizer
+        tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
+        with torch.no_grad():
+            pooled = text(**tok(GLIGEN_PHRASES, padding=True, return_tensors="pt")).pooler_output
+        n = len(GLIGEN_PHRASES)
+        boxes, emb, masks = torch.zeros(2, 30, 4), torch.zeros(2, 30, pooled.shape[1]), torch.zeros(2, 30)
+        boxes[:, :n], emb[:, :n], masks[1, :n] = torch.tensor(GLIGEN_BOXES), pooled, 1
+        if a.guidance <= 1:
+            boxes, emb, masks = boxes[1:], emb[1:], masks[1:]
+        gligen = {"boxes": boxes, "positive_embeddings": emb, "masks": masks}
+        fusers = [m for m in unet.modules() if type(m) is GatedSelfAttentionDense]
+    shape = (1, unet.config.out_channels, *(2 * [unet.config.sample_size] if isinstance(unet.config.sample_size, int)
                                              else unet.config.sample_size))
     cfg = a.guidance > 1                                    # the pipeline's do_classifier_free_guidance
     embeds = torch.cat([uncond, cond]) if cfg else cond
@@ -193,11 +230,14 @@ def side_torch(a) -> dict:
     with torch.no_grad():
         scheduler.set_timesteps(a.steps)
         latents = torch.from_numpy(initial_latents(shape, a.seed)) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:
+        for i, t in enumerate(scheduler.timesteps):
+            for m in fusers:
+                m.enabled = i < int(GLIGEN_BETA * len(scheduler.timesteps))
             x = torch.cat([latents] * 2) if cfg else latents
             x = scheduler.scale_model_input(x, t)
             s0 = time.perf_counter()
-            noise = unet(x, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise = unet(x, t, encoder_hidden_states=embeds, return_dict=False,
+                         cross_attention_kwargs=None if gligen is None else {"gligen": dict(gligen)})[0]
             steps_s.append(time.perf_counter() - s0)
             if cfg:
                 noise_u, noise_c = noise.chunk(2)
@@ -247,6 +287,8 @@ def summary(res: dict) -> dict:
         speedup = ref["denoise_step_seconds"] / nxc["denoise_step_seconds"]
         budget = nxc["files_gb"] + RSS_HEADROOM_GB
         out["ratios"] = {
+            **({f"{k}_step_speedup_vs_torch": round(ref[f"{k}_step_seconds"] / nxc[f"{k}_step_seconds"], 3)
+                for k in ("grounded", "plain")} if "grounded_step_seconds" in nxc else {}),
             "denoise_step_speedup_vs_torch": round(speedup, 3), "denoise_step_target": STEP_SPEEDUP_TARGET,
             "denoise_step_target_met": speedup >= STEP_SPEEDUP_TARGET,
             "picture_speedup_vs_torch": round(ref["picture_seconds"] / nxc["picture_seconds"], 3),
@@ -267,12 +309,17 @@ def parse_args(argv):
     ap.add_argument("--keep", action="store_true", help="keep WORK (folder, build, pictures, logs) at the end")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both sides (all cores)")
     ap.add_argument("--json", type=Path, help="also write the JSON here")
+    ap.add_argument("--gligen", action="store_true", help="GLIGEN (issue 29): a gated UNet (SD-1.4's for sd-1.5) "
+                    "with a text encoder; two phrases in two boxes, grounding for the first 30%% of the steps; "
+                    "torch runs StableDiffusionGLIGENPipeline's loop")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)      # internal: run one side in this process
     a = ap.parse_args(argv)
     if a.steps < 1 or a.guidance < 0 or a.threads < 1:
         ap.error(f"--steps {a.steps}, --guidance {a.guidance}, --threads {a.threads}: expected steps >= 1, "
                  "guidance >= 0, threads >= 1")
     a.argv = list(sys.argv[1:] if argv is None else argv)
+    global GLIGEN_RUN
+    GLIGEN_RUN = a.gligen
     return a
 
 
@@ -301,7 +348,7 @@ def main(argv=None) -> int:
     a.argv = _forwarded(a.argv)
     for d in ("results", "pictures"):
         (a.work / d).mkdir(parents=True, exist_ok=True)
-    res = {"machine": ts.machine(a.work), "threads": a.threads, "size": a.size, "steps": a.steps,
+    res = {"machine": ts.machine(a.work), "threads": a.threads, "size": a.size, "gligen": a.gligen, "steps": a.steps,
            "guidance": a.guidance, "seed": a.seed, "precision": a.precision, "scheduler": "ddim", "work": str(a.work)}
     folder = a.work / "generator"
     if (folder / ".complete").is_file():

@@ -47,6 +47,21 @@ def test_tiny_run_end_to_end(tmp_path):
     assert not (tmp_path / "work").exists()                     # no --keep: WORK is removed
 
 
+def test_tiny_gligen_run_agrees_with_the_gligen_loop(tmp_path):
+    """--gligen: a tiny GLIGEN folder, two phrases in two boxes; nxc's picture equals StableDiffusionGLIGENPipeline's
+    loop written out, and the grounded and plain steps are timed apart."""
+    pytest.importorskip("diffusers")
+    res = subprocess.run([sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "10", "--threads", "1", "--gligen",
+                          "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout)
+    assert r["gligen"] and r["pictures"]["agree"] and r["pictures"]["max_abs_diff"] <= 1e-3
+    assert set(r["export"]["parity_seconds"]) == {"denoiser", "latent_decoder", "latent_encoder", "text_encoder"}
+    for side in ("nxc", "torch"):
+        assert r[side]["grounded_step_seconds"] > 0 and r[side]["plain_step_seconds"] > 0
+    assert {"grounded_step_speedup_vs_torch", "plain_step_speedup_vs_torch"} <= set(r["ratios"])
+
+
 def test_streamed_weights_load_as_diffusers_wrote_them(gv, tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")

@@ -221,8 +221,9 @@ def _byte_chars() -> list[str]:
     return [chr(b) for b in bs] + [chr(256 + i) for i in range(len(extra))]
 
 
-def _write_tiny_text_encoder(out: Path, *, width: int, context_length: int) -> None:
-    """A CLIPTokenizer with no merges (each byte a token, "</w>" ends a word) and a 2-layer CLIPTextModel."""
+def _write_tiny_text_encoder(out: Path, *, width: int, context_length: int, layers: int = 2) -> None:
+    """A CLIPTokenizer with no merges (each byte a token, "</w>" ends a word) and a `layers`-layer CLIPTextModel
+    (CLIP ViT-L/14's text tower is 12 x 768, MLP 3072, 12 heads)."""
     from transformers import CLIPTextConfig, CLIPTextModel
     chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars)} | {c + "</w>": 256 + i for i, c in enumerate(chars)}
@@ -234,8 +235,8 @@ def _write_tiny_text_encoder(out: Path, *, width: int, context_length: int) -> N
     (out / TOKENIZER / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "bos_token": bos,
          "eos_token": eos, "pad_token": eos, "unk_token": eos}))
-    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=context_length, projection_dim=width,
+    cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=(2 if layers <= 2 else 4) * width,
+                         num_hidden_layers=layers, num_attention_heads=4 if layers <= 2 else width // 64, max_position_embeddings=context_length, projection_dim=width,
                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
     CLIPTextModel(cfg).save_pretrained(out / TEXT_ENCODER)
 
@@ -347,15 +348,19 @@ def sd15_numel(*, unet: dict | None = None, vae: dict | None = None) -> int:
 
 
 def make_sd15_generator(out: str | Path, *, seed: int = 0, dtype=None, unet: dict | None = None,
-                        vae: dict | None = None, log=None) -> Path:
+                        vae: dict | None = None, gligen: bool = False, log=None) -> Path:
     """A random-weight generator at Stable Diffusion 1.5's sizes in diffusers' layout at `out`: UNet2DConditionModel
     (SD15_UNET, 860 M parameters) and AutoencoderKL (SD15_VAE, 84 M), each built on the meta device and written one
     module at a time (`write_streamed`, in `dtype`, float32 by default), SD-1.5's DDIM schedule and a random
     uncond.npy [1, 77, cross_attention_dim] (no text encoder). `unet` / `vae` replace the configs (a scaled-down
-    folder for tests). Same seed, same weights."""
+    folder for tests). Same seed, same weights. `gligen`: GLIGEN's layout (gligen-1-4-generation-text-box: SD-1.4's
+    UNet with attention_type "gated", 1.07 B parameters) and, as its phrases need one, a random CLIP ViT-L/14-sized
+    text encoder (12 layers x 768) with a byte-level tokenizer instead of uncond.npy."""
     import torch
     from diffusers import DDIMScheduler
     out = Path(out)
+    if gligen:
+        unet = {**(unet or SD15_UNET), "attention_type": "gated"}
     with torch.random.fork_rng(), _quiet():
         torch.manual_seed(seed)
         for part, cls, config in _sd15_parts(unet, vae):
@@ -367,6 +372,12 @@ def make_sd15_generator(out: str | Path, *, seed: int = 0, dtype=None, unet: dic
             write_streamed(model, out / part, dtype)
         DDIMScheduler(**SD15_DDIM_SCHEDULER).save_config(out / Path(SCHEDULER_FILE).parent)
     width = (unet or SD15_UNET)["cross_attention_dim"]
+    if gligen:
+        with torch.random.fork_rng(), _quiet():
+            torch.manual_seed(seed + 2)
+            _write_tiny_text_encoder(out, width=width, context_length=SD15_CONTEXT_LENGTH,
+                                     layers=2 if width < 768 else 12)
+        return out
     rows = np.random.default_rng(seed + 1).standard_normal((1, SD15_CONTEXT_LENGTH, width), dtype=np.float32)
     np.save(out / UNCOND_FILE, rows)
     return out
