@@ -7,7 +7,8 @@ import numpy as np
 from nxc import names
 
 MODULES = {"grammar": "vitron", "region": "pixels",
-           "calls": {"B": {"task": "image segmentation", "backend": "segment"}}}
+           "calls": {"B": {"task": "image segmentation", "backend": "segment"},
+                     "E": {"task": "video segmentation", "backend": "track"}}}
 
 
 @contextmanager

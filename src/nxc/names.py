@@ -83,6 +83,7 @@ def present_value(i: int) -> str:
 
 # VITRON's module calls (issue 29): the backends a manifest's `modules` table may name, and the graphs each needs
 MODULE_BACKENDS = {"segment": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER),
+                   "track": (GRAPH_SAM_ENCODER, GRAPH_SAM_DECODER),
                    "generate": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER),
                    "edit": (GRAPH_TEXT_ENCODER, GRAPH_DENOISER, GRAPH_LATENT_DECODER, GRAPH_LATENT_ENCODER)}
 MODULE_GRAMMARS = ("vitron",)                # <module>X</module><instruction>task: text</instruction><region>..

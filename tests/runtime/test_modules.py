@@ -122,7 +122,7 @@ def test_nxc_run_lists_the_calls(module_build, module_pipe, monkeypatch, tmp_pat
                          "--max-new-tokens", "120"]) == 0
     out = capsys.readouterr().out
     assert "call 0: module B (image segmentation) -> detection 0" in out
-    assert "call 1: not run: module 'Q' is not one this build has (B)" in out
+    assert "call 1: not run: module 'Q' is not one this build has (B, E)" in out
     with say(module_pipe, reply):
         assert cli.main([str(module_build), "--image", str(image), "--prompt", "Segment it.",
                          "--max-new-tokens", "120", "--json"]) == 0

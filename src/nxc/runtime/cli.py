@@ -91,6 +91,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("build", help="build directory written by nxc-export")
     ap.add_argument("--image", help="image file (PNG, JPEG, ...); /dev/stdin reads a pipe. Optional for a build "
                     "that draws from the text (NExT-GPT): a plain 64 x 64 grey picture then")
+    ap.add_argument("--video", help="a video instead of --image (GIF, animated PNG / WebP; MP4, WebM, MOV with "
+                    "nxc[video]): up to --frames frames sampled evenly, their image rows averaged (VITRON's video "
+                    "input); the first frame is the image for boxes and masks, a track call follows every frame")
+    ap.add_argument("--frames", type=_whole(1), default=8, help="--video: frames sampled (default 8)")
     ap.add_argument("--prompt", required=True, type=_utf8, help="question; refer to --box k as [k]")
     ap.add_argument("--box", type=_box, action="append", metavar="x1,y1,x2,y2",
                     help="region input in pixels (repeat for [0], [1], ...)")
@@ -125,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     from nxc.runtime.pipeline import Pipeline
     try:
+        if a.image is not None and a.video is not None:
+            raise ValueError("--image and --video: give one of them")
         image = load_image(a.image) if a.image is not None else None
+        video = None
+        if a.video is not None:
+            from nxc.runtime.video import load_video
+            video = load_video(a.video, max_frames=a.frames)
+            image = video.frames[0]
         pipe = Pipeline.load(a.build, backend=a.backend, providers=a.provider, low_memory=a.low_memory)
         draws = pipe.dispatch.head_of_kind("signal") is not None
         if image is None and not draws:
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                              "a build that makes pictures")
         options = {"signal": {"steps": a.steps, "guidance": a.guidance, "seed": a.seed or 0,
                               "scheduler": a.scheduler}} if draws else None
-        r = pipe.chat(image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+        r = pipe.chat(video or image, a.prompt, boxes=a.box, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
                       top_p=a.top_p, top_k=a.top_k, seed=a.seed, num_beams=a.num_beams,
                       length_penalty=a.length_penalty, head_options=options,
                       early_stopping={"false": False, "true": True}.get(a.early_stopping, a.early_stopping))
@@ -191,6 +202,8 @@ def _call_line(c: dict) -> str:
     if c["error"] is not None:
         return f"call {c['index']}: not run: {c['error']}"
     made = ([] if c["detection"] is None else [f"detection {c['detection']}"]) + [f"picture {k}" for k in c["pictures"]]
+    if len(c["track"]) > 1:
+        made.append(f"a track over {len(c['track'])} frames")
     return f"call {c['index']}: module {c['module']} ({c['task']}) -> {', '.join(made) or 'nothing'}"
 
 

@@ -30,6 +30,7 @@ from nxc.runtime.modules import CallResult
 from nxc.runtime.timing import NO_TIMELINE, Timeline
 from nxc.runtime.turn import (Claim, Reply, Turn, check_beams, check_boxes, check_max_new, check_text, one_turn,
                               region_boxes)
+from nxc.runtime.video import Video, mean_rows
 from nxc.sampling import SamplingParams, pick_token
 
 
@@ -44,9 +45,13 @@ class Conversation:
     """One image, several turns. Keeps the image features, the heads' per-image states (once a turn needed them)
     and the KV cache of everything said so far; a turn feeds only what the cache does not hold yet."""
 
-    def __init__(self, pipe, image: Image.Image):
+    def __init__(self, pipe, image):
+        self.video = image if isinstance(image, Video) else None     # a video: its frames averaged (features)
+        if self.video is not None:
+            image = self.video.frames[0]
         if not isinstance(image, Image.Image):
-            raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}; load it with nxc.runtime.images")
+            raise TypeError(f"image must be a PIL.Image or an nxc.runtime.video.Video, got {type(image).__name__}; "
+                            "load it with nxc.runtime.images / nxc.runtime.video")
         self.pipe = pipe
         self.image = image.convert("RGB")
         self.width, self.height = self.image.size
@@ -63,7 +68,7 @@ class Conversation:
     def twin(self) -> "Conversation":
         """Another Conversation on the same image and history (n completions of one turn), sharing the image
         features and what the heads computed for the image."""
-        twin = Conversation(self.pipe, self.image)
+        twin = Conversation(self.pipe, self.video or self.image)
         twin.history, twin.history_slots = list(self.history), list(self.history_slots)
         twin._features, twin._turn_values = self._features, self._turn_values
         for bound in self.pipe.dispatch.heads:       # made now (nothing runs) so that the twins share them
@@ -74,13 +79,17 @@ class Conversation:
 
     # -- the image -------------------------------------------------------------------------------------
     def features(self) -> np.ndarray:
-        """[N,H] image rows from the vision graph, once per conversation."""
+        """[N,H] image rows from the vision graph, once per conversation; a video's: each frame's rows, averaged over
+        the frames (VITRON's video input)."""
         if self._features is None:
             clip = self.pipe.manifest.clip
-            with self.timeline.stage("preprocess"):
-                px = pp.clip_pixels(self.image, clip.size, mean=clip.mean, std=clip.std, resample=clip.resample)
-            with self.timeline.stage("vision"):
-                self._features = self.pipe.run_once_per_image(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0]
+            rows = []
+            for frame in (self.video.frames if self.video is not None else [self.image]):
+                with self.timeline.stage("preprocess"):
+                    px = pp.clip_pixels(frame, clip.size, mean=clip.mean, std=clip.std, resample=clip.resample)
+                with self.timeline.stage("vision"):
+                    rows.append(self.pipe.run_once_per_image(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0])
+            self._features = rows[0] if len(rows) == 1 else mean_rows(rows)
         return self._features
 
     def state(self, kind: str):

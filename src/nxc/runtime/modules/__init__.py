@@ -51,6 +51,7 @@ class CallResult:
     backend: str | None = None
     detection: Detection | None = None    # segmentation: the region's box and its mask
     images: list = field(default_factory=list)   # generation: the pictures (Image) it drew
+    track: list = field(default_factory=list)    # video segmentation: a Detection per frame (frame 0 = detection)
     error: str | None = None
     note: str | None = None               # what the backend did not do with the call (an unused region)
     picture_base: int = 0                 # pictures the reply made before this call (the first one's index)
@@ -66,8 +67,17 @@ def calls_json(result) -> list[dict]:
                     "backend": c.backend, "instructions": list(call.instructions) if call else [],
                     "region": None if call is None or call.region is None else list(call.region),
                     "detection": next((k for k, d in enumerate(result.detections) if d is c.detection), None),
-                    "pictures": [im.index for im in c.images], "error": c.error, "note": c.note})
+                    "pictures": [im.index for im in c.images],
+                    "track": [[round(float(v), 2) for v in d.box] for d in c.track], "error": c.error, "note": c.note})
     return out
+
+
+@dataclass
+class Track:
+    """Streamed when a video segmentation call is done: the region's object in every frame (a Detection each)."""
+    index: int
+    detections: list
+    call: CallResult
 
 
 @dataclass

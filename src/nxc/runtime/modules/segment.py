@@ -31,9 +31,13 @@ class Segment(Backend):
         if box_px is None:
             raise CallFailed(f"module {call.module!r} ({result.task}) needs a <region> to segment here; the "
                              "call has none")
+        result.detection = self.segment(conv, self.sam_image(conv).embedding(), box_px, " ".join(call.instructions))
+
+    def segment(self, conv, embedding: np.ndarray, box_px: np.ndarray, phrase: str) -> Detection:
+        """The object in `box_px` (pixels of the conversation's image size) on the image whose SAM `embedding` is
+        given: one sam_decoder call with the box as its prompt."""
         s = self.pipe.manifest.sam.size
         box_norm = pp.normalise_boxes(box_px[None], conv.width, conv.height)[0]
-        embedding = self.sam_image(conv).embedding()
         spec = {t.name: t for t in self.pipe.manifest.graph_spec(names.GRAPH_SAM_DECODER).inputs}
         feeds = {"image_embedding": embedding, "boxes": (box_norm * s)[None].astype(np.float32)}
         if "seg_prompt" in spec:        # NExT-Chat's decoder also takes the box head's prompt rows: none here
@@ -43,8 +47,7 @@ class Segment(Backend):
             dec = self.pipe.run(names.GRAPH_SAM_DECODER, **feeds)
         with conv.timeline.stage("postprocess"):
             masks = pp.masks_to_image(dec["low_res_masks"], dec["iou"], s, conv.width, conv.height, None)
-        result.detection = Detection(box=box_px, box_norm=box_norm, phrase=" ".join(call.instructions),
-                                     mask=masks[0], score=float(dec["iou"][0, 0]))
+        return Detection(box=box_px, box_norm=box_norm, phrase=phrase, mask=masks[0], score=float(dec["iou"][0, 0]))
 
     def event(self, result):
         return Mask(result.index, result.detection, result)
