@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageSequence
+from PIL import Image
 
 from nxc.runtime.images import MAX_PIXELS, ImageError
 
 MAX_FRAMES = 8                   # frames a video is sampled to by default (VITRON samples a clip to 8)
+MAX_DECODED_FRAMES = 3000        # a clip without a frame count in its header is decoded whole, up to this
 PILLOW_VIDEO = (".gif", ".png", ".apng", ".webp")
 PYAV_VIDEO = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".m4v")
 
@@ -64,35 +65,64 @@ def load_video(path: str | Path, *, max_frames: int = MAX_FRAMES) -> Video:
         return _pyav(path, max_frames)
     if suffix not in PILLOW_VIDEO:
         raise ImageError(f"{path}: not a video nxc reads ({', '.join(PILLOW_VIDEO + PYAV_VIDEO)})")
+    return _pillow(path, path, max_frames)
+
+
+def video_from_bytes(data: bytes, *, max_frames: int = MAX_FRAMES) -> Video:
+    """A video file's bytes (nxc-serve's video_url part): a GIF / PNG / WebP by its magic number, anything else
+    through PyAV."""
+    import io
+    if not data:
+        raise ImageError("the video is empty (0 bytes)")
+    if data[:6] in (b"GIF87a", b"GIF89a") or data[:8] == b"\x89PNG\r\n\x1a\n" or data[8:12] == b"WEBP":
+        return _pillow(io.BytesIO(data), "<video bytes>", max_frames)
+    return _pyav(io.BytesIO(data), max_frames, name="<video bytes>")
+
+
+def _pillow(source, name, max_frames: int) -> Video:
+    path = name
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageError(f"{path}: {img.width}x{img.height} frames are over {MAX_PIXELS // 1_000_000} M pixels")
-            frames = [f.convert("RGB") for f in ImageSequence.Iterator(img)]
+            keep = even_indices(getattr(img, "n_frames", 1), max_frames)
+            frames = []
+            for k in keep:                               # only the sampled frames are decoded to RGB copies
+                img.seek(k)
+                frames.append(img.convert("RGB"))
             duration = img.info.get("duration")
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path}: not a video Pillow can read ({e})") from None
     fps = 1000.0 / duration if duration else None
-    return Video(tuple(frames[i] for i in even_indices(len(frames), max_frames)), fps=fps)
+    return Video(tuple(frames), fps=fps)
 
 
-def _pyav(path: Path, max_frames: int) -> Video:
+def _pyav(path, max_frames: int, name: str | None = None) -> Video:
+    name = name or str(path)
     try:
         import av
     except ImportError:
-        raise ImageError(f"{path}: reading {path.suffix} needs PyAV: pip install 'nxc[video]' (or pass a GIF)") from None
+        raise ImageError(f"{name}: reading an MP4 / WebM / MOV needs PyAV: pip install 'nxc[video]' (or send a "
+                         "GIF)") from None
     try:
-        with av.open(str(path)) as box:
+        with av.open(path if not isinstance(path, Path) else str(path)) as box:
             stream = box.streams.video[0]
-            frames = [f.to_image() for f in box.decode(stream)]
             fps = float(stream.average_rate) if stream.average_rate else None
+            keep = set(even_indices(stream.frames, max_frames)) if stream.frames else None
+            frames = []
+            for k, f in enumerate(box.decode(stream)):   # a known length: only the sampled frames are kept
+                if keep is None or k in keep:
+                    frames.append(f.to_image())
+                if keep is None and len(frames) > MAX_DECODED_FRAMES:
+                    raise ImageError(f"{name}: over {MAX_DECODED_FRAMES} frames and no frame count in its header; "
+                                     "cut the clip first")
     except (av.FFmpegError, IndexError) as e:
-        raise ImageError(f"{path}: not a video PyAV can decode ({e})") from None
+        raise ImageError(f"{name}: not a video PyAV can decode ({e})") from None
     if not frames:
-        raise ImageError(f"{path}: the video has no frames")
-    return Video(tuple(frames[i] for i in even_indices(len(frames), max_frames)), fps=fps)
+        raise ImageError(f"{name}: the video has no frames")
+    return Video(tuple(frames[i] for i in even_indices(len(frames), max_frames)), fps=fps)   # no-op when kept
 
 
 def mean_rows(rows: list[np.ndarray]) -> np.ndarray:

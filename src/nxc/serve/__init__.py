@@ -5,7 +5,10 @@
 Routes
   POST /v1/chat/completions   OpenAI chat format. The first user message carries the image as a content part
                               {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}} (a local
-                              path only with --allow-local-images). Region input: "boxes": [[x1,y1,x2,y2], ...]
+                              path only with --allow-local-images), or a clip instead: {"type": "video_url",
+                              "video_url": {"url": "data:image/gif;base64,..."}} (GIF / animated PNG / WebP; MP4
+                              with nxc[video]), frames averaged; a track call's per-frame boxes come back in
+                              calls[k].track. Region input: "boxes": [[x1,y1,x2,y2], ...]
                               (pixels) on a user message, or at the top level for the last user message; the text
                               refers to them as [0], [1], ... Earlier assistant messages are sent back as they came
                               (with their "grounding") so that their [k] keep their boxes. "stream": true -> SSE.

@@ -96,6 +96,29 @@ def image_from_url(url: str, limits: Limits) -> Image.Image:
     return image_from_bytes(data, limits)
 
 
+def media_from_url(url, limits: Limits):
+    """An image_url part's image, or a video_url part's ("video", url) clip as an nxc.runtime.video.Video."""
+    if not (isinstance(url, tuple) and url[0] == "video"):
+        return image_from_url(url, limits)
+    from nxc.runtime.video import video_from_bytes
+    url = url[1]
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise ApiError(400, "video_url.url must be a data URI: data:image/gif;base64,<data> or "
+                            "data:video/mp4;base64,<data>")
+    m = _DATA_URI.match(url)
+    if not m or not m.group("b64"):
+        raise ApiError(400, "the video data URI must be base64: data:video/mp4;base64,<data>")
+    try:
+        video = video_from_bytes(_b64(m.group("data")))
+    except ImageError as e:
+        raise ApiError(400, f"video: {str(e).removeprefix('<video bytes>: ')}", "bad_video") from None
+    w, h = video.size
+    if w * h > limits.max_image_pixels:
+        raise ApiError(413, f"the video's frames are {w}x{h}, over this server's limit of "
+                            f"{limits.max_image_pixels / 1e6:.1f} M pixels; resize it first", "image_too_large")
+    return video
+
+
 def _b64(text: str) -> bytes:
     try:
         return base64.b64decode(re.sub(r"\s+", "", text), validate=True)
@@ -135,8 +158,12 @@ def _parts(message: dict, k: int) -> tuple[str, list[str]]:
         elif kind == "image_url":
             url = part.get("image_url")
             images.append(url.get("url") if isinstance(url, dict) else url)
+        elif kind == "video_url":                     # a clip instead of the image (VITRON's video input)
+            url = part.get("video_url")
+            images.append(("video", url.get("url") if isinstance(url, dict) else url))
         else:
-            raise ApiError(400, f"messages[{k}].content[{j}]: expected a text or image_url part, got {kind!r}")
+            raise ApiError(400, f"messages[{k}].content[{j}]: expected a text, image_url or video_url part, got "
+                                f"{kind!r}")
     return " ".join(t.strip() for t in texts if t.strip()), images
 
 
@@ -266,7 +293,7 @@ def parse_chat(body, limits: Limits) -> ChatRequest:
     n, beams = completions_and_beams(body, sampled)
     if n > 1 and body.get("stream"):
         raise ApiError(400, "n > 1 is answered whole, not streamed: leave stream false (or ask n streams of 1)")
-    return ChatRequest(image=image_from_url(image_urls[0], limits) if image_urls else None, question=turns[-1][1],
+    return ChatRequest(image=media_from_url(image_urls[0], limits) if image_urls else None, question=turns[-1][1],
                        boxes=boxes,
                        history=history, stream=bool(body.get("stream")),
                        include_usage=bool(isinstance(stream_options, dict) and stream_options.get("include_usage")),
