@@ -78,3 +78,19 @@ def test_helpers():
     assert split_instruction("  the zebra ") == ("", "the zebra")
     assert parse_region("(0.1, .2, 0.5, 6e-1)") == (0.1, 0.2, 0.5, 0.6)
     assert "got 0" in parse_region("the left one")
+
+
+def test_a_region_may_name_a_region_input_or_the_box_a_trigger_decodes():
+    from nxc import names
+    from nxc.module_calls import AT, SLOT, ModuleCallParser
+    from nxc.prompt import SLOT as PROMPT_SLOT
+    assert (AT, SLOT) == (names.AT, PROMPT_SLOT)
+    text = ("Yes <at> <boxes> . <module>A</module><instruction>a red circle</instruction><region>[1]</region> "
+            "<module>B</module><instruction>segmentation: it</instruction><region><at> <boxes></region>")
+    p = ModuleCallParser()
+    calls = p.feed(text) + p.close()
+    assert [(c.module, c.region, c.region_ref, c.region_slot, c.has_region) for c in calls] == [
+        ("A", None, 1, None, True), ("B", None, None, 1, True)]
+    p = ModuleCallParser()
+    bad = p.feed("<module>B</module><instruction>x</instruction><region><at> <boxes> 3</region>") + p.close()
+    assert "a grounded region is one '<at> <boxes>' and nothing else" in bad[0].reason

@@ -5,7 +5,9 @@
 
 The tags are plain text (VITRON adds no tokens): `<module>X</module>`, then one or more `<instruction>task: text
 </instruction>` (VITRON's code uses the text after the LAST ':', the task is what stands before it), then an optional
-`<region>...</region>` of 4 numbers (any brackets or none; in what frame is the modules table's business). A call is
+`<region>...</region>` of 4 numbers (any brackets or none; in what frame is the modules table's business), or `[k]`
+(the turn's k-th region input: a model can copy the user's box), or NExT-Chat's `<at> <boxes>` (the box its box head
+decodes at that trigger: the region comes from the kit's grounding, not from digits). A call is
 complete when its region closes, when the next `<module>` opens, when other text follows its last instruction, or
 when the reply ends (`close()`); only then is it handed out, so a backend never runs on half a call.
 
@@ -21,6 +23,8 @@ from dataclasses import dataclass
 TAGS = ("module", "instruction", "region")
 _TAG = re.compile(r"<(/?)(module|instruction|region)>")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_REF = re.compile(r"^\s*\[\s*(\d+)\s*\]\s*$")
+AT, SLOT = "<at>", "<at> <boxes>"          # nxc.names.AT, nxc.prompt.SLOT (checked by a test; no import here)
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,12 @@ class ModuleCall:
     region: tuple[float, float, float, float] | None
     start: int
     end: int
+    region_ref: int | None = None     # <region>[k]</region>: the turn's k-th region input (the user's box [k])
+    region_slot: int | None = None    # <region><at> <boxes></region>: the box the reply's n-th trigger decoded
+
+    @property
+    def has_region(self) -> bool:
+        return self.region is not None or self.region_ref is not None or self.region_slot is not None
 
 
 @dataclass(frozen=True)
@@ -48,8 +58,17 @@ def split_instruction(body: str) -> tuple[str, str]:
     return (task.strip(), text.strip()) if sep else ("", body.strip())
 
 
-def parse_region(body: str) -> tuple[float, float, float, float] | str:
-    """"[10, 12, 40, 44]", "(0.1,0.2,0.5,0.6)", "10 12 40 44" -> 4 floats; otherwise the reason it is not a box."""
+def parse_region(body: str):
+    """"[10, 12, 40, 44]", "(0.1,0.2,0.5,0.6)", "10 12 40 44" -> 4 floats; "[1]" -> ("ref", 1), the turn's region
+    input [1]; "<at> <boxes>" (NExT-Chat's trigger and slot) -> ("slot",), the box decoded there; otherwise the
+    reason it is not a box."""
+    if (m := _REF.match(body)) is not None:
+        return ("ref", int(m.group(1)))
+    if AT in body:
+        rest = body.replace(SLOT, "", 1).strip()
+        if body.count(AT) != 1 or rest:
+            return f"a grounded region is one {SLOT!r} and nothing else, got {body.strip()!r}"
+        return ("slot",)
     numbers = _NUMBER.findall(body)
     if len(numbers) != 4:
         return f"a region is 4 numbers (x1, y1, x2, y2), got {len(numbers)} in {body.strip()!r}"
@@ -130,11 +149,13 @@ class ModuleCallParser:
             if not name:
                 out.append(CallError("<module></module> names no module", start))
                 return
-            self.call = {"module": name, "start": start, "tasks": [], "instructions": [], "region": None}
+            self.call = {"module": name, "start": start, "tasks": [], "instructions": [], "region": None,
+                         "region_ref": None, "region_slot": None}
         elif self.call is None:
             return                                   # reported when it opened
         elif tag == "instruction":
-            if self.call["region"] is not None:
+            if self.call["region"] is not None or self.call["region_ref"] is not None or \
+                    self.call["region_slot"] is not None:
                 out.append(CallError("an <instruction> after the call's <region>", start))
                 return
             task, text = split_instruction(body)
@@ -146,7 +167,12 @@ class ModuleCallParser:
                 out.append(CallError(region, self.call["start"]))
                 self.call = None
                 return
-            self.call["region"] = region
+            if region == ("slot",):
+                self.call["region_slot"] = self.text[:start].count(AT)     # triggers before it: its index
+            elif region[0] == "ref":
+                self.call["region_ref"] = region[1]
+            else:
+                self.call["region"] = region
             self._complete(out)
 
     def _complete(self, out: list) -> None:
@@ -157,4 +183,4 @@ class ModuleCallParser:
             out.append(CallError(f"module {call['module']!r} is called without an <instruction>", call["start"]))
             return
         out.append(ModuleCall(call["module"], tuple(call["tasks"]), tuple(call["instructions"]), call["region"],
-                              call["start"], self.pos))
+                              call["start"], self.pos, region_ref=call["region_ref"], region_slot=call["region_slot"]))

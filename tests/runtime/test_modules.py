@@ -143,3 +143,24 @@ def test_a_calls_graphs_are_timed_once(module_pipe):
     totals = {k: v for k, v in tl.totals().items() if v}
     assert tl.count("sam_decoder") == 1 and tl.count("sam_encoder") == 1, totals
     assert sum(totals.values()) <= (tl.end - tl.start) * 1.02 + 1e-3, (totals, tl.end - tl.start)
+
+
+def test_a_region_can_be_a_region_input_or_the_box_head_s_box(module_pipe):
+    """`<region>[0]</region>` takes the turn's region input [0]; `<region><at> <boxes></region>` the box the box head
+    decoded at that trigger (NExT-Chat grounding a module call: no digits to write)."""
+    s = scene()
+    box = s.objects[0].box
+    with say(module_pipe, "<module>B</module><instruction>segmentation: it</instruction><region>[0]</region>"):
+        r = module_pipe.chat(s.image, "Segment [0].", boxes=[box], max_new_tokens=80)
+    call, = r.calls
+    assert call.error is None and np.allclose(call.box, box) and np.allclose(r.detections[0].box, box)
+    with say(module_pipe, "<module>B</module><instruction>segmentation: it</instruction><region>[1]</region>"):
+        r = module_pipe.chat(s.image, "Segment [0].", boxes=[box], max_new_tokens=80)
+    assert "region [1] names a region input this turn does not have (it has 1" in r.calls[0].error
+    reply = "<module>B</module><instruction>segmentation: the object</instruction><region><at> <boxes></region>"
+    with say(module_pipe, reply):
+        r = module_pipe.chat(s.image, "Segment the object.", max_new_tokens=80)
+    call = r.calls[0]
+    head_box = next(d for d in r.detections if d is not call.detection).box
+    assert call.error is None, call.error
+    assert np.allclose(call.box, np.clip(head_box, 0, [s.image.width, s.image.height] * 2), atol=1e-3)

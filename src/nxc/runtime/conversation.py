@@ -64,6 +64,7 @@ class Conversation:
         self._turn_values: list | None = None       # the slot values of the turn being prefilled / answered
         self.timeline = NO_TIMELINE
         self._claim = Claim()                        # one turn at a time: stream / add_turn take it
+        self.turn_boxes = np.zeros((0, 4), np.float32)
 
     def twin(self) -> "Conversation":
         """Another Conversation on the same image and history (n completions of one turn), sharing the image
@@ -126,6 +127,7 @@ class Conversation:
                                           num_boxes=len(boxes_px), history=self.history,
                                           special_tokens_in_text=special_tokens_in_text, fmt=self._format())
         region = region_boxes(boxes_px, order, self.width, self.height)
+        self.turn_boxes = boxes_px                   # the turn's region inputs [k], pixels (a module call's [k])
         ids = self.pipe.tokenizer.encode_segments(segments)
         cap = self.cache.capacity
         if len(ids) >= cap:

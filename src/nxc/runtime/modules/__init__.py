@@ -52,6 +52,7 @@ class CallResult:
     detection: Detection | None = None    # segmentation: the region's box and its mask
     images: list = field(default_factory=list)   # generation: the pictures (Image) it drew
     track: list = field(default_factory=list)    # video segmentation: a Detection per frame (frame 0 = detection)
+    box: np.ndarray | None = None         # the region the backend got, pixels in its frame (numbers, [k] or <at>)
     error: str | None = None
     note: str | None = None               # what the backend did not do with the call (an unused region)
     picture_base: int = 0                 # pictures the reply made before this call (the first one's index)
@@ -66,6 +67,8 @@ def calls_json(result) -> list[dict]:
         out.append({"index": c.index, "module": c.module if call is None else call.module, "task": c.task,
                     "backend": c.backend, "instructions": list(call.instructions) if call else [],
                     "region": None if call is None or call.region is None else list(call.region),
+                    "region_input": None if call is None else call.region_ref,
+                    "box": None if c.box is None else [round(float(v), 2) for v in c.box],
                     "detection": next((k for k, d in enumerate(result.detections) if d is c.detection), None),
                     "pictures": [im.index for im in c.images],
                     "track": [[round(float(v), 2) for v in d.box] for d in c.track], "error": c.error, "note": c.note})
@@ -153,6 +156,7 @@ class ModulesKind(HeadKind):
 
         class Watch:
             count = pictures = 0
+            found = reply.found               # the reply's (head, record) per trigger: a grounded region's box
 
             def feed(self, token: int) -> list:
                 return [kind.run(conv, c, self) for c in parser.feed(reply.text)]
@@ -176,12 +180,35 @@ class ModulesKind(HeadKind):
         result.module, result.task, result.backend = call.module, entry.task, entry.backend
         try:
             backend = self.backends[entry.backend]
-            box = None if call.region is None else backend.region_box(conv, call.region, self.table.region)
+            box = self.region(conv, call, backend, watch)
+            result.box = box
             backend.run(conv, call, box, result)    # its graphs timed as their own stages
         except (CallFailed, BuildError) as e:
             result.error = str(e)
         watch.pictures += len(result.images)
         return result
+
+    def region(self, conv, call: ModuleCall, backend: "Backend", watch) -> np.ndarray | None:
+        """The call's region as pixels in the backend's frame: its numbers (in the table's frame), the turn's region
+        input [k], or the box the reply's box head decoded at the region's trigger (both fractions of the
+        conversation's image, read in the backend's frame)."""
+        if call.region is not None:
+            return backend.region_box(conv, call.region, self.table.region)
+        w, h = conv.width, conv.height
+        if call.region_ref is not None:
+            boxes = conv.turn_boxes
+            if call.region_ref >= len(boxes):
+                raise CallFailed(f"region [{call.region_ref}] names a region input this turn does not have (it has "
+                                 f"{len(boxes)}: pass boxes with the question)")
+            return backend.region_box(conv, boxes[call.region_ref] / np.asarray([w, h, w, h], np.float32), "norm")
+        if call.region_slot is not None:
+            found = [r for _, r in watch.found if isinstance(r, Detection)]
+            if call.region_slot >= len(found):
+                raise CallFailed("the region's trigger decoded no box (this build has no box head, or the trigger "
+                                 "was not its)")
+            box = found[call.region_slot].box / np.asarray([w, h, w, h], np.float32)
+            return backend.region_box(conv, np.clip(box, 0, 1), "norm")
+        return None
 
     def detections_of(self, record: CallResult) -> list:
         return [] if record.detection is None else [record.detection]
