@@ -21,6 +21,7 @@ class Clip:
     frames: tuple
     objects: tuple                     # (colour, shape) per object
     boxes: np.ndarray                  # [T, K, 4] xyxy pixels, the painted masks' extents
+    masks: np.ndarray                  # [T, K, H, W] bool, each object's painted pixels (later objects on top)
 
 
 def make_clip(rng: np.random.Generator, *, frames: int = 8, side: int = 96, max_objects: int = 2,
@@ -37,6 +38,7 @@ def make_clip(rng: np.random.Generator, *, frames: int = 8, side: int = 96, max_
     bg = _background(rng, side, side)
     tints = [np.asarray(COLOURS[c], np.float32) + rng.normal(0, 6, 3) for c, _ in objects]
     pictures, boxes = [], np.zeros((frames, k, 4), np.float32)
+    masks = np.zeros((frames, k, side, side), bool)
     for t in range(frames):
         a = t / max(1, frames - 1)
         img = bg.copy()
@@ -44,9 +46,11 @@ def make_clip(rng: np.random.Generator, *, frames: int = 8, side: int = 96, max_
             cx, cy = start[j] * (1 - a) + end[j] * a
             mask = _shape_mask(shape, side, side, cx, cy, r)
             img[mask] = tints[j]
+            masks[t, :j] &= ~mask                 # what a later object covers is not visible of an earlier one
+            masks[t, j] = mask
             boxes[t, j] = bbox_of(mask)
         pictures.append(Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB"))
-    return Clip(frames=tuple(pictures), objects=objects, boxes=boxes)
+    return Clip(frames=tuple(pictures), objects=objects, boxes=boxes, masks=masks)
 
 
 def save_gif(clip: Clip, path, *, ms_per_frame: int = 125) -> None:

@@ -169,6 +169,9 @@ def make_sample(rng: np.random.Generator, task: str, scene: Scene | None = None,
 
 
 def _sample(rng: np.random.Generator, task: str, scene: Scene, pope_near: float) -> Sample:
+    if task.startswith("module_"):                  # VITRON-style module calls (nxc.shapes.module_tasks)
+        from nxc.shapes.module_tasks import module_sample
+        return module_sample(rng, task, scene)
     objs = scene.objects
     if task == "rec":
         o = _pick(rng, objs)

@@ -266,4 +266,4 @@ def judge_ceiling(judges: Judges, *, seed: int, n: int, side: int = MIN_SIDE) ->
 def not_applicable(metrics: list[dict]) -> list[str]:
     """Lines naming each run whose generation task is n/a (under nxc-eval's table)."""
     return [f"{task} ({Path(m.get('meta', {}).get('target', '?')).name}): {m[task]['n/a']}"
-            for task in ("generation", "grounded_generation", "editing") for m in metrics if "n/a" in m.get(task, {})]
+            for task in ("generation", "grounded_generation", "editing", "modules") for m in metrics if "n/a" in m.get(task, {})]

@@ -30,6 +30,7 @@ import numpy as np
 from nxc.shapes.data import TASKS, make_samples, phrases_in
 from nxc.shapes.eval_generation import ROWS as GENERATION_ROWS
 from nxc.shapes.eval_generation import evaluate_generation, not_applicable
+from nxc.shapes.eval_calls import ROWS as CALL_ROWS
 from nxc.shapes.eval_modules import ROWS as MODULE_ROWS
 
 MODULE_TASKS = ("grounded-generation", "editing")
@@ -195,7 +196,7 @@ ROWS = (("REC Acc@0.5", "rec", "acc@0.5"), ("REC mean IoU", "rec", "mean_iou"), 
         ("POPE accuracy", "pope", "accuracy"), ("POPE precision", "pope", "precision"),
         ("POPE recall", "pope", "recall"), ("POPE F1", "pope", "f1"), ("POPE yes-ratio", "pope", "yes_ratio"),
         ("region-caption accuracy", "region", "accuracy"), ("grounded-caption F1", "caption", "grounded_f1"),
-        ("proposal recall@0.5", "proposals", "recall@0.5"), *GENERATION_ROWS, *MODULE_ROWS)
+        ("proposal recall@0.5", "proposals", "recall@0.5"), *GENERATION_ROWS, *MODULE_ROWS, *CALL_ROWS)
 
 
 def format_table(m: dict, *others: dict, names: list[str] | None = None) -> str:
@@ -236,6 +237,26 @@ def _generation(target: Target, a, judges: list) -> dict:
                                steps=a.draw_steps, guidance=a.draw_guidance, judges_factory=shipped)
 
 
+CALL_TOKENS = 128           # a module call is about 70 tokens of the shapes tokenizer
+
+
+def _calls(path: Path, target: Target, a) -> dict:
+    """The module-call task (nxc.shapes.eval_calls), replies up to CALL_TOKENS tokens long."""
+    from nxc.shapes.eval_calls import evaluate_calls
+    if target.family != "regression":
+        return {"n/a": "module calls are scored on a grounding (NExT-Chat-family) model"}
+    if target.pipe is not None:
+        pipe = target.pipe
+
+        def chat(image, text, boxes):
+            return pipe.chat(image, text, boxes=boxes, max_new_tokens=max(CALL_TOKENS, a.max_new_tokens),
+                             iou_threshold=None)
+    else:
+        chat = reference_chat(path, clip_dir=a.clip, sam_file=a.sam,
+                              max_new_tokens=max(CALL_TOKENS, a.max_new_tokens)).chat
+    return evaluate_calls(chat, seed=a.seed, n=a.n_per_task, pipe=target.pipe)
+
+
 def _modules(target: Target, a, judges: list) -> dict:
     """The grounded-generation and editing tasks for a build (nxc.shapes.eval_modules)."""
     from nxc.shapes.eval_modules import NOT_GROUNDED, evaluate_grounded, grounded
@@ -265,10 +286,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sam", help="separate SAM weights for a checkpoint")
     ap.add_argument("--n-per-task", type=int, default=500)
     ap.add_argument("--seed", type=int, default=1234)
-    ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation", *MODULE_TASKS), default=list(TASKS),
+    ap.add_argument("--tasks", nargs="+", choices=(*TASKS, "generation", *MODULE_TASKS, "modules"),
+                    default=list(TASKS),
                     help="grounding tasks, 'generation' (pictures a build draws, judged by the shipped models), "
                     "'grounded-generation' and 'editing' (a GLIGEN generator's boxes and edits, judged by the "
-                    "shipped NExT-Chat)")
+                    "shipped NExT-Chat), 'modules' (VITRON-style module calls: module choice, regions, masks, "
+                    "tracks)")
     ap.add_argument("--draw-steps", type=int, help="generation: denoising steps per picture (default: the build's)")
     ap.add_argument("--draw-guidance", type=float, help="generation: classifier-free guidance (default: the build's)")
     ap.add_argument("--max-new-tokens", type=int, default=48)
@@ -305,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics["generation"] = _generation(target, a, judges)
         if set(MODULE_TASKS) & set(a.tasks):
             metrics.update(_modules(target, a, judges))
+        if "modules" in a.tasks:
+            metrics["modules"] = _calls(path, target, a)
         runs.append(metrics)
     if len(runs) == 1:
         print(format_table(runs[0]))

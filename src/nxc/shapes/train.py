@@ -67,6 +67,8 @@ class TrainConfig:
     pope_near: float = 0.5         # share of absent POPE objects that share a colour or shape with a present one
     look_absent: bool = False      # POPE about an absent object: the look heads attend to the background
     yes_no_weight: float = 1.0     # cross-entropy weight of the "Yes"/"No" answer tokens (POPE)
+    box_only_prob: float = 0.0     # stage 2: share of images whose SAM prompt is the box alone (no seg_prompt rows:
+                                   # what a module call's segment / track backend gives SAM)
     extra: dict = field(default_factory=dict)
 
 
@@ -213,7 +215,8 @@ def stage1_loss(model: NextChat, batch: Batch, cfg: TrainConfig) -> tuple[torch.
                   "cyc": cyc_box.item()}
 
 
-def stage2_loss(model: NextChat, batch: Batch, iou_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
+def stage2_loss(model: NextChat, batch: Batch, iou_weight: float = 1.0, box_only_prob: float = 0.0
+                ) -> tuple[torch.Tensor, dict]:
     """Masks prompted as at inference: box = loc_decoder(h_at), prompt tokens = seg_prompt_mlp(h_at).
     One SAM image encoding and one decoder call per image, for all its triggers."""
     from nxc.model import processing
@@ -227,7 +230,10 @@ def stage2_loss(model: NextChat, batch: Batch, iou_weight: float = 1.0) -> tuple
     for r in rows.unique().tolist():
         idx = (rows == r).nonzero()[:, 0]
         emb = model.sam.image_encoder(processing.sam_pixels(batch.images[r], s))
-        low, iou_pred = nextchat_sam_decode(model.sam, emb, boxes[idx] * s, model.seg_prompt(h_at[idx]))
+        prompt = model.seg_prompt(h_at[idx])
+        if box_only_prob and torch.rand(()) < box_only_prob:      # the box alone, as a module call prompts SAM
+            prompt = torch.zeros_like(prompt)
+        low, iou_pred = nextchat_sam_decode(model.sam, emb, boxes[idx] * s, prompt)
         logits = F.interpolate(low, size=(s, s), mode="bilinear", align_corners=False)[:, 0]
         target = torch.stack([sam_target(batch.at_objects[k][1].mask, s) for k in idx.tolist()])
         prob = logits.sigmoid()
@@ -351,7 +357,7 @@ def train(out_dir: str | Path, cfg: TrainConfig = TrainConfig()) -> Path:
             p.requires_grad_(True)
         model.eval()  # no dropout anywhere; eval() keeps the frozen parts deterministic
         h2 = _run_stage("stage2 masks", model, stage2, cfg.stage2_steps, cfg.sam_lr, cfg, rng, tokenizer,
-                        lambda m, b: stage2_loss(m, b, cfg.iou_weight))
+                        lambda m, b: stage2_loss(m, b, cfg.iou_weight, cfg.box_only_prob))
         del model._nxc_ids
         out = save_nextchat(model.eval(), out_dir, tokenizer_model=sp_path, safetensors=True)
     t2 = time.perf_counter()

@@ -6,7 +6,9 @@ import sys
 
 
 def _weights(text: str) -> dict:
-    from nxc.shapes.data import TASKS
+    from nxc.shapes.data import TASKS as GROUNDING
+    from nxc.shapes.module_tasks import MODULE_TASKS
+    TASKS = GROUNDING + MODULE_TASKS
     try:
         out = {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError:
@@ -36,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iou-weight", type=float, default=TrainConfig.iou_weight,
                     help="stage-2 weight of SAM's IoU-score loss (0 in the shipped model's first two runs)")
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup, help="linear warm-up steps of each stage")
-    ap.add_argument("--task-weights", type=_weights, help="stage-1 task mix, e.g. rec=0.3,caption=0.1,region=0.1,pope=0.5")
+    ap.add_argument("--task-weights", type=_weights, help="stage-1 task mix, e.g. rec=0.3,caption=0.1,region=0.1,pope=0.5 "
+                    "(and the module-call tasks of nxc.shapes.module_tasks: module_segment, module_track, module_edit, "
+                    "module_generate)")
     ap.add_argument("--pope-near", type=float, default=TrainConfig.pope_near,
                     help="share of absent POPE objects that share a colour or shape with a present one")
     ap.add_argument("--yes-no-weight", type=float, default=TrainConfig.yes_no_weight,
@@ -45,12 +49,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="stage-1 learning-rate factor of the CLIP tower")
     ap.add_argument("--look-absent", action="store_true",
                     help="supervise attention onto the background for questions about absent objects")
+    ap.add_argument("--box-only-prob", type=float, default=TrainConfig.box_only_prob,
+                    help="stage 2: share of images whose SAM prompt is the box alone (a module call's segment / track)")
     a = ap.parse_args(argv)
     train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps,
                              stage2_steps=a.stage2_steps, lr=a.lr, init=a.init, sorted_giou=a.sorted_giou,
                              batch_size=a.batch_size, warmup=a.warmup, task_weights=a.task_weights,
                              pope_near=a.pope_near, look_absent=a.look_absent, yes_no_weight=a.yes_no_weight,
-                             vision_lr_scale=a.vision_lr_scale, iou_weight=a.iou_weight))
+                             vision_lr_scale=a.vision_lr_scale, iou_weight=a.iou_weight,
+                             box_only_prob=a.box_only_prob))
     return 0
 
 
