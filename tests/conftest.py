@@ -358,3 +358,20 @@ def gligen_module_build(embedded_build, tmp_path_factory):
 def module_draw_pipe(module_draw_build):
     from nxc.runtime.pipeline import Pipeline
     return Pipeline.load(module_draw_build)
+
+
+@pytest.fixture(scope="session")
+def shapes_vitron_build(tmp_path_factory):
+    """The shipped VITRON-style model exported fp32: its modules.json and GLIGEN generator come with it."""
+    require_export_extra("exporting the shipped VITRON")
+    pytest.importorskip("diffusers", reason="exporting a generator needs diffusers (export extra)")
+    from nxc.assets import vitron_checkpoint
+    from nxc.export.exporter import ExportOptions, export_build
+    return export_build(vitron_checkpoint(), tmp_path_factory.mktemp("shapes-vitron") / "fp32",
+                        options=ExportOptions())
+
+
+@pytest.fixture(scope="session")
+def shapes_vitron_pipe(shapes_vitron_build):
+    from nxc.runtime.pipeline import Pipeline
+    return Pipeline.load(shapes_vitron_build)

@@ -3,7 +3,8 @@ on a generated image.
 
 A build that draws (`nxc-demo --checkpoint embedded:shapes-nextgpt --build build/nextgpt`) is asked instead to draw
 the scene's objects ("Draw a red circle and a blue square.") and whether the scene holds one of them; the picture
-goes to --out.
+goes to --out. A build whose model answers with module calls (`--checkpoint embedded:shapes-vitron`) is asked to
+segment an object and to replace it with another; the mask and the edited picture go to --out and out-1.
 
 Exports the embedded model to build/fp32 if that build is missing (or is not a valid build), then asks a
 referring question and a grounded caption through `nxc.runtime.Pipeline`, prints the replies and the boxes (with
@@ -59,6 +60,38 @@ def draw_demo(pipe, scene, out: Path, t0: float) -> int:
     return 0
 
 
+def modules_demo(pipe, scene, out: Path, t0: float) -> int:
+    """A build whose model answers with module calls (embedded:shapes-vitron): a segmentation request and an edit,
+    each call listed with what it made; the mask and the edited picture go to --out (and out-1)."""
+    from PIL import Image as PILImage
+
+    from nxc.runtime.draw import annotate
+    from nxc.runtime.modules import calls_json
+    from nxc.shapes.data import COLOURS, SHAPES
+    target = scene.objects[0]
+    have = {(o.colour, o.shape) for o in scene.objects}
+    new = next(f"{c} {s}" for c in COLOURS for s in SHAPES if (c, s) not in have)
+    written = []
+    for question in (f"Segment the {target.phrase}.", f"Replace the {target.phrase} with a {new}."):
+        r = pipe.conversation(scene.image).ask(question, max_new_tokens=128)
+        print(f"\nUSER      : {question}\nASSISTANT : {r.raw_text}")
+        for c in calls_json(r):
+            made = c["error"] or f"region {c['box']}, " + (f"{len(c['pictures'])} picture(s)" if c["pictures"]
+                                                           else "a mask" if c["detection"] is not None else "nothing")
+            print(f"  call {c['index']}: module {c['module']} ({c['task']}, backend {c['backend']}): {made}")
+        path = out if not written else out.with_name(f"{out.stem}-{len(written)}{out.suffix}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if r.images:
+            px = r.images[0].pixels
+            PILImage.fromarray(px).resize((px.shape[1] * 4, px.shape[0] * 4), PILImage.NEAREST).save(path)
+        else:
+            annotate(scene.image, [d.box for d in r.detections], [d.mask for d in r.detections]).resize(
+                (scene.image.width * 3, scene.image.height * 3)).save(path)
+        written.append(path)
+    print(f"\nwrote {', '.join(map(str, written))} ({time.perf_counter() - t0:.2f} s, model loading included)")
+    return 0
+
+
 def write_scene(scene, path: Path, seed: int) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
     scene.image.save(path)
@@ -97,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(o.phrase for o in scene.objects))
     if pipe.dispatch.head_of_kind("signal") is not None:
         return draw_demo(pipe, scene, Path(a.out), t)
+    if pipe.manifest.modules is not None:
+        return modules_demo(pipe, scene, Path(a.out), t)
     target = scene.objects[0]
     conv = pipe.conversation(scene.image)
     boxes, masks = [], []

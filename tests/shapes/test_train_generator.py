@@ -184,7 +184,7 @@ def test_gligen_stage_trains_gates_and_position_net_on_a_frozen_base(trained, tm
     from nxc.export.generator import export_generator
     from nxc.model.generator import inspect_generator
     from nxc.shapes.train_gligen import GligenTrainConfig, train_gligen
-    out = train_gligen(trained, tmp_path / "g", GligenTrainConfig(steps=4, batch_size=4, warmup=1, lr=1e-2, ema_decay=0.0),
+    out = train_gligen(trained, tmp_path / "g", GligenTrainConfig(steps=4, batch_size=4, warmup=1, lr=1e-2, ema_decay=0.0, gate_init=0.0),
                        command="gligen")
     sizes = inspect_generator(out)[3]
     assert (sizes.grounding_objects, sizes.phrase_dim) == (30, 16)

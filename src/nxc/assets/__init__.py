@@ -1,6 +1,7 @@
 """The shipped models, each trained here on synthetic shapes: NExT-Chat (the default; nxc.shapes.train), a
-ChatRex-style retrieval model (nxc.shapes.train_retrieval) and a NExT-GPT that draws (nxc.shapes.train_nextgpt, its
-generator by nxc.shapes.train_generator). `embedded:NAME` names one on every command line."""
+ChatRex-style retrieval model (nxc.shapes.train_retrieval), a NExT-GPT that draws (nxc.shapes.train_nextgpt, its
+generator by nxc.shapes.train_generator) and a VITRON-style model that answers with module calls (nxc.shapes.train
+with nxc.shapes.module_tasks; its GLIGEN generator by nxc.shapes.train_gligen). `embedded:NAME` names one on every command line."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,11 +9,14 @@ from pathlib import Path
 EMBEDDED_NAME = "shapes-nextchat"
 RETRIEVAL_NAME = "shapes-retrieval"
 NEXTGPT_NAME = "shapes-nextgpt"
-SHIPPED = (EMBEDDED_NAME, RETRIEVAL_NAME, NEXTGPT_NAME)
+VITRON_NAME = "shapes-vitron"
+SHIPPED = (EMBEDDED_NAME, RETRIEVAL_NAME, NEXTGPT_NAME, VITRON_NAME)
 RETRAIN = {EMBEDDED_NAME: "nxc-train-shapes --out {path}",
            RETRIEVAL_NAME: "python -m nxc.shapes.train_retrieval --out {path} --proposals DIR",
            NEXTGPT_NAME: "nxc-train-shapes-generator --out GEN, then python -m nxc.shapes.train_nextgpt --out {path} "
-                         "--generator GEN"}
+                         "--generator GEN",
+           VITRON_NAME: "nxc-train-shapes --out {path} --init embedded:shapes-nextchat with the module tasks, and "
+                        "nxc-train-shapes-generator --out {path}/generator --gligen GEN (its training.json has both)"}
 
 
 def shipped_checkpoint(name: str) -> Path:
@@ -51,3 +55,9 @@ def retrieval_checkpoint() -> Path:
 def nextgpt_checkpoint() -> Path:
     """Directory of the shipped NExT-GPT (nxc.model.nextgpt; its generator in generator/)."""
     return shipped_checkpoint(NEXTGPT_NAME)
+
+
+def vitron_checkpoint() -> Path:
+    """Directory of the shipped VITRON-style model: the shapes NExT-Chat taught to answer with module calls, its
+    modules.json (the module table nxc-export writes into its builds) and its GLIGEN generator in generator/."""
+    return shipped_checkpoint(VITRON_NAME)

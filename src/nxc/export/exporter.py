@@ -16,7 +16,7 @@ import json
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +123,9 @@ def export_graph(wrapper: torch.nn.Module, spec: GraphSpec, config: NextChatConf
     return external
 
 
+MODULES_FILE = "modules.json"     # beside a checkpoint: its module-call table (--modules' format), used by default
+
+
 def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=None, sam_file=None,
                  options: ExportOptions = ExportOptions()) -> Path:
     """Export `checkpoint` (default: the embedded shapes model) into the build directory `out`."""
@@ -135,6 +138,10 @@ def export_build(checkpoint: str | Path | None, out: str | Path, *, clip_dir=Non
         checkpoint = assets.embedded_checkpoint()
     checkpoint = Path(checkpoint)
     embedded = embedded or assets.is_shipped(checkpoint)       # a model of the kit's own: calibrated on generated shapes scenes
+    if options.modules is None and (checkpoint / MODULES_FILE).is_file():    # a model that writes module calls
+        _log(f"[nxc-export] {checkpoint}: its {MODULES_FILE} names the module calls it writes; exported with them")
+        options = replace(options, modules=str(checkpoint / MODULES_FILE))
+        check_options(options)
 
     def load():
         _log(f"[nxc-export] loading {checkpoint}{' (embedded shapes model)' if embedded else ''}")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage2-steps", type=int, default=TrainConfig.stage2_steps)
     ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     ap.add_argument("--lr", type=float, default=TrainConfig.lr)
-    ap.add_argument("--init", help="continue from a checkpoint written by this script")
+    ap.add_argument("--init", help="continue from a checkpoint written by this script (or embedded:NAME)")
     ap.add_argument("--sorted-giou", action="store_true", help="the first recipe's GIoU (reproduction only)")
     ap.add_argument("--iou-weight", type=float, default=TrainConfig.iou_weight,
                     help="stage-2 weight of SAM's IoU-score loss (0 in the shipped model's first two runs)")
@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--box-only-prob", type=float, default=TrainConfig.box_only_prob,
                     help="stage 2: share of images whose SAM prompt is the box alone (a module call's segment / track)")
     a = ap.parse_args(argv)
+    if a.init is not None:
+        from nxc.assets import resolve_checkpoint
+        a.init = str(resolve_checkpoint(a.init))          # embedded:shapes-nextchat names the shipped one
     train(a.out, TrainConfig(seed=a.seed, stage0_steps=a.stage0_steps, stage1_steps=a.stage1_steps,
                              stage2_steps=a.stage2_steps, lr=a.lr, init=a.init, sorted_giou=a.sorted_giou,
                              batch_size=a.batch_size, warmup=a.warmup, task_weights=a.task_weights,

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder to write (diffusers layout + training.json)")
     ap.add_argument("--steps", type=int, default=None, help=f"UNet + text encoder steps ({GeneratorTrainConfig.unet_steps}; "
-                    "with --gligen: the grounding's steps, 2000)")
+                    "with --gligen: the grounding's steps, 1500)")
     ap.add_argument("--vae-steps", type=int, default=GeneratorTrainConfig.vae_steps, help="VAE steps (first)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=GeneratorTrainConfig.threads,
