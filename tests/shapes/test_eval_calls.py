@@ -42,7 +42,7 @@ def test_the_scorer_gives_a_right_model_1_and_a_silent_one_0():
             s = module_sample(rng, task, make_scene(rng, max_objects=3))
             truth[s.question] = s
     right = evaluate_calls(_oracle(truth), seed=7, n=6, progress=False)
-    assert right["module_choice"] == 1.0 and right["region_acc@0.5"] == 1.0
+    assert right["module_choice"] == right["instruction_accuracy"] == right["region_acc@0.5"] == 1.0
     assert right["per_task"] == {t: 1.0 for t in MODULE_TASKS}
     silent = evaluate_calls(lambda i, t, b: SimpleNamespace(text="No.", detections=[]), seed=7, n=6, progress=False)
     assert silent["module_choice"] == 0.0 and silent["region_acc@0.5"] == 0.0

@@ -3,6 +3,8 @@
 Held-out requests of nxc.shapes.module_tasks (seeded scenes; n per module task) through the target:
 - module choice: the reply's first call names the module the request needs (B segment, E track, C edit, A draw);
   a reply without a call, or with a malformed one, is wrong.
+- instruction exact: the right module, and its instruction text is the request's (the object to segment, the new
+  object of an edit or a drawing, copied right).
 - region Acc@0.5: segment / track / edit: the call's region (the box the model's box head decoded at its `<at>`, or
   the numbers it wrote) has IoU >= 0.5 with the object's box; generate "in [0]": the region names input [0].
 - segmentation IoU (a build with a segment backend): the call's mask against the object's mask, mean (a wrong or
@@ -22,7 +24,8 @@ from nxc.module_calls import ModuleCall, ModuleCallParser
 from nxc.shapes.data import make_scene
 from nxc.shapes.module_tasks import MODULE_OF, MODULE_TASKS, module_sample
 
-ROWS = (("module choice", "modules", "module_choice"), ("module region Acc@0.5", "modules", "region_acc@0.5"),
+ROWS = (("module choice", "modules", "module_choice"), ("module instruction exact", "modules", "instruction_accuracy"),
+        ("module region Acc@0.5", "modules", "region_acc@0.5"),
         ("module segmentation IoU", "modules", "segmentation_iou"), ("module tracking mean IoU", "modules",
                                                                        "tracking_mean_iou"))
 
@@ -61,7 +64,7 @@ def evaluate_calls(chat, *, seed: int = 1234, n: int = 100, pipe=None, progress:
     """chat(image, text, boxes) -> a result with raw_text (or text) and detections; `pipe`: the build's Pipeline,
     for the backends' masks and tracks (None: a checkpoint, module choice and regions only)."""
     rng = np.random.default_rng([seed, 2929])
-    per, regions, seg = {}, [], []
+    per, regions, seg, said = {}, [], [], []
     t0 = time.perf_counter()
     for task in MODULE_TASKS:
         ok = 0
@@ -71,6 +74,7 @@ def evaluate_calls(chat, *, seed: int = 1234, n: int = 100, pipe=None, progress:
             call = first_call(getattr(result, "raw_text", None) or result.text)
             right = call is not None and call.module == MODULE_OF[task]
             ok += right
+            said.append(bool(right and call.instructions == first_call(sample.answer).instructions))
             if task == "module_generate":
                 if sample.boxes_in:
                     regions.append(bool(right and call.region_ref == 0))
@@ -85,6 +89,7 @@ def evaluate_calls(chat, *, seed: int = 1234, n: int = 100, pipe=None, progress:
         if progress:
             print(f"  modules: {task} {ok}/{n} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     out = {"module_choice": float(np.mean(list(per.values()))), "per_task": per,
+           "instruction_accuracy": float(np.mean(said)),
            "region_acc@0.5": float(np.mean(regions)) if regions else None,
            "segmentation_iou": float(np.mean(seg)) if seg else None, "n": n}
     if pipe is not None and pipe.manifest.modules is not None and any(
