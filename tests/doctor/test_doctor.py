@@ -314,5 +314,5 @@ def test_a_build_that_calls_modules_names_them_and_its_text_encoder(module_draw_
     out = capsys.readouterr().out
     assert "draws pictures, module calls A: generate, B: segment): runs here with onnxruntime" in out
     rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ") and len(line.split()) > 3}
-    assert rows["text_encoder"].endswith("picture: a module call's text -> conditioning")
+    assert rows["text_encoder"].endswith("picture: a module call's text -> conditioning (and GLIGEN's phrases)")
     assert build_parser().parse_args([str(module_draw_build), "--graphs", "text_encoder"]).graphs

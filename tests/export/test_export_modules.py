@@ -40,7 +40,7 @@ def test_the_embedded_model_exported_with_a_module_table(tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    ({"calls": {"A": {"task": "x", "backend": "paint"}}}, "calls.A.backend 'paint' is not one of segment, generate"),
+    ({"calls": {"A": {"task": "x", "backend": "paint"}}}, "calls.A.backend 'paint' is not one of segment, track, generate, edit"),
     ({"generator": None}, "a generate module needs \"generator\""),
     ({"generator": {"path": "nowhere"}}, "generator.path 'nowhere' is not a folder"),
     ({"extra": 1}, "expected an object with grammar, region, calls"),
