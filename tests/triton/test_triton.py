@@ -315,7 +315,7 @@ def test_refuses_a_drawing_build_in_one_line(drawing_build, tmp_path, capsys):
 
 
 def test_refuses_a_build_that_calls_modules_in_one_line(module_build, tmp_path):
-    with pytest.raises(RepoError, match=r"a build whose replies call modules \(VITRON-style: B\); nxc-triton writes "
+    with pytest.raises(RepoError, match=r"a build whose replies call modules \(VITRON-style: B, E\); nxc-triton writes "
                                         "NExT-Chat's repository only. Serve it with nxc-serve$"):
         write_repository(module_build, tmp_path / "repo")
     assert not (tmp_path / "repo").exists()
