@@ -56,7 +56,6 @@ GB = 1e9
 GLIGEN_PHRASES = ["a red circle", "a blue square"]             # --gligen: what is grounded where (xyxy in [0, 1])
 GLIGEN_BOXES = [[0.1, 0.1, 0.5, 0.6], [0.5, 0.25, 0.875, 0.875]]
 GLIGEN_BETA = 0.3                                              # the pipeline's gligen_scheduled_sampling_beta
-GLIGEN_RUN = False                                             # set by parse_args
 
 def log(msg: str) -> None:
     print(f"[generate-vs] {msg}", file=sys.stderr, flush=True)
@@ -131,11 +130,12 @@ def side_export(a) -> dict:
 
 
 # -- the two pictures ----------------------------------------------------------------------------------------------
-def _timings(steps_s: list[float], picture_s: float, load_s: float, pixels: np.ndarray, out: Path) -> dict:
+def _timings(steps_s: list[float], picture_s: float, load_s: float, pixels: np.ndarray, out: Path,
+             gligen: bool = False) -> dict:
     np.save(out, pixels.astype(np.float32))
     grounded = int(GLIGEN_BETA * len(steps_s))        # GLIGEN: the first steps run the fusers (--gligen only)
     split = ({"grounded_step_seconds": statistics.median(steps_s[:grounded]),
-              "plain_step_seconds": statistics.median(steps_s[grounded:])} if GLIGEN_RUN and grounded else {})
+              "plain_step_seconds": statistics.median(steps_s[grounded:])} if gligen and grounded else {})
     return {**split, "load_seconds": round(load_s, 3), "denoise_step_seconds": statistics.median(steps_s),
             "denoise_steps": len(steps_s), "denoise_step_seconds_all": [round(s, 4) for s in steps_s],
             "picture_seconds": picture_s, "picture_shape": list(pixels.shape)}
@@ -184,7 +184,7 @@ def side_nxc(a) -> dict:
     files = [build / f for g in graphs
              for f in [exp["graphs"][g]["file"], *exp["graphs"][g]["external_data"]]] + [build / entry.uncond_file]
     np.save(a.work / "pictures" / "nxc-uint8.npy", picture)
-    return {**_timings(steps_s, picture_s, load_s, decoded["pixels"], a.work / "pictures" / "nxc.npy"),
+    return {**_timings(steps_s, picture_s, load_s, decoded["pixels"], a.work / "pictures" / "nxc.npy", a.gligen),
             "decode_seconds": sum(ev.seconds for ev in tl.events if ev.stage == entry.decoder),
             "files_gb": round(sum(f.stat().st_size for f in files) / GB, 3), "precision": a.precision,
             "options": vars(used), "torch_imported": "torch" in sys.modules}
@@ -247,7 +247,7 @@ def side_torch(a) -> dict:
         image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
         pixels = (image / 2 + 0.5).clamp(0, 1)[0].numpy()
     picture_s = time.perf_counter() - t0
-    return {**_timings(steps_s, picture_s, load_s, pixels, a.work / "pictures" / "torch.npy"),
+    return {**_timings(steps_s, picture_s, load_s, pixels, a.work / "pictures" / "torch.npy", a.gligen),
             "decode_seconds": time.perf_counter() - d0, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "accelerate": importlib.util.find_spec("accelerate") is not None}
 
@@ -318,8 +318,6 @@ def parse_args(argv):
         ap.error(f"--steps {a.steps}, --guidance {a.guidance}, --threads {a.threads}: expected steps >= 1, "
                  "guidance >= 0, threads >= 1")
     a.argv = list(sys.argv[1:] if argv is None else argv)
-    global GLIGEN_RUN
-    GLIGEN_RUN = a.gligen
     return a
 
 

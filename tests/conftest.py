@@ -291,7 +291,7 @@ def module_pipe(module_build):
     return Pipeline.load(module_build)
 
 
-def _with_generator(embedded_build, build, gen, modules: dict):
+def _with_generator(build, gen, modules: dict):
     """A copy of the embedded build at `build` (where `gen`, an export_generator result, was written) with the
     generator's entry, graphs and files in its manifest and the modules table `modules`."""
     import json
@@ -326,7 +326,7 @@ def module_draw_build(embedded_build, tmp_path_factory):
     shutil.copytree(embedded_build, build)
     gen = export_generator(nextgpt_checkpoint() / "generator", build, default_steps=20, default_guidance=4.0,
                            text_encoder=True, log=lambda m: None)
-    return _with_generator(embedded_build, build, gen, {
+    return _with_generator(build, gen, {
         "grammar": "vitron", "region": "pixels",
         "calls": {"A": {"task": "image generation", "backend": "generate"},
                   "B": {"task": "image segmentation", "backend": "segment"}}})
@@ -347,7 +347,7 @@ def gligen_module_build(embedded_build, tmp_path_factory):
     build = root / "build"
     shutil.copytree(embedded_build, build)
     gen = export_generator(folder, build, default_steps=10, default_guidance=7.5, log=lambda m: None)
-    return _with_generator(embedded_build, build, gen, {
+    return _with_generator(build, gen, {
         "grammar": "vitron", "region": "pixels",
         "calls": {"A": {"task": "image generation", "backend": "generate"},
                   "B": {"task": "image segmentation", "backend": "segment"},

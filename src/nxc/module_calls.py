@@ -20,11 +20,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from nxc import names
+
 TAGS = ("module", "instruction", "region")
 _TAG = re.compile(r"<(/?)(module|instruction|region)>")
 _NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 _REF = re.compile(r"^\s*\[\s*(\d+)\s*\]\s*$")
-AT, SLOT = "<at>", "<at> <boxes>"          # nxc.names.AT, nxc.prompt.SLOT (checked by a test; no import here)
+AT, SLOT = names.AT, f"{names.AT} {names.BOXES}"     # NExT-Chat's trigger and slot (nxc.prompt.SLOT)
 
 
 @dataclass(frozen=True)
