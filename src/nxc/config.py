@@ -172,6 +172,7 @@ class NextChatConfig:
     extra: dict = field(default_factory=dict, compare=False, hash=False)
     objects: ObjectSizes | None = None
     projector: ProjectorSizes | None = None
+    region_encoder: bool = False      # VITRON's region extractor (nxc.model.region): user boxes -> its rows
 
     @property
     def grounding(self) -> str:
@@ -192,6 +193,8 @@ class NextChatConfig:
             d["objects"] = self.objects.to_dict()
         if self.projector is None:
             d.pop("projector")
+        if not self.region_encoder:
+            d.pop("region_encoder")
         return d
 
     @classmethod
@@ -206,7 +209,7 @@ class NextChatConfig:
         return cls(llm=LlamaSizes(**d["llm"]), vision=VisionSizes(**d["vision"]), sam=sam,
                    mm_hidden_size=d["mm_hidden_size"], mm_depth=d["mm_depth"],
                    mm_vision_select_layer=d["mm_vision_select_layer"], mm_use_im_start_end=d["mm_use_im_start_end"],
-                   objects=objects, projector=projector)
+                   objects=objects, projector=projector, region_encoder=bool(d.get("region_encoder", False)))
 
 
 def llama_sizes_from_config_json(cfg: dict, *, source: str = "config.json") -> LlamaSizes:

@@ -17,7 +17,7 @@ PRECISIONS = ("fp32", "fp16", "int8", "int4")       # of a whole build (nxc-expo
 KV_DTYPES = ("float32", "float16")
 BATCH_ROWS = "masked"          # kv_cache.batch_rows: rows of different lengths decode together by mask
 EMBEDDING_DTYPES = ("float32", "float16")
-HEAD_SOURCES = ("hidden", "zeros", "slot_index", "signal_embeds")                  # what a head's graph inputs are fed from (see Head)
+HEAD_SOURCES = ("hidden", "zeros", "slot_index", "slot_is_region", "signal_embeds")                  # what a head's graph inputs are fed from (see Head)
 MAX_CONTEXT = 1 << 20
 MAX_DEPTH = 32                                      # JSON nesting; the exporter writes 6
 MAX_BYTES = 64 << 20                                # manifest.json itself (a 7B build's is under 1 MB)
@@ -74,7 +74,8 @@ class Head:
 
     `inputs` maps every graph input to its source: "hidden" (the llm's hidden [1,H] of the trigger step),
     "zeros" (zeros of the input's shape, dynamic axes 1), "slot_index" (when encoding slots: each slot's place
-    among the prompt's slots) or "<graph>:<output>" (that output of a graph run once per image, e.g. the retrieval
+    among the prompt's slots), "slot_is_region" (when encoding slots: 1 where the slot's value is a user's region,
+    0 where it is the model's own box; VITRON's region extractor encodes the first kind) or "<graph>:<output>" (that output of a graph run once per image, e.g. the retrieval
     family's "proposals:features"). A head with no trigger (and no feedback) never fires
     while decoding: it exists for its slot's rows (the retrieval family's `<objfeat>`, kind "index").
 

@@ -99,7 +99,10 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
         names.GRAPH_VISION: GraphSpec(
             names.GRAPH_VISION,
             inputs=(_t("pixel_values", ("batch", 3, r, r)),),
-            outputs=(_t("image_embeds", ("batch", config.num_image_tokens, h)),)),
+            outputs=(_t("image_embeds", ("batch", config.num_image_tokens, h)),
+                     # a region extractor's build: the tower's patch features before the projector (what it pools)
+                     *((_t("patch_features", ("batch", v.num_patches, config.mm_hidden_size)),)
+                       if config.region_encoder else ()))),
         names.GRAPH_LLM: GraphSpec(
             names.GRAPH_LLM,
             inputs=(_t("inputs_embeds", ("batch", "sequence", h)),
@@ -127,7 +130,10 @@ def graph_specs(config: NextChatConfig, *, kv_dtype: str = "float32") -> dict[st
         **common,
         names.GRAPH_LOC_HEADS: GraphSpec(
             names.GRAPH_LOC_HEADS,
-            inputs=(_t("hidden", ("detections", h)), _t("boxes", ("boxes", 4))),
+            inputs=(_t("hidden", ("detections", h)), _t("boxes", ("boxes", 4)),
+                    # a region extractor's build: a user's region (is_region 1) is encoded from the image's patches
+                    *((_t("patch_features", (1, v.num_patches, config.mm_hidden_size)),
+                       _t("is_region", ("boxes",), "int64")) if config.region_encoder else ())),
             outputs=(_t("box", ("detections", 4)), _t("feedback", ("detections", h)),
                      _t("seg_prompt", ("detections", 4, c)), _t("loc_embeds", ("boxes", h)))),
         names.GRAPH_SAM_ENCODER: GraphSpec(

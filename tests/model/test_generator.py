@@ -119,3 +119,20 @@ def test_sd15_folder_at_a_scaled_down_size_loads_in_its_dtype(tmp_path):
     assert sum(v.numel() for v in got.values()) < sd15_numel(unet=unet, vae=vae)
     np.testing.assert_array_equal(np.load(tmp_path / "a" / "uncond.npy"), np.load(tmp_path / "b" / "uncond.npy"))
     assert lines[0].startswith("unet (UNet2DConditionModel), one module at a time")
+
+
+def test_gligen_sd15_folder_streams_its_scalar_gates(tmp_path):
+    """GLIGEN's gates (alpha_attn, alpha_dense) are 0-dim parameters: the one-module-at-a-time writer writes them
+    (it once failed on them: `view` of a 0-dim tensor), and diffusers loads the folder as a gated UNet."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from nxc.model.generator import make_sd15_generator
+    small = dict(block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+    make_sd15_generator(tmp_path / "g", seed=2, dtype=torch.float16, gligen=True,
+                        unet=dict(cross_attention_dim=768, sample_size=64, **small), vae=dict(small, norm_num_groups=32))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "g" / "unet", torch_dtype=torch.float16)
+    assert unet.config.attention_type == "gated"
+    gates = [p for n, p in unet.named_parameters() if n.endswith(("alpha_attn", "alpha_dense"))]
+    assert gates and all(p.ndim == 0 for p in gates)
+    assert (tmp_path / "g" / "text_encoder").is_dir()

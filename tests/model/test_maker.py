@@ -282,3 +282,32 @@ def test_memory_is_one_shard_not_the_model(tmp_path):
     ckpt_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert ckpt_bytes > 500 * MB and len(list(out.glob("pytorch_model-*.bin"))) > 8
     assert rss["peak"] - rss["base"] < ckpt_bytes / 3, (rss, ckpt_bytes)
+
+
+def test_cli_vitron_family_exports_with_its_region_extractor_modules_and_gligen(tmp_path, capfd):
+    """--family vitron: NExT-Chat's layout + region_encoder.* + a GLIGEN generator/ + modules.json; nxc-export reads
+    all of it (region-extractor box head, the four module calls, the grounded generator), and the trigger prompt's
+    reply is one box through the runtime."""
+    from PIL import Image
+
+    from nxc.export.exporter import ExportOptions, export_build
+    from nxc.model.checkpoint import load_state_dict
+    from nxc.runtime.pipeline import Pipeline
+    ckpt = tmp_path / "vt"
+    assert main([str(ckpt), "--family", "vitron", "--llm", "tiny", "--vision", "tiny", "--sam", "tiny",
+                 "--trigger-prompt", "Where is the dog?"]) == 0
+    record = json.loads((ckpt / "config.json").read_text())["nxc_maker"]
+    assert record["extras"] == {"generator": "tiny", "modules": ["A", "B", "C", "E"], "region_encoder": True}
+    assert any(k.startswith("region_encoder.") for k in load_state_dict(ckpt))
+    build = export_build(ckpt, tmp_path / "build", options=ExportOptions(max_context=256))
+    pipe = Pipeline.load(build)
+    m = pipe.manifest
+    assert m.config.region_encoder and m.generator.sizes.grounding_objects == 30
+    assert sorted(m.modules.calls) == ["A", "B", "C", "E"]
+    assert pipe.dispatch.slot_head.head.inputs["is_region"] == "slot_is_region"
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    assert len(pipe.chat(image, "Where is the dog?", max_new_tokens=4).detections) == 1
+    pipe.chat(image, "What is [0]?", boxes=[[2, 2, 20, 20]], max_new_tokens=4)       # a region row from its patches
+    assert main([str(tmp_path / "bad"), "--family", "vitron", "--llm", "tiny", "--vision", "tiny", "--sam", "tiny",
+                 "--generator", "sd-1.5"]) == 2
+    assert "--generator tiny or gligen" in capfd.readouterr().err

@@ -38,7 +38,7 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
                if cfg.objects is not None else {})},
         "generation": {"max_new_tokens": 512, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "iou_threshold": 0.3,
                        "eos": names.EOS},
-        "heads": decode_heads(opts.graphs),
+        "heads": decode_heads(opts.graphs, region_encoder=cfg.region_encoder),
         "max_context": max_context,
         "kv_cache": {"dtype": "float16" if opts.precision == "fp16" else "float32",
                      "layout": "[batch, position, kv_heads, head_dim]",
@@ -53,9 +53,10 @@ def manifest_body(model, tokenizer, opts: ExportOptions, max_context: int, sourc
     }
 
 
-def decode_heads(graphs: tuple[str, ...]) -> list[dict]:
+def decode_heads(graphs: tuple[str, ...], *, region_encoder: bool = False) -> list[dict]:
     """The decode loop's dispatch table (nxc.manifest.Head) for the graphs exported: one head per family's
-    decode-time graph."""
+    decode-time graph (region_encoder: the box head's graph also takes the patch features, VITRON's region
+    extractor)."""
     heads = []
     if names.GRAPH_OBJECT_FEATURES in graphs:
         # retrieval: no decode-time graph call (indices are tokens, nxc.runtime.dispatch.IndexKind parses them);
@@ -72,8 +73,11 @@ def decode_heads(graphs: tuple[str, ...]) -> list[dict]:
         heads.append(signal_head())
     if names.GRAPH_LOC_HEADS in graphs:
         sam = {names.GRAPH_SAM_ENCODER, names.GRAPH_SAM_DECODER} <= set(graphs)
+        inputs = {"hidden": "hidden", "boxes": "zeros"}
+        if region_encoder:         # VITRON's region extractor: the image's patches, which slots are user regions
+            inputs.update({"patch_features": f"{names.GRAPH_VISION}:patch_features", "is_region": "slot_is_region"})
         heads.append({"kind": "box", "trigger": names.AT, "emit": names.BOXES, "graph": names.GRAPH_LOC_HEADS,
-                      "inputs": {"hidden": "hidden", "boxes": "zeros"}, "collect": ["box", "seg_prompt"],
+                      "inputs": inputs, "collect": ["box", "seg_prompt"],
                       "feedback": "feedback", "finish": "sam_masks" if sam else None,
                       "encode_input": "boxes", "encode_output": "loc_embeds"})
     return heads

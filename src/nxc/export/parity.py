@@ -42,6 +42,8 @@ def random_inputs(spec: GraphSpec, axes: dict[str, int], rng: np.random.Generato
             xy = np.sort(rng.uniform(0, 1, (*shape[:-1], 2, 2)), axis=-2)  # [..., corner, (x,y)]: x1<x2, y1<y2
             x = xy.reshape(shape)                                            # x1 y1 x2 y2
             x = (x * (sam_size if spec.name == "sam_decoder" else 1)).astype(np.float32)
+        elif t.name == "is_region":                                          # a slot's box is a user region
+            x = rng.integers(0, 2, shape).astype(np.int64)
         elif t.name in ("object_mask", "grounding"):                       # GLIGEN: slots in use, fuser on / off
             x = rng.integers(0, 2, shape).astype(np.float32)
         elif t.name == "pixels" and spec.name == "latent_encoder":          # RGB in [0, 1]

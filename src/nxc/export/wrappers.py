@@ -29,13 +29,15 @@ class VisionGraph(nn.Module):
         self.embeddings, self.pre_layrnorm = vm.embeddings, vm.pre_layrnorm
         self.layers = vm.encoder.layers[:keep]
         self.projector = model.mm_projector
+        self.patches = model.config.region_encoder         # also output the patch features (the region extractor's)
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor):
         h = self.pre_layrnorm(self.embeddings(pixel_values))
         for layer in self.layers:
             out = layer(h, None)
             h = out[0] if isinstance(out, tuple) else out
-        return self.projector(h[:, 1:])
+        rows = self.projector(h[:, 1:])
+        return (rows, h[:, 1:]) if self.patches else rows
 
 
 class LocHeadsGraph(nn.Module):
@@ -44,17 +46,24 @@ class LocHeadsGraph(nn.Module):
         hidden [K,H] ─ loc_decoder ─▶ box [K,4] ─ loc_encoder ─▶ feedback [K,H]   (trigger: box + next input)
                      └ seg_prompt_mlp ─▶ seg_prompt [K,4,C]                          (SAM prompt tokens)
         boxes [M,4] ─ loc_encoder ─▶ loc_embeds [M,H]                                 (region input <boxes> rows)
-    Boxes are normalised xyxy in the padded square, unclamped."""
+    Boxes are normalised xyxy in the padded square, unclamped. A region extractor's build also takes the image's
+    patch_features [1,N,Dv] and is_region [M]: a user's region (1) is region_encoder(patches, box) instead
+    (NextChat.slot_rows)."""
 
     def __init__(self, model: NextChat):
         super().__init__()
         self.loc_encoder, self.loc_decoder, self.seg_prompt_mlp = model.loc_encoder, model.loc_decoder, model.seg_prompt_mlp
+        self.region_encoder = getattr(model, "region_encoder", None) if model.config.region_encoder else None
         self.c = model.config.sam.prompt_embed_dim
 
-    def forward(self, hidden: torch.Tensor, boxes: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, boxes: torch.Tensor, patch_features: torch.Tensor | None = None,
+                is_region: torch.Tensor | None = None):
         box = self.loc_decoder(hidden)
         seg = self.seg_prompt_mlp(hidden).reshape(hidden.shape[0], 4, self.c)
-        return box, self.loc_encoder(box), seg, self.loc_encoder(boxes)
+        rows = self.loc_encoder(boxes)
+        if self.region_encoder is not None:
+            rows = torch.where((is_region > 0)[:, None], self.region_encoder(patch_features[0], boxes), rows)
+        return box, self.loc_encoder(box), seg, rows
 
 
 # query tokens per chunk of a SAM global-attention block (SamEncoderGraph). SAM ViT-H fp32 in ONNX Runtime, one

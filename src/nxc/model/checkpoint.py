@@ -41,6 +41,7 @@ _KEY_MAP = (
     ("loc_encoder.", "loc_encoder."),
     ("loc_decoder.", "loc_decoder."),
     ("seg_prompt_mlp.", "seg_prompt_mlp."),
+    ("region_encoder.", "region_encoder."),
 )
 # official keys that carry nothing the reference needs: CLIP comes from its own directory (§6.3),
 # RoPE inverse frequencies (transformers <= 4.31 saved them) are recomputed from rope_theta, after
@@ -236,7 +237,8 @@ def load_nextchat(ckpt: str | Path, *, clip_dir: str | Path | None = None, sam_f
                             sam=infer_sam_sizes(sam_sd if llm else {k: _Shaped(s) for k, s in sam_shapes.items()}),
                             mm_hidden_size=int(cfg["mm_hidden_size"]), mm_depth=int(cfg["mm_depth"]),
                             mm_vision_select_layer=int(cfg["mm_vision_select_layer"]),
-                            mm_use_im_start_end=bool(cfg["mm_use_im_start_end"]))
+                            mm_use_im_start_end=bool(cfg["mm_use_im_start_end"]),
+                            region_encoder=any(k.startswith("region_encoder.") for k in sd))
     if config.mm_hidden_size != config.vision.hidden_size:
         raise ConfigError(f"mm_hidden_size is {config.mm_hidden_size} but the CLIP tower's width is "
                           f"{config.vision.hidden_size}: the CLIP directory does not match this checkpoint.")

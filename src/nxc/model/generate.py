@@ -60,8 +60,11 @@ class Generation:
 
 
 def prefill_embeds(model: NextChat, ids: list[int], tok: TokenIds, image_features: torch.Tensor | None,
-                   region_boxes: torch.Tensor | None) -> torch.Tensor:
-    """[1,T,H]: token embeddings, image rows after each `<im_start>`, loc_encoder rows at `<boxes>` (§5.1)."""
+                   region_boxes: torch.Tensor | None, region_is_input=None,
+                   patch_features: torch.Tensor | None = None) -> torch.Tensor:
+    """[1,T,H]: token embeddings, image rows after each `<im_start>`, loc_encoder rows at `<boxes>` (§5.1); with a
+    region extractor, the slots whose value is a user's region (region_is_input[k]) take its rows
+    (NextChat.slot_rows; patch_features [N,Dv] of the image)."""
     def features() -> np.ndarray:
         if image_features is None:
             raise ValueError("the prompt has an image span but no image features were given")
@@ -75,13 +78,16 @@ def prefill_embeds(model: NextChat, ids: list[int], tok: TokenIds, image_feature
     n_img = model.config.num_image_tokens if image_features is None else image_features.shape[1]
     emb = assemble_prefill(ids, rows, image_span=(tok.im_start, tok.im_end, n_img), image_features=features,
                            slot=tok.boxes, num_slot_values=n_slots,
-                           slot_rows=lambda ks: model.loc_encoder(region_boxes[ks].float()).numpy())
+                           slot_rows=lambda ks: model.slot_rows(
+                               region_boxes[ks].float(), None if region_is_input is None else
+                               [bool(region_is_input[k]) for k in ks], patch_features).numpy())
     return torch.from_numpy(emb)[None]
 
 
 @torch.no_grad()
 def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: torch.Tensor | None,
-             region_boxes: torch.Tensor | None = None, sam_pixels: Callable[[], torch.Tensor] | None = None,
+             region_boxes: torch.Tensor | None = None, region_is_input=None,
+             patch_features: torch.Tensor | None = None, sam_pixels: Callable[[], torch.Tensor] | None = None,
              max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              keep_logits: bool = False,
              logits_processor: Callable[[int, np.ndarray], np.ndarray] | None = None,
@@ -96,7 +102,8 @@ def generate(model: NextChat, ids: list[int], tok: TokenIds, *, image_features: 
     """
     rng = sampling.rng()
     cache = DynamicCache()
-    logits, hidden = model.llm_step(prefill_embeds(model, ids, tok, image_features, region_boxes), cache)
+    logits, hidden = model.llm_step(prefill_embeds(model, ids, tok, image_features, region_boxes, region_is_input,
+                                                   patch_features), cache)
     step_logits = []
 
     def pick(logits, n):

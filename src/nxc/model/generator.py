@@ -328,7 +328,7 @@ def write_streamed(model, folder: Path, dtype=None) -> None:
                     continue                                        # a non-persistent buffer
                 if header[key]["data_offsets"][0] != written:
                     raise RuntimeError(f"{key}: state_dict order differs from module order; cannot stream")
-                f.write(t.detach().to(dtype).contiguous().view(torch.uint8).numpy().tobytes())
+                f.write(t.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())   # 0-dim: GLIGEN gates
                 written += t.numel() * size
             mod.to_empty(device="meta", recurse=False)
     if written != offset:

@@ -316,11 +316,13 @@ def check_written(path: Path, specs: list[TensorSpec]) -> None:
 
 def make_checkpoint(out, *, config: NextChatConfig, dtype: str = "fp16", fmt: str = "bin",
                     shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = 0, trigger_prompt: str | None = None,
-                    size_names: dict | None = None, log=_log) -> Path:
+                    size_names: dict | None = None, extras=None, extra_bytes: int = 0, log=_log) -> Path:
     """Write a random NExT-Chat of `config` to `out` in the official layout (see the module docstring); `size_names`:
     the registry names, recorded in config.json's "nxc_maker" with the sizes, seed, dtype and trigger.
     With `trigger_prompt`: the greedy reply to that prompt (NExT-Chat template, any image, no region boxes) is
-    `<at> <boxes></s>`, so the grounded path (box, mask) runs (see `plant_trigger`). Returns `out` as a Path."""
+    `<at> <boxes></s>`, so the grounded path (box, mask) runs (see `plant_trigger`). `extras(work) -> dict`: more
+    files written into the checkpoint before it is renamed into place (a VITRON layout's generator/ and modules.json,
+    `extra_bytes` of them), its record kept in "nxc_maker". Returns `out` as a Path."""
     from nxc.model.sp_files import llama_sized_sentencepiece, write_tokenizer_files
     from nxc.model.sp_tokenizer import SentencePieceOracle
     from nxc.model.writer import CLIP_SUBDIR, nextchat_config_json
@@ -344,7 +346,8 @@ def make_checkpoint(out, *, config: NextChatConfig, dtype: str = "fp16", fmt: st
     specs, clip_specs = checkpoint_plan(config)
     total = sum(s.nbytes(tdt) for s in specs + clip_specs)
     largest = max(sum(s.nbytes(tdt) for s in sh) for sh in plan_shards(specs, tdt, shard_bytes))
-    check_out(out, total + (largest if trigger_prompt is not None else 0) + (16 << 20))   # + the rewritten shard
+    check_out(out, total + (largest if trigger_prompt is not None else 0) + (16 << 20)   # + the rewritten shard
+              + extra_bytes)
     zeroed = projector_out_weight(specs) if trigger_prompt is not None else None
     log(f"[{PROG}] {len(specs)} + {len(clip_specs)} (CLIP) tensors, {human(total)} in {dtype}, seed {seed} -> {out}")
     work = partial_dir(out)
@@ -366,6 +369,8 @@ def make_checkpoint(out, *, config: NextChatConfig, dtype: str = "fp16", fmt: st
                   "trigger_prompt": trigger_prompt, "trigger": None}
         if trigger_prompt is not None:
             record["trigger"] = plant_trigger(work, config, trigger_prompt, zeroed=zeroed, fmt=fmt, dtype=tdt, log=log)
+        if extras is not None:
+            record["extras"] = extras(work)
         cfg = nextchat_config_json(config, clip_dir=CLIP_SUBDIR)
         cfg["torch_dtype"] = str(tdt).removeprefix("torch.")
         cfg["nxc_maker"] = record

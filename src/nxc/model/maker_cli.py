@@ -28,6 +28,10 @@ example: nxc-make-checkpoint ckpt-7b --llm vicuna-7b --vision clip-vit-l-336 --s
              --trigger-prompt "Where is the dog in the image?"
          nxc-make-checkpoint ckpt-nextgpt --family nextgpt --llm tiny --vision tiny --draw-prompt "Draw a red circle."
              (NExT-GPT-style: [IMG0]..[IMG3], output projector, a tiny diffusers generator in OUT/generator)
+         nxc-make-checkpoint ckpt-vitron-7b --family vitron --llm vicuna-7b --vision clip-vit-l-336 --sam vit_h \\
+             --generator gligen
+             (VITRON-7B's layout as nxc deploys it: NExT-Chat-7B + VITRON's region extractor, GLIGEN's SD-1.4 gated
+             UNet with a CLIP-L-sized text encoder in OUT/generator, modules.json; nxc-export reads all of it)
          nxc-make-checkpoint ckpt-nextgpt-7b --family nextgpt --llm vicuna-7b --vision imagebind-huge \\
              --projector nextgpt --generator sd-1.5 --dtype fp16
              (NExT-GPT-7B's layout, one tensor at a time: Vicuna-7B + 9 added tokens, ImageBind-huge-sized tower,
@@ -59,16 +63,19 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--llm", required=True, metavar="NAME", help=f"LLaMA size: {', '.join(LLAMA_SIZES)}")
     ap.add_argument("--vision", required=True, metavar="NAME", help=f"CLIP tower size: {', '.join(VISION_SIZES)}")
     ap.add_argument("--sam", metavar="NAME", help=f"SAM size: {', '.join(SAM_SIZES)} (NExT-Chat only, required there)")
-    ap.add_argument("--family", choices=("nextchat", "nextgpt"), default="nextchat",
-                    help="nextchat (default): NExT-Chat, written one tensor at a time; nextgpt: a NExT-GPT-style "
+    ap.add_argument("--family", choices=("nextchat", "nextgpt", "vitron"), default="nextchat",
+                    help="nextchat (default): NExT-Chat, written one tensor at a time; vitron: NExT-Chat's layout + "
+                         "VITRON's region extractor + a GLIGEN generator in OUT/generator + modules.json (its "
+                         "module calls; nxc.model.maker_vitron); nextgpt: a NExT-GPT-style "
                          "model (nxc.model.nextgpt: signal tokens [IMG0]..[IMG3], output projector, a diffusers "
                          "generator in OUT/generator), held in memory as float32 safetensors up to 2 B parameters, "
                          "written one tensor at a time above that or when --dtype, --format or --shard-size is given")
     ap.add_argument("--projector", default="tiny", metavar="NAME",
                     help=f"--family nextgpt: output projector size: {', '.join(PROJECTOR_SIZES)} (default tiny)")
-    ap.add_argument("--generator", default="tiny", choices=("tiny", "sd-1.5"),
+    ap.add_argument("--generator", default="tiny", choices=("tiny", "sd-1.5", "gligen"),
                     help="--family nextgpt: tiny (default) or sd-1.5 (Stable Diffusion 1.5's UNet and VAE sizes, "
-                         "3.4 GB in float32; needs --projector nextgpt)")
+                         "3.4 GB in float32; needs --projector nextgpt); --family vitron: tiny (default) or gligen "
+                         "(GLIGEN's SD-1.4 gated UNet, SD's VAE, a CLIP-L-sized text encoder)")
     ap.add_argument("--draw-prompt", metavar="TEXT",
                     help="--family nextgpt, held in memory: make the greedy reply to TEXT "
                          "'[IMG0][IMG1][IMG2][IMG3]</s>' for any image")
@@ -97,15 +104,28 @@ def main(argv: list[str] | None = None) -> int:
         return _needs_export_extra(e)
     if a.family == "nextgpt":
         return _main_nextgpt(a, shard_bytes)
-    if a.sam is None or a.draw_prompt is not None or a.generator != "tiny":
-        print("nxc-make-checkpoint: a NExT-Chat checkpoint needs --sam NAME (and takes --trigger-prompt, not "
-              "--draw-prompt or --generator)", file=sys.stderr)
+    vitron = a.family == "vitron"
+    if a.sam is None or a.draw_prompt is not None or a.generator not in (("tiny", "gligen") if vitron else ("tiny",)):
+        print(f"nxc-make-checkpoint: a {'VITRON' if vitron else 'NExT-Chat'} checkpoint needs --sam NAME (and takes "
+              f"--trigger-prompt, not --draw-prompt{', --generator tiny or gligen' if vitron else ' or --generator'})",
+              file=sys.stderr)
         return 2
     try:
+        from dataclasses import replace
         config = maker_config(a.llm, a.vision, a.sam)
+        size_names = {"llm": a.llm, "vision": a.vision, "sam": a.sam}
+        more = {}
+        if vitron:
+            from nxc.model.maker import DTYPES, _log
+            from nxc.model.maker_vitron import generator_bytes, vitron_extras
+            config = replace(config, region_encoder=True)
+            size_names["generator"] = a.generator
+            dt = DTYPES[a.dtype or "fp16"] if (a.dtype or "fp16") in DTYPES else None
+            more = {"extras": vitron_extras(a.generator, seed=a.seed, dtype=dt, log=_log),
+                    "extra_bytes": generator_bytes(a.generator, 4 if dt is None else dt.itemsize)}
         make_checkpoint(a.out, config=config, dtype=a.dtype or "fp16", fmt=a.format or "bin",
                         shard_bytes=shard_bytes or DEFAULT_SHARD_BYTES, seed=a.seed,
-                        trigger_prompt=a.trigger_prompt, size_names={"llm": a.llm, "vision": a.vision, "sam": a.sam})
+                        trigger_prompt=a.trigger_prompt, size_names=size_names, **more)
     except (MakerError, ConfigError) as e:
         print(f"nxc-make-checkpoint: {e}", file=sys.stderr)
         return 2

@@ -13,6 +13,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 
 from nxc.config import LlamaSizes, NextChatConfig, VisionSizes
 from nxc.model.llm_steps import LlmSteps
+from nxc.model.region import RegionEncoder
 from nxc.model.sam import build_sam, nextchat_sam_decode, upsample_mask_logits
 
 
@@ -77,13 +78,34 @@ class NextChat(nn.Module, LlmSteps):
             self.loc_decoder = mlp2(h, h // 2, 4)
             self.seg_prompt_mlp = mlp2(h, h, 4 * config.sam.prompt_embed_dim)
             self.sam = build_sam(config.sam)
+            if config.region_encoder:
+                v = config.vision
+                self.region_encoder = RegionEncoder(config.mm_hidden_size, h, grid=v.image_size // v.patch_size,
+                                                    image_size=v.image_size)
 
     # -- vision --------------------------------------------------------------------------------------
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B,3,R,R] CLIP-normalised -> [B,N,H]: hidden layer `mm_vision_select_layer`, CLS dropped, projected."""
+        return self.encode_image_parts(pixel_values)[0]
+
+    def encode_image_parts(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(encode_image's rows [B,N,H], the tower's patch features before the projector [B,N,Dv]: what the
+        region extractor pools)."""
         out = self.vision_tower(pixel_values, output_hidden_states=True)
         feats = out.hidden_states[self.config.mm_vision_select_layer][:, 1:]
-        return self.mm_projector(feats)
+        return self.mm_projector(feats), feats
+
+    def slot_rows(self, boxes: torch.Tensor, is_region=None, patch_features: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+        """boxes [K,4] -> the `<boxes>` slots' input rows [K,H]: loc_encoder(box); with a region extractor, a user's
+        region (is_region[k]) takes region_encoder(patch features [N,Dv], box) instead."""
+        rows = self.loc_encoder(boxes)
+        if getattr(self, "region_encoder", None) is None or is_region is None or not any(is_region):
+            return rows
+        if patch_features is None:
+            raise ValueError("a region-extractor model's user regions need the image's patch features")
+        keep = torch.as_tensor(list(is_region), dtype=torch.bool)
+        return torch.where(keep[:, None], self.region_encoder(patch_features, boxes), rows)
 
     # -- location heads ------------------------------------------------------------------------------
     def loc_feedback(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from nxc import names
 # listed (the drawing graphs: their modules are always real) needs none
 GRAPH_MODULES = {
     names.GRAPH_VISION: ("vision_tower", "mm_projector"),
-    names.GRAPH_LOC_HEADS: ("loc_encoder", "loc_decoder", "seg_prompt_mlp"),
+    names.GRAPH_LOC_HEADS: ("loc_encoder", "loc_decoder", "seg_prompt_mlp", "region_encoder"),
     names.GRAPH_SAM_ENCODER: ("sam",),
     names.GRAPH_SAM_DECODER: ("sam",),
     names.GRAPH_LLM: (),
@@ -49,7 +49,7 @@ class LazyParts:
         module = {"mm_projector": lambda: build_projector(cfg.mm_hidden_size, h, cfg.mm_depth),
                   "loc_encoder": lambda: mlp2(4, h // 2, h), "loc_decoder": lambda: mlp2(h, h // 2, 4),
                   "seg_prompt_mlp": lambda: mlp2(h, h, 4 * cfg.sam.prompt_embed_dim),
-                  "sam": lambda: build_sam(cfg.sam)}[name]()
+                  "sam": lambda: build_sam(cfg.sam), "region_encoder": lambda: _region_encoder(cfg)}[name]()
         with torch.no_grad():
             for key, t in module.state_dict(keep_vars=True).items():
                 src = self.tensors.get(f"{name}.{key}")
@@ -62,7 +62,7 @@ class LazyParts:
 
     def load(self, graph: str) -> None:
         for name in GRAPH_MODULES.get(graph, ()):
-            if not self.is_real(name):
+            if hasattr(self.model, name) and not self.is_real(name):
                 module = self._build(name).eval()
                 if self.convert is not None:
                     module = self.convert(module)
@@ -72,6 +72,13 @@ class LazyParts:
         """Back to the meta device: graph's modules, except those the graphs in `keep` still need."""
         needed = {m for g in keep for m in GRAPH_MODULES.get(g, ())}
         for name in GRAPH_MODULES.get(graph, ()):
-            if name not in needed and self.is_real(name):
+            if name not in needed and hasattr(self.model, name) and self.is_real(name):
                 setattr(self.model, name, getattr(self.model, name).to("meta"))
         gc.collect()
+
+
+def _region_encoder(cfg):
+    from nxc.model.region import RegionEncoder
+    v = cfg.vision
+    return RegionEncoder(cfg.mm_hidden_size, cfg.llm.hidden_size, grid=v.image_size // v.patch_size,
+                         image_size=v.image_size)

@@ -55,14 +55,16 @@ class ReferenceChat:
 
     @torch.no_grad()
     def chat(self, image: Image.Image, text: str, *, boxes=None, history: list[Turn] | None = None,
-             history_boxes=None, max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+             history_boxes=None, history_regions=(), max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
              iou_threshold: float | None = 0.3, keep_logits: bool = False,
              logits_processor=None, special_tokens_in_text: bool = False, num_beams: int = 1,
              length_penalty: float = 1.0, early_stopping: bool | str = False) -> ChatResult:
         """One turn. `boxes`: [M,4] region-input boxes in original pixels, referenced as [i] in `text`.
 
         `history` holds earlier turns (user texts as typed, with their [i] references; replies as decoded, with
-        `<at> <boxes>`) and `history_boxes` the normalised boxes of their `<boxes>` slots in order.
+        `<at> <boxes>`) and `history_boxes` the normalised boxes of their `<boxes>` slots in order;
+        `history_regions` the places in history_boxes of the user's regions (a region extractor encodes those, and
+        this turn's boxes; the model's own boxes keep loc_encoder rows).
         special_tokens_in_text: special-token strings in the user texts and replies become tokens, as in the
         original model (default: they are plain text; see nxc.prompt).
         """
@@ -73,11 +75,21 @@ class ReferenceChat:
         segments, order = prompt_segments(text, num_image_tokens=cfg.num_image_tokens, num_boxes=len(boxes_px),
                                           history=history, special_tokens_in_text=special_tokens_in_text)
         region = processing.normalise_boxes(boxes_px[order], w, h) if order else torch.zeros(0, 4)
+        earlier = 0
         if history_boxes is not None and len(history_boxes):
+            earlier = len(history_boxes)
             region = torch.cat([torch.as_tensor(np.asarray(history_boxes), dtype=torch.float32), region])
+        is_input = [k in set(history_regions) or k >= earlier for k in range(len(region))]
         ids = self.tokenizer.encode_segments(segments)
-        features = self.model.encode_image(processing.clip_preprocess_of(self.model).pixels(image))
+        pixels = processing.clip_preprocess_of(self.model).pixels(image)
+        patches = None
+        if getattr(self.model, "region_encoder", None) is not None:
+            features, patches = self.model.encode_image_parts(pixels)
+            patches = patches[0]
+        else:
+            features = self.model.encode_image(pixels)
         gen = generate(self.model, ids, self.token_ids, image_features=features, region_boxes=region,
+                       region_is_input=is_input, patch_features=patches,
                        sam_pixels=lambda: processing.sam_pixels(image, cfg.sam.image_size),
                        max_new_tokens=max_new_tokens, sampling=sampling, keep_logits=keep_logits,
                        logits_processor=logits_processor, num_beams=num_beams, length_penalty=length_penalty,

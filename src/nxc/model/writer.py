@@ -100,8 +100,10 @@ def tiny_config(vocab_size: int) -> NextChatConfig:
 
 
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, config: NextChatConfig | None = None,
-                         safetensors: bool = False, shard_bytes: int | None = None) -> Path:
-    """A tiny random NExT-Chat in the official layout. Same seed -> same weights and tokenizer."""
+                         safetensors: bool = False, shard_bytes: int | None = None,
+                         region_encoder: bool = False) -> Path:
+    """A tiny random NExT-Chat in the official layout (region_encoder: with VITRON's region extractor). Same seed
+    -> same weights and tokenizer."""
     from nxc.model.sp_files import train_tiny_sentencepiece
     from nxc.model.sp_tokenizer import SentencePieceOracle
 
@@ -111,7 +113,7 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, config: NextChat
     sp_path = train_tiny_sentencepiece(work, seed)
     import sentencepiece as spm
     base = spm.SentencePieceProcessor(model_file=str(sp_path)).get_piece_size()
-    config = config or tiny_config(base + 5)
+    config = config or replace(tiny_config(base + 5), region_encoder=region_encoder)
     torch.manual_seed(seed)
     model = NextChat(config=config).eval()
     save_nextchat(model, out, tokenizer_model=sp_path, safetensors=safetensors, shard_bytes=shard_bytes)

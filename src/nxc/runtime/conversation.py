@@ -59,7 +59,9 @@ class Conversation:
         self.cached_ids: list[int] = []
         self.history: list[HistoryTurn] = []
         self.history_slots: list[np.ndarray] = []     # the value of every emitted slot so far, in order
+        self.history_regions: set[int] = set()        # the places in history_slots of the user's regions
         self._features: np.ndarray | None = None
+        self._patches: np.ndarray | None = None       # the vision graph's patch features (a region extractor's build)
         self._states = _States()
         self._turn_values: list | None = None       # the slot values of the turn being prefilled / answered
         self.timeline = NO_TIMELINE
@@ -71,7 +73,8 @@ class Conversation:
         features and what the heads computed for the image."""
         twin = Conversation(self.pipe, self.video or self.image)
         twin.history, twin.history_slots = list(self.history), list(self.history_slots)
-        twin._features, twin._turn_values = self._features, self._turn_values
+        twin.history_regions = set(self.history_regions)
+        twin._features, twin._patches, twin._turn_values = self._features, self._patches, self._turn_values
         for bound in self.pipe.dispatch.heads:       # made now (nothing runs) so that the twins share them
             self.state(bound.head.kind)
         with self._states.lock:
@@ -84,14 +87,31 @@ class Conversation:
         the frames (VITRON's video input)."""
         if self._features is None:
             clip = self.pipe.manifest.clip
-            rows = []
+            rows, patches = [], []
             for frame in (self.video.frames if self.video is not None else [self.image]):
                 with self.timeline.stage("preprocess"):
                     px = pp.clip_pixels(frame, clip.size, mean=clip.mean, std=clip.std, resample=clip.resample)
                 with self.timeline.stage("vision"):
-                    rows.append(self.pipe.run_once_per_image(names.GRAPH_VISION, pixel_values=px)["image_embeds"][0])
+                    out = self.pipe.run_once_per_image(names.GRAPH_VISION, pixel_values=px)
+                rows.append(out["image_embeds"][0])
+                if "patch_features" in out:
+                    patches.append(out["patch_features"][0])
             self._features = rows[0] if len(rows) == 1 else mean_rows(rows)
+            self._patches = None if not patches else patches[0] if len(patches) == 1 else mean_rows(patches)
         return self._features
+
+    def patch_features(self) -> np.ndarray:
+        """[N,Dv] the vision tower's patch features before the projector (a region extractor's build; a video's
+        averaged over its frames, as its rows are)."""
+        self.features()
+        if self._patches is None:
+            raise BuildError(f"{self.pipe.manifest.root}: the vision graph has no patch_features output, which this "
+                             "build's heads read; re-export it with the nxc that wrote the manifest")
+        return self._patches
+
+    def slot_is_region(self, k: int) -> bool:
+        """Whether slot value k of the turn being prefilled is a user's region (not the model's own box)."""
+        return k >= len(self.history_slots) or k in self.history_regions
 
     def state(self, kind: str):
         """What the build's `kind` head keeps for this image, made on first use: "box" -> its SAM embedding
@@ -284,6 +304,7 @@ class Conversation:
             raw = self.pipe.tokenizer.decode(reply.tokens)
             self.history.append(HistoryTurn(turn.user_text, raw))
             fed_back = [b.kind.slot_value(r) for b, r in reply.found]
+            self.history_regions |= set(range(len(self.history_slots), len(self.history_slots) + len(turn.region)))
             self.history_slots += list(turn.region) + [v for v in fed_back if v is not None]
             self._turn_values = None
             eos = self.pipe.tokens[names.EOS]
@@ -357,4 +378,5 @@ class Conversation:
                               f"{len(reply_boxes)} box(es) came with it; send earlier replies back with their boxes")
         region = region_boxes(boxes_px, order, self.width, self.height)
         self.history.append(HistoryTurn(user_text, reply_raw))
+        self.history_regions |= set(range(len(self.history_slots), len(self.history_slots) + len(region)))
         self.history_slots += list(region) + list(reply_boxes)

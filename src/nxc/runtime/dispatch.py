@@ -80,6 +80,8 @@ class BoundHead:
                 return self.kind.image_input(conv, source)
             if source == "slot_index":
                 return np.asarray(slots, np.int64)
+            if source == "slot_is_region":
+                return np.asarray([conv.slot_is_region(k) for k in slots], np.int64)
             return self._zeros[name]
         feeds = {name: feed(name, source) for name, source in h.inputs.items()}
         feeds[h.encode_input] = np.asarray(values, self._zeros[h.encode_input].dtype)

@@ -23,6 +23,7 @@ import numpy as np
 from nxc.manifest import BuildError, Head
 
 KINDS: dict[str, type["HeadKind"]] = {}
+PATCH_FEATURES = "vision:patch_features"      # a head input source: the tower's patches (VITRON's region extractor)
 
 
 def register(name: str):
@@ -130,6 +131,9 @@ class HeadKind:
         return None
 
     def image_input(self, conv, source: str) -> np.ndarray:
-        """A head input fed from a once-per-image graph output (`"graph:output"`, e.g. "proposals:features")."""
+        """A head input fed from a once-per-image graph output (`"graph:output"`, e.g. "proposals:features"); the
+        vision graph's patch features (a region extractor's build) are the conversation's."""
+        if source == PATCH_FEATURES:
+            return conv.patch_features()[None]
         raise BuildError(f"{self.pipe.manifest.root}: a head input comes from {source!r}, which this runtime does not "
                          "know; use the nxc that wrote the build")
