@@ -4,11 +4,16 @@ guidance (issue 28, item 7): seconds per denoise step, the whole picture, peak R
     .venv/bin/python benchmarks/generate_vs.py --work /data/gv --keep               # SD-1.5's sizes, 512x512, 20 steps
     .venv/bin/python benchmarks/generate_vs.py --size tiny --steps 4 --threads 1    # a dry run (seconds)
     .venv/bin/python benchmarks/generate_vs.py --gligen --work /data/gl --keep      # GLIGEN (issue 29), 512x512
+    .venv/bin/python benchmarks/generate_vs.py --gligen --edit --work /data/gl      # GLIGEN editing (same folder)
 
 --gligen (issue 29): GLIGEN's layout instead (SD-1.4's UNet with attention_type "gated", 1.07 B parameters, and a
 random CLIP-L-sized text encoder for the phrases); both sides draw "a red circle" and "a blue square" in two boxes,
 the fusers on for the first 30% of the steps (the torch side is StableDiffusionGLIGENPipeline's loop written out);
-the JSON adds the grounded and the plain steps' medians and speedups.
+the JSON adds the grounded and the plain steps' medians and speedups. --edit (with --gligen): an edit instead,
+GLIGEN's grounded inpainting of "a red circle" into the first box of a fixed 512x512 picture (`source_picture`):
+the picture through the VAE encoder (the posterior drawn from default_rng(seed + 2), as the runtime draws it), its
+noised latents put back outside the box at the top of every step (the pipeline's blend; the torch side draws the
+same noise); a WORK whose build was exported by an earlier run of the same folder reuses it.
 
 Sizes (--size): sd-1.5, a random-weight SD-1.5-layout diffusers folder (nxc.model.generator.make_sd15_generator, as
 nxc-make-checkpoint --generator sd-1.5 makes it: UNet2DConditionModel's default config with SD-1.5's
@@ -56,6 +61,19 @@ GB = 1e9
 GLIGEN_PHRASES = ["a red circle", "a blue square"]             # --gligen: what is grounded where (xyxy in [0, 1])
 GLIGEN_BOXES = [[0.1, 0.1, 0.5, 0.6], [0.5, 0.25, 0.875, 0.875]]
 GLIGEN_BETA = 0.3                                              # the pipeline's gligen_scheduled_sampling_beta
+
+
+def grounding_of(a) -> tuple[list[str], list[list[float]]]:
+    """--gligen's phrases and boxes: both objects, or the first one for --edit."""
+    return (GLIGEN_PHRASES[:1], GLIGEN_BOXES[:1]) if a.edit else (GLIGEN_PHRASES, GLIGEN_BOXES)
+
+
+def source_picture(height: int, width: int) -> np.ndarray:
+    """--edit's picture, [H,W,3] uint8: a fixed smooth colour field with a dark band (no randomness)."""
+    y, x = np.mgrid[0:height, 0:width] / np.float32(max(height, width))
+    rgb = np.stack([0.5 + 0.4 * np.sin(6 * x), 0.5 + 0.4 * np.cos(5 * y), 0.6 - 0.3 * x * y], axis=-1)
+    rgb[(y > 0.7) & (y < 0.8)] *= 0.3
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8)
 
 def log(msg: str) -> None:
     print(f"[generate-vs] {msg}", file=sys.stderr, flush=True)
@@ -119,7 +137,8 @@ def side_export(a) -> dict:
             graph = msg.split("]", 1)[1].split(":", 1)[0].strip()
             spent = (events[i + 1][0] if i + 1 < len(events) else end) - t
             parity[graph] = round(parity.get(graph, 0.0) + spent, 2)         # fp16: fp32 decoder check too
-    (build / "export.json").write_text(json.dumps({"entry": gen.entry, "graphs": gen.graphs}))
+    (build / "export.json").write_text(json.dumps({"entry": gen.entry, "graphs": gen.graphs,
+                                                   "precision": a.precision}))
     files = {g: sum((build / f).stat().st_size for f in [r["file"], *r["external_data"]])
              for g, r in gen.graphs.items()}
     return {"export_seconds": round(end - t0, 2), "parity_seconds": parity,
@@ -175,10 +194,16 @@ def side_nxc(a) -> dict:
         return out
     gen = Generator(entry=entry, uncond=np.load(build / entry.uncond_file), run=run, tokenizer=tokenizer)
     tl = Timeline()
+    extra = {"grounding": grounding_of(a)} if a.gligen else {}
+    if a.edit:
+        s = entry.sizes
+        extra["source"] = source_picture(s.image_height, s.image_width)
+        graphs += (entry.encoder,)
+        runners[entry.encoder] = backend.load(build / exp["graphs"][entry.encoder]["file"], specs[entry.encoder])
     t0 = time.perf_counter()
     picture, used = gen.draw(np.load(a.work / "conditioning.npy"),
                              DrawOptions(steps=a.steps, guidance=a.guidance, seed=a.seed, scheduler="ddim"),
-                             timeline=tl, **({"grounding": (GLIGEN_PHRASES, GLIGEN_BOXES)} if a.gligen else {}))
+                             timeline=tl, **extra)
     picture_s = time.perf_counter() - t0
     steps_s = [ev.seconds for ev in tl.events if ev.stage == entry.denoiser]
     files = [build / f for g in graphs
@@ -212,11 +237,12 @@ def side_torch(a) -> dict:
         from transformers import CLIPTextModel, CLIPTokenizer
         tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
         text = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).eval()
+        phrases, where = grounding_of(a)
         with torch.no_grad():
-            pooled = text(**tok(GLIGEN_PHRASES, padding=True, return_tensors="pt")).pooler_output
-        n = len(GLIGEN_PHRASES)
+            pooled = text(**tok(phrases, padding=True, return_tensors="pt")).pooler_output
+        n = len(phrases)
         boxes, emb, masks = torch.zeros(2, 30, 4), torch.zeros(2, 30, pooled.shape[1]), torch.zeros(2, 30)
-        boxes[:, :n], emb[:, :n], masks[1, :n] = torch.tensor(GLIGEN_BOXES), pooled, 1
+        boxes[:, :n], emb[:, :n], masks[1, :n] = torch.tensor(where), pooled, 1
         if a.guidance <= 1:
             boxes, emb, masks = boxes[1:], emb[1:], masks[1:]
         gligen = {"boxes": boxes, "positive_embeddings": emb, "masks": masks}
@@ -230,9 +256,23 @@ def side_torch(a) -> dict:
     with torch.no_grad():
         scheduler.set_timesteps(a.steps)
         latents = torch.from_numpy(initial_latents(shape, a.seed)) * scheduler.init_noise_sigma
+        source = keep = None
+        if a.edit:     # the pipeline's gligen_inpaint_image: encoded, then blended back outside the box each step
+            from nxc.runtime.generator import outside_boxes
+            rng = np.random.default_rng(a.seed + 2)             # the runtime's draws: the posterior, then one a step
+            f = 2 ** (len(vae.config.block_out_channels) - 1)      # the VAE's scale: 8 for SD's, 2 for tiny's
+            px = source_picture(shape[2] * f, shape[3] * f).astype(np.float32) / 255
+            dist = vae.encode(torch.from_numpy(px.transpose(2, 0, 1)[None].copy()) * 2 - 1).latent_dist
+            source = (dist.mean + dist.std * torch.from_numpy(rng.standard_normal(
+                dist.mean.shape, dtype=np.float32))) * vae.config.scaling_factor
+            keep = torch.from_numpy(outside_boxes(grounding_of(a)[1], shape[2], shape[3]))[None, None]
         for i, t in enumerate(scheduler.timesteps):
             for m in fusers:
                 m.enabled = i < int(GLIGEN_BETA * len(scheduler.timesteps))
+            if source is not None:
+                noised = scheduler.add_noise(source, torch.from_numpy(rng.standard_normal(
+                    tuple(source.shape), dtype=np.float32)), torch.tensor([t]))
+                latents = noised * keep + latents * (1 - keep)
             x = torch.cat([latents] * 2) if cfg else latents
             x = scheduler.scale_model_input(x, t)
             s0 = time.perf_counter()
@@ -312,8 +352,12 @@ def parse_args(argv):
     ap.add_argument("--gligen", action="store_true", help="GLIGEN (issue 29): a gated UNet (SD-1.4's for sd-1.5) "
                     "with a text encoder; two phrases in two boxes, grounding for the first 30%% of the steps; "
                     "torch runs StableDiffusionGLIGENPipeline's loop")
+    ap.add_argument("--edit", action="store_true", help="with --gligen: an edit (grounded inpainting of a fixed "
+                    "picture) instead of a new picture")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)      # internal: run one side in this process
     a = ap.parse_args(argv)
+    if a.edit and not a.gligen:
+        ap.error("--edit needs --gligen (editing is GLIGEN's grounded inpainting)")
     if a.steps < 1 or a.guidance < 0 or a.threads < 1:
         ap.error(f"--steps {a.steps}, --guidance {a.guidance}, --threads {a.threads}: expected steps >= 1, "
                  "guidance >= 0, threads >= 1")
@@ -346,7 +390,8 @@ def main(argv=None) -> int:
     a.argv = _forwarded(a.argv)
     for d in ("results", "pictures"):
         (a.work / d).mkdir(parents=True, exist_ok=True)
-    res = {"machine": ts.machine(a.work), "threads": a.threads, "size": a.size, "gligen": a.gligen, "steps": a.steps,
+    res = {"machine": ts.machine(a.work), "threads": a.threads, "size": a.size, "gligen": a.gligen, "edit": a.edit,
+           "steps": a.steps,
            "guidance": a.guidance, "seed": a.seed, "precision": a.precision, "scheduler": "ddim", "work": str(a.work)}
     folder = a.work / "generator"
     if (folder / ".complete").is_file():
@@ -362,7 +407,13 @@ def main(argv=None) -> int:
         np.save(a.work / "conditioning.npy", np.random.default_rng(1000 + a.seed).standard_normal(
             (1, sizes.context_length, sizes.cross_attention_dim), dtype=np.float32))
         res["picture"] = [sizes.image_height, sizes.image_width]
-        res["export"] = run_side(a, ts, "export")
+        done = a.work / "build" / "export.json"
+        same = done.is_file() and json.loads(done.read_text()).get("precision") == a.precision
+        if res["make"].get("reused") and same:
+            res["export"] = {"ok": True, "reused": str(a.work / "build")}
+            log(f"export: reusing {a.work / 'build'}")
+        else:
+            res["export"] = run_side(a, ts, "export")
         if res["export"]["ok"]:
             res["nxc"] = run_side(a, ts, "nxc")
         res["torch"] = run_side(a, ts, "torch")

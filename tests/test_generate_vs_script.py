@@ -62,6 +62,34 @@ def test_tiny_gligen_run_agrees_with_the_gligen_loop(tmp_path):
     assert {"grounded_step_speedup_vs_torch", "plain_step_speedup_vs_torch"} <= set(r["ratios"])
 
 
+def test_tiny_gligen_edit_agrees_and_reuses_the_build(tmp_path):
+    """--gligen --edit: an edit of the fixed picture, in the WORK an earlier --gligen run left (--keep): the folder
+    and the build are reused; nxc's edit equals the pipeline's inpainting loop (posterior and per-step noise drawn
+    alike) and differs from a fresh picture of the same seed."""
+    pytest.importorskip("diffusers")
+    import numpy as np
+    work = tmp_path / "work"
+    base = [sys.executable, str(SCRIPT), "--size", "tiny", "--steps", "10", "--threads", "1", "--gligen",
+            "--work", str(work), "--keep"]
+    assert subprocess.run(base, capture_output=True, text=True).returncode == 0
+    fresh = np.load(work / "pictures" / "nxc.npy")
+    res = subprocess.run(base + ["--edit"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout)
+    assert r["edit"] and r["make"].get("reused") and r["export"].get("reused")
+    assert r["pictures"]["agree"] and r["pictures"]["max_abs_diff"] <= 1e-3
+    spec = importlib.util.spec_from_file_location("generate_vs", SCRIPT)
+    gv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gv)
+    edited = np.load(work / "pictures" / "nxc.npy")               # [3,16,16] in [0, 1]
+    assert edited.shape == (3, 16, 16)
+    assert np.abs(edited - np.load(work / "pictures" / "torch.npy")).max() <= 1e-3
+    assert np.abs(edited - fresh).max() > 0.05                    # an edit of the source, not the fresh picture
+    assert gv.grounding_of(type("A", (), {"edit": True})())[0] == ["a red circle"]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--edit"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--edit needs --gligen" in bad.stderr
+
+
 def test_streamed_weights_load_as_diffusers_wrote_them(gv, tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")

@@ -159,7 +159,7 @@ MALFORMED = [
     ("head's input not fed", heads(lambda h: h["inputs"].pop("boxes")),
      f"manifest.json: heads[0].inputs.boxes: missing{FIX}"),
     ("head's input source", heads(lambda h: h["inputs"].update(boxes="noise")),
-     f"manifest.json: heads[0].inputs.boxes: 'noise' is not a head input source (hidden, zeros, slot_index, signal_embeds){FIX}"),
+     f"manifest.json: heads[0].inputs.boxes: 'noise' is not a head input source (hidden, zeros, slot_index, slot_is_region, signal_embeds){FIX}"),
     ("head's graph output source", heads(lambda h: h["inputs"].update(boxes="vision:nothing")),
      f"manifest.json: heads[0].inputs.boxes: 'vision:nothing' names no output of this build's graphs "
      f"(<graph>:<output>){FIX}"),

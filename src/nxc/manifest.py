@@ -218,6 +218,11 @@ def _sizes(f: Field, cls, *, signed: tuple[str, ...] = (), nested: tuple[str, ..
             if g is not None:
                 out[x.name] = g.integer(0)
             continue
+        if x.type == "bool" and x.default is False:     # an optional part (the region extractor), absent = none
+            g = f.optional(x.name)
+            if g is not None:
+                out[x.name] = g.flag()
+            continue
         out[x.name] = f[x.name].integer(None) if x.name in signed else read.get(x.type, Field.object)(f[x.name])
     return out
 

@@ -120,3 +120,18 @@ def test_a_follow_up_turn_keeps_the_earlier_region_as_a_region(region_build, reg
     q = ref.chat(image, "And then?", history=[Turn("What is [0]?", first.raw_text)],
                  history_boxes=hist + [d.box_norm for d in first.detections], history_regions=[0], max_new_tokens=10)
     assert r.token_ids == q.token_ids
+
+
+def test_fp16_and_int8_builds_pass_their_parity_checks(region_ckpt, tmp_path):
+    """The region extractor's mask is cut in float32 in an fp16 graph (pixel centres rounded to fp16 would move cells
+    across box edges) and pooled in float32 (an empty mask is 0, not 0 / 0): the exporter's own parity checks of
+    vision (patch_features) and loc_heads (is_region rows) pass at fp16 and with int8 weight-only loc_heads."""
+    from nxc.export.exporter import ExportOptions, export_build
+    from nxc.runtime.pipeline import Pipeline
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (33, 47, 3), dtype=np.uint8))
+    for precision in ("fp16", "int8"):
+        floats = ("vision", "sam_encoder") if precision == "int8" else ()     # no calibration images: weight-only
+        build = export_build(region_ckpt, tmp_path / precision, options=ExportOptions(
+            precision=precision, max_context=256, float_graphs=floats))
+        r = Pipeline.load(build).chat(image, "What is [0]?", boxes=[[1, 2, 30, 20]], max_new_tokens=4)
+        assert len(r.token_ids) == 4 or r.finish_reason == "stop"

@@ -42,17 +42,18 @@ class RegionEncoder(nn.Module):
                                         nn.Linear(hidden_size // 2, hidden_size))
         self.grid, self.image_size = grid, image_size
         p0, p1, w1 = _sample_points(grid, image_size)
-        # pixel centres (p + 0.5) / R of each cell's two sample pixels; the second counts only when its weight > 0
-        self.register_buffer("centre0", torch.from_numpy((p0 + 0.5) / image_size).float(), persistent=False)
-        self.register_buffer("centre1", torch.from_numpy((p1 + 0.5) / image_size).float(), persistent=False)
-        self.register_buffer("reads1", torch.from_numpy(w1 > 0), persistent=False)
+        # pixel centres (p + 0.5) / R of each cell's two sample pixels (float32 numpy, not buffers: .half() must not
+        # round them across box edges); the second counts only when its weight > 0
+        self._centres = ((p0 + 0.5) / image_size).astype(np.float32), ((p1 + 0.5) / image_size).astype(np.float32)
+        self._reads1 = w1 > 0
 
     def _axis(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-        """[M] box edges (fractions) -> [M,g] bool: the cells whose bilinear sample of the box mask is > 0."""
-        lo, hi = lo[:, None], hi[:, None]
-        in0 = (self.centre0 >= lo) & (self.centre0 <= hi)
-        in1 = (self.centre1 >= lo) & (self.centre1 <= hi) & self.reads1
-        return in0 | in1
+        """[M] box edges (fractions) -> [M,g] bool: the cells whose bilinear sample of the box mask is > 0, compared
+        in float32 whatever the module's dtype."""
+        lo, hi = lo.float()[:, None], hi.float()[:, None]
+        c0, c1 = (torch.from_numpy(c).to(lo.device) for c in self._centres)
+        reads1 = torch.from_numpy(self._reads1).to(lo.device)
+        return ((c0 >= lo) & (c0 <= hi)) | ((c1 >= lo) & (c1 <= hi) & reads1)
 
     def cell_mask(self, boxes: torch.Tensor) -> torch.Tensor:
         """boxes [M,4] -> [M,N] float32: VITRON's pooling mask of each box on the patch grid (row-major)."""
@@ -61,6 +62,6 @@ class RegionEncoder(nn.Module):
         return (my[:, :, None] & mx[:, None, :]).reshape(boxes.shape[0], -1).float()
 
     def forward(self, patch_features: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        mask = self.cell_mask(boxes)
-        pooled = (mask @ patch_features) / (mask.sum(-1, keepdim=True) + 1e-8)
-        return self.feat_linear(pooled) + self.loc_linear(boxes)
+        mask = self.cell_mask(boxes)                        # pooled in float32: an empty mask gives 0, not 0 / 0
+        pooled = (mask @ patch_features.float()) / (mask.sum(-1, keepdim=True) + 1e-8)
+        return self.feat_linear(pooled.to(patch_features.dtype)) + self.loc_linear(boxes)
