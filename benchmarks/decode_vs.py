@@ -187,7 +187,8 @@ def main(argv=None) -> int:
             build = export_model(model, tokenizer, work / f"nxc-{prec}", tokenizer_dir=tok_dir, embedded=True,
                                  options=ExportOptions(precision=prec, graphs=graphs, parity=False,
                                                        calib_samples=4,
-                                                       max_context=max(512, a.prefill_tokens + 8)),
+                                                       max_context=max(512, a.prefill_tokens + 8,
+                                                                       a.prompt_tokens + a.steps + 8)),
                                  source={"checkpoint": "embedded:shapes-nextchat" if name == "embedded" else "random"})
             r["tokens_per_s"][f"nxc_{prec}"] = nxc_decode(build, a.prompt_tokens, a.steps)
             r["pct_of_roofline"][f"nxc_{prec}"] = 100 * step_bytes(build, a.prompt_tokens, a.steps) * \

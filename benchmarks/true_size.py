@@ -19,6 +19,11 @@ Steps (--steps, in this order; each reads what the earlier ones left in WORK):
           --decode-steps greedy steps continuing the reply's KV cache (decode tokens/s, % of the copy roofline)
   genai   an HF LLaMA folder of the checkpoint's LLaMA (WORK/hf, streamed one tensor at a time), onnxruntime-genai's
           int4 builder on it (WORK/genai-int4), its greedy decode at the context nxc decoded at
+  llama   (issue 30) llama.cpp on the same LLaMA: WORK/hf (made again if genai removed it) ─ convert_hf_to_gguf.py
+          ─▶ f16 GGUF ─ llama-quantize ─▶ Q4_0 and Q8_0 (WORK/gguf; f16 removed once quantized), llama-bench at the
+          same threads: decode at the context nxc's int4 run decoded at, prompt processing of as many tokens as its
+          grounded prompt; Q4_0 against nxc int4, Q8_0 against nxc int8 (benchmarks/llama_cpp_bench.py builds
+          llama.cpp once; skipped with the reason where it cannot)
 Every heavy piece runs in its own process under a small wrapper that reports that process tree's peak RSS
 (RUSAGE_CHILDREN of a fresh wrapper: no other child mixes in) and wall time; its output goes to stderr and
 WORK/logs/<piece>.log. Results accumulate in WORK/results.json, so a step rerun replaces only its own entries.
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-STEPS = ("make", "export", "run", "genai")
+STEPS = ("make", "export", "run", "genai", "llama")
 FAMILY_STEPS = {"nextchat": STEPS, "nextgpt": ("make", "export")}
 PRECISIONS = ("fp16", "int8", "int4")
 RUN_PRECISIONS = ("int4", "int8")
@@ -472,6 +477,58 @@ def step_genai(a, work: Path, results: dict) -> dict:
     return rec
 
 
+def step_llama(a, work: Path, results: dict) -> dict:
+    """llama.cpp Q4_0 / Q8_0 of the checkpoint's LLaMA against the nxc int4 / int8 runs (decode at their context,
+    prefill of their prompt's length), at os.cpu_count() threads as the runs."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import llama_cpp_bench as lc
+    ckpt, hf = work / "ckpt", work / "hf"
+    rec: dict = {"ok": False}
+    if not (ckpt / "config.json").is_file():
+        rec["skipped"] = f"no checkpoint in {ckpt}: run the make step first"
+        return rec
+    try:
+        root = lc.tree(log=lambda m: log(f"llama.cpp: {m}"))
+    except lc.Unavailable as e:
+        rec["skipped"] = str(e)
+        return rec
+    rec["tree"] = str(root)
+    if not (hf / "model.safetensors.index.json").is_file():
+        shutil.rmtree(hf, ignore_errors=True)
+        rec["hf_view"] = measured([sys.executable, __file__, "_hf_view", str(ckpt), str(hf), str(a.hf_shard_bytes)],
+                                  work, "llama-hf-view")
+        if not rec["hf_view"]["ok"]:
+            return rec
+    gguf = work / "gguf"
+    rec["ok"] = True
+    for precision, kind in lc.QUANTS.items():
+        run = results.get("run", {}).get(precision) or {}
+        decode = run.get("decode") or {}
+        context = int(decode.get("context_start") or a.genai_context)
+        prompt = int(run.get("prompt_tokens") or a.genai_context)
+        try:
+            t0 = time.perf_counter()
+            q = lc.gguf(root, hf, gguf, precision, log=lambda m: log(f"llama.cpp: {m}"))
+            made = time.perf_counter() - t0
+            r = lc.bench(root, q, threads=os.cpu_count(), depth=context, n_gen=int(decode.get("steps") or
+                                                                                  a.decode_steps),
+                         n_prompt=prompt, log=lambda m: log(f"llama.cpp: {m}"))
+        except lc.Unavailable as e:
+            rec[kind], rec["ok"] = {"ok": False, "error": str(e)}, False
+            continue
+        rec[kind] = {"ok": True, "convert_and_quantize_seconds": round(made, 1), **r}
+        nxc_dec, nxc_pre = decode.get("tokens_per_s"), run.get("prefill_tokens_per_s")
+        if nxc_dec:
+            rec[kind][f"nxc_{precision}_decode_vs"] = round(nxc_dec / r["decode_tokens_per_s"], 3)
+        if nxc_pre:
+            rec[kind][f"nxc_{precision}_prefill_vs"] = round(nxc_pre / r["prefill_tokens_per_s"], 3)
+    (gguf / "model-f16.gguf").unlink(missing_ok=True)                  # 13.5 GB at 7B; the quantized files stay
+    if not a.keep:
+        shutil.rmtree(hf, ignore_errors=True)
+        shutil.rmtree(gguf, ignore_errors=True)
+    return rec
+
+
 # -- the run ------------------------------------------------------------------------------------------------------
 def machine(work: Path) -> dict:
     mem = {}
@@ -584,11 +641,15 @@ def main(argv=None) -> int:
     if "genai" in a.steps:
         results["genai"] = step_genai(a, work, results)
         save(work, results)
+    if "llama" in a.steps:
+        results["llama"] = step_llama(a, work, results)
+        save(work, results)
     nxc_tps = (results.get("run", {}).get("int4", {}).get("decode") or {}).get("tokens_per_s")
     genai_tps = (results.get("genai", {}).get("decode") or {}).get("tokens_per_s")
     if nxc_tps and genai_tps:
         results["nxc_int4_vs_genai_int4_decode"] = round(nxc_tps / genai_tps, 3)
-    failed = [s for s in ("make", "genai") if s in a.steps and not results[s].get("ok")] + \
+    failed = [s for s in ("make", "genai", "llama") if s in a.steps and not results[s].get("ok")
+              and not results[s].get("skipped")] + \
              [f"{s}.{p}" for s in ("export", "run") if s in a.steps for p, r in results.get(s, {}).items()
               if p in a.precisions and not r.get("ok")]
     results["failed"] = failed

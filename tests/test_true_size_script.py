@@ -111,3 +111,47 @@ def test_nextgpt_dry_run_makes_and_exports(ts, tmp_path):
     assert r["sizes"]["family"] == "nextgpt" and r["export"]["fp16"]["parity_ok"]["projector"]
     cfg = json.loads((tmp_path / "w" / "ckpt" / "config.json").read_text())
     assert cfg["grounding"] == "generation" and cfg["nxc_maker"]["dtype"] == "fp16"
+
+
+def _llama_tree():
+    spec = importlib.util.spec_from_file_location("llama_cpp_bench", SCRIPT.parent / "llama_cpp_bench.py")
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    import os
+    root = Path(os.environ.get("LLAMA_CPP_DIR") or lc.HOME / f"llama_cpp_python-{lc.VERSION}" / "vendor" / "llama.cpp")
+    return root if all((root / "build" / "bin" / t).is_file() for t in lc.TARGETS) else None
+
+
+def test_llama_step_without_llama_cpp_is_skipped_with_the_reason(ts, tmp_path, monkeypatch):
+    """No llama.cpp here (LLAMA_CPP_DIR names nothing): the llama step records why and fails nothing."""
+    import json
+    monkeypatch.setenv("LLAMA_CPP_DIR", str(tmp_path / "no-llama"))
+    (tmp_path / "w" / "ckpt").mkdir(parents=True)
+    (tmp_path / "w" / "ckpt" / "config.json").write_text("{}")
+    assert ts.main(["--llm", "tiny", "--vision", "tiny", "--sam", "tiny", "--steps", "llama",
+                    "--work", str(tmp_path / "w"), "--keep"]) == 0
+    r = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert "no-llama is not a directory" in r["llama"]["skipped"] and r["failed"] == []
+
+
+def test_tiny_dry_run_against_llama_cpp(ts, tmp_path):
+    """make, int4 / int8 export and runs at tiny size, then llama.cpp Q4_0 / Q8_0 of the same LLaMA at the runs'
+    context and prompt length, with the ratios (where a built llama.cpp tree exists)."""
+    if _llama_tree() is None:
+        pytest.skip("no built llama.cpp tree (LLAMA_CPP_DIR or NXC_LLAMA_CPP_HOME): `python benchmarks/"
+                    "llama_cpp_bench.py --build` makes one (about 9 minutes on 2 cores)")
+    import json
+    argv = ["--llm", "tiny", "--vision", "tiny", "--sam", "tiny", "--precisions", "int8,int4", "--steps",
+            "make,export,run,llama", "--calib-images", "2", "--image-size", "96x64", "--decode-steps", "8",
+            "--work", str(tmp_path / "w"), "--keep"]
+    assert ts.main(argv) == 0
+    r = json.loads((tmp_path / "w" / "results.json").read_text())
+    lr = r["llama"]
+    assert lr["ok"] and r["failed"] == []
+    for precision, kind in (("int4", "Q4_0"), ("int8", "Q8_0")):
+        q = lr[kind]
+        assert q["ok"] and q["type"] == kind and q["decode_tokens_per_s"] > 0 and q["prefill_tokens_per_s"] > 0
+        assert q["decode_depth"] == r["run"][precision]["decode"]["context_start"]
+        assert q["prefill_tokens"] == r["run"][precision]["prompt_tokens"]
+        assert q[f"nxc_{precision}_decode_vs"] > 0
+    assert not (tmp_path / "w" / "gguf" / "model-f16.gguf").exists()
