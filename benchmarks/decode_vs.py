@@ -150,6 +150,8 @@ def main(argv=None) -> int:
                     "comparison (512)")
     ap.add_argument("--precisions", nargs="+", default=None, choices=["fp32", "int8", "int4"],
                     help="nxc builds to measure (fp32 int4; with --llama-cpp fp32 int8 int4)")
+    ap.add_argument("--block-size", type=int, default=32, help="nxc int8 / int4: nxc-export --block-size (32)")
+    ap.add_argument("--skip-genai", action="store_true", help="leave onnxruntime-genai out")
     a = ap.parse_args(argv)
     precisions = a.precisions or (["fp32", "int8", "int4"] if a.llama_cpp else ["fp32", "int4"])
     from nxc.export.exporter import ExportOptions, export_model
@@ -161,6 +163,7 @@ def main(argv=None) -> int:
     from nxc.assets import embedded_checkpoint
     bw = measure_bandwidth()
     result = {"machine": {"cpu_count": os.cpu_count(), "bandwidth_gbs": bw}, "steps": a.steps,
+              "block_size": a.block_size,
               "prompt_tokens": a.prompt_tokens, "models": {}}
     llama = None
     if a.llama_cpp:
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
             graphs = ("llm",) if name == "1b" else ("vision", "llm", "loc_heads", "sam_encoder", "sam_decoder")
             build = export_model(model, tokenizer, work / f"nxc-{prec}", tokenizer_dir=tok_dir, embedded=True,
                                  options=ExportOptions(precision=prec, graphs=graphs, parity=False,
-                                                       calib_samples=4,
+                                                       calib_samples=4, block_size=a.block_size,
                                                        max_context=max(512, a.prefill_tokens + 8,
                                                                        a.prompt_tokens + a.steps + 8)),
                                  source={"checkpoint": "embedded:shapes-nextchat" if name == "embedded" else "random"})
@@ -215,6 +218,8 @@ def main(argv=None) -> int:
                     log("embedded: end to end vs the reference")
                     r["end_to_end_fp32"] = end_to_end(build, a.e2e_runs)
         try:
+            if a.skip_genai:
+                raise ImportError("--skip-genai")
             import onnxruntime_genai  # noqa: F401
             for prec in [p for p in precisions if p in ("fp32", "int4")]:
                 log(f"{name}: onnxruntime-genai {prec}")
@@ -222,7 +227,8 @@ def main(argv=None) -> int:
                 r["tokens_per_s"][f"genai_{prec}"] = genai_decode(path, model.config.llm.vocab_size,
                                                                   a.prompt_tokens, a.steps)
         except ImportError:
-            r["genai"] = "onnxruntime-genai is not installed (pip install onnxruntime-genai)"
+            r["genai"] = ("skipped: --skip-genai" if a.skip_genai else
+                          "onnxruntime-genai is not installed (pip install onnxruntime-genai)")
         except RuntimeError as e:
             r["genai"] = str(e)
         t, pf = r["tokens_per_s"], r.get("prefill_tokens_per_s", {})

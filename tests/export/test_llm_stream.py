@@ -263,3 +263,32 @@ def test_a_broken_branch_shows_under_a_large_residual_stream(embedded, tmp_path,
             for c in report["checks"]:
                 assert c["worst"] == "layer 1 mlp output" and c["worst_rel_l2"] > 0.3, c
                 assert c["rel_l2"]["h.2"] < 1e-2                      # the whole hidden alone would not show it
+
+
+@pytest.mark.parametrize("precision", ("int8", "int4"))
+def test_block_size_reaches_the_graph_and_its_check(mha_ckpt, tmp_path, precision):
+    """nxc-export --block-size 64: every MatMulNBits has block_size 64 and half the scales of blocks of
+    32; the llm check's reference quantizes with the same blocks, so the build passes far inside the tolerance (a
+    reference left at 32 would be off by the blocks' difference). A size MatMulNBits does not take is refused."""
+    import onnx
+
+    from nxc.export.llm_check import TOLERANCE
+    from nxc.export.options import check_options
+    a, _ = mha_ckpt
+    sizes = {}
+    for block in (32, 64):
+        out = export_build(a, tmp_path / f"b{block}", options=ExportOptions(precision=precision, graphs=("llm",),
+                                                                           block_size=block))
+        parity = json.loads((out / "reports" / "parity.json").read_text())["llm"]
+        assert parity["ok"] and max(v for c in parity["checks"] for v in c["rel_l2"].values()) < \
+            TOLERANCE[precision] / 10
+        m = onnx.load(str(out / "graphs" / "llm.onnx"), load_external_data=False)
+        nbits = [n for n in m.graph.node if n.op_type == "MatMulNBits"]
+        assert nbits and {next(x.i for x in n.attribute if x.name == "block_size") for n in nbits} == {block}
+        scales = {t.name: t for t in m.graph.initializer}
+        sizes[block] = sum(np.prod(scales[n.input[2]].dims) for n in nbits)
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert f"block {block}," in json.dumps(manifest["graphs"]["llm"])
+    assert sizes[64] * 2 == sizes[32]
+    with pytest.raises(ExportError, match="--block-size 48: MatMulNBits takes 16, 32, 64, 128, 256"):
+        check_options(ExportOptions(precision=precision, block_size=48))

@@ -48,6 +48,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--modules", metavar="FILE", help="a module-call table (VITRON-style: JSON with grammar, region, "
                     "calls and, for a generate module, generator.path: a diffusers folder with its text encoder); "
                     "written into the build, the generator exported beside it")
+    ap.add_argument("--block-size", type=int, default=32, metavar="N",
+                    help="with --int8/--int4: the llm's MatMulNBits blocks along K, 16-256 (32; larger blocks store "
+                         "fewer float32 scales and prefill faster, at some accuracy: see README, llama.cpp)")
     ap.add_argument("--skip-parity", action="store_true", help="do not run the ONNX Runtime vs torch check")
     ap.add_argument("--triton", metavar="REPO", help="then write a Triton model repository of the build to REPO "
                     "(nxc-triton's ngc variant: onnxruntime graph models and the nxc_chat streaming model)")
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     opts = ExportOptions(precision=a.precision, max_context=a.max_context, opset=a.opset, graphs=tuple(a.graphs),
                          parity=not a.skip_parity, calib_images=a.calib_images, calib_prompts=a.calib_prompts,
                          calib_method=a.calib_method, calib_samples=a.calib_samples, recalibrate=a.recalibrate,
-                         float_graphs=tuple(a.float_graphs), modules=a.modules)
+                         float_graphs=tuple(a.float_graphs), modules=a.modules, block_size=a.block_size)
     checkpoint = a.checkpoint
     if checkpoint and checkpoint.startswith("embedded:"):
         from nxc import assets

@@ -284,7 +284,7 @@ def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options
     try:
         external = write_llm_graph(
             llm_weights.source, cfg.llm, path, spec, precision=prec, opset=options.opset,
-            inline_bytes=LLM_INLINE_BYTES, doc=f"nxc {__version__} graph llm ({prec})",
+            inline_bytes=LLM_INLINE_BYTES, doc=f"nxc {__version__} graph llm ({prec})", block_size=options.block_size,
             log=lambda i, n, msg: _log(f"[nxc-export] {step} llm: layer {i}/{n}, {msg}"))
     except WeightError as e:
         raise ExportError(f"llm: {e}") from None
@@ -292,12 +292,15 @@ def _write_llm(llm_weights: LlmWeights, cfg, tmp: Path, spec: GraphSpec, options
     if prec in ("int8", "int4"):
         bits = 8 if prec == "int8" else 4
         record["precision"] = f"int{bits}-weight-only"
-        record["quantization"] = {"scheme": f"MatMulNBits, {bits}-bit symmetric, block 32, accuracy_level 4"}
+        record["quantization"] = {"scheme": f"MatMulNBits, {bits}-bit symmetric, block {options.block_size}, "
+                                            "accuracy_level 4"}
     if not options.parity:
         return record, {}
     _log(f"[nxc-export] {step} llm: checking against transformers' layers streamed from the checkpoint")
     kv = np.float16 if spec.inputs[3].dtype == "float16" else np.float32
-    report = check_llm(path, llm_weights.reference(prec), cfg.llm, precision=prec, kv_dtype=kv,
+    reference = llm_weights.reference(prec)
+    reference.block_size = options.block_size
+    report = check_llm(path, reference, cfg.llm, precision=prec, kv_dtype=kv,
                        accuracy_reference=llm_weights.reference("fp32") if prec != "fp32" else None,
                        log=lambda m: _log(f"[nxc-export] {step} llm: {m}"))
     if prec != "fp32":

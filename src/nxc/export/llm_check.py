@@ -60,6 +60,7 @@ class ReferenceWeights:
         self.precision = precision
         bits = {"int8": 8, "int4": 4}.get(precision)
         self._bits = bits
+        self.block_size = BLOCK_SIZE       # the build's MatMulNBits blocks (nxc-export --block-size sets it)
         self._quantized = {k for k in tensors if k == LM_HEAD or _MATMUL.fullmatch(k)} if bits else set()
 
     @classmethod
@@ -108,7 +109,7 @@ class ReferenceWeights:
         if self.precision == "fp16":
             return w.half().float()
         if key in self._quantized:
-            return torch.from_numpy(fake_quantize(w.numpy(), self._bits))
+            return torch.from_numpy(fake_quantize(w.numpy(), self._bits, block=self.block_size))
         return w
 
 
@@ -117,21 +118,22 @@ def _open(f: Path):
     return open_weight_file(f)
 
 
-def fake_quantize(w_nk: np.ndarray, bits: int, *, rows: int = 4096) -> np.ndarray:
-    """W [N,K] -> the float weights a MatMulNBits of W^T computes with (symmetric, blocks of 32 along K), by ONNX
+def fake_quantize(w_nk: np.ndarray, bits: int, *, rows: int = 4096, block: int = BLOCK_SIZE) -> np.ndarray:
+    """W [N,K] -> the float weights a MatMulNBits of W^T computes with (symmetric, blocks of `block` along K), by ONNX
     Runtime's own block quantizer: w = (q - 2^(b-1)) * scale with q in [0, 2^b). `rows` at a time."""
     from nxc.export.llm_writer import quantize_blocks
     n, k = w_nk.shape
-    kb = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
+    kb = (k + block - 1) // block
     out = np.empty((n, k), np.float32)
     for a in range(0, n, rows):
         b = min(a + rows, n)
-        packed, scales = quantize_blocks(np.ascontiguousarray(w_nk[a:b].T, dtype=np.float32), bits)
+        packed, scales = quantize_blocks(np.ascontiguousarray(w_nk[a:b].T, dtype=np.float32), bits,
+                                         block=block)
         if bits == 4:
-            q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(b - a, kb, BLOCK_SIZE).astype(np.float32) - 8
+            q = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(b - a, kb, block).astype(np.float32) - 8
         else:
-            q = packed.reshape(b - a, kb, BLOCK_SIZE).astype(np.float32) - 128
-        out[a:b] = (q * scales[:, :, None]).reshape(b - a, kb * BLOCK_SIZE)[:, :k]
+            q = packed.reshape(b - a, kb, block).astype(np.float32) - 128
+        out[a:b] = (q * scales[:, :, None]).reshape(b - a, kb * block)[:, :k]
     return out
 
 

@@ -53,6 +53,7 @@ class WeightError(ValueError):
 @dataclass(frozen=True)
 class LlmPrecision:
     name: str                        # fp32 | fp16 | int8 | int4
+    block_size: int = BLOCK_SIZE     # int8 / int4: MatMulNBits blocks along K (nxc-export --block-size)
 
     @property
     def dtype(self) -> int:          # activations and float weights
@@ -144,23 +145,24 @@ class _Weights:
             check_rope_buffer(key, torch.from_numpy(self.source.numpy(key, np.float32)), self.sizes)
 
 
-def quantize_blocks(w_kn: np.ndarray, bits: int, *, columns: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(w_kn: np.ndarray, bits: int, *, columns: int = 4096,
+                    block: int = BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """W [K,N] -> MatMulNBits' packed [N, K/32, 32*bits/8] uint8 and scales [N, K/32] float32 (symmetric, blocks of
     32 along K), by ONNX Runtime's own block quantizer, `columns` output columns at a time (each column's blocks
     are independent), so the only float copy is one slice of W."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
     k, n = w_kn.shape
-    kb = (k + BLOCK_SIZE - 1) // BLOCK_SIZE
-    packed = np.zeros((n, kb, BLOCK_SIZE * bits // 8), np.uint8)
+    kb = (k + block - 1) // block
+    packed = np.zeros((n, kb, block * bits // 8), np.uint8)
     scales = np.zeros((n, kb), np.float32)
     quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     for a in range(0, n, columns):
         b = min(a + columns, n)
-        w = np.zeros((kb * BLOCK_SIZE, b - a), np.float32)
+        w = np.zeros((kb * block, b - a), np.float32)
         w[:k] = w_kn[:, a:b]
         zero_points = np.zeros((b - a, (kb + 8 // bits - 1) // (8 // bits)), np.uint8)
         p, sc = np.zeros((b - a,) + packed.shape[1:], np.uint8), np.zeros((b - a, kb), np.float32)
-        quantize(p, w, sc, zero_points, BLOCK_SIZE, b - a, k, True)
+        quantize(p, w, sc, zero_points, block, b - a, k, True)
         packed[a:b], scales[a:b] = p, sc
     return packed, scales
 
@@ -171,10 +173,10 @@ def _matmul(g: _Graph, x: str, w_kn: np.ndarray, name: str, prec: LlmPrecision) 
     k, n = w_kn.shape
     if prec.bits is None:
         return g.op("MatMul", [x, g.weight(name, w_kn.astype(_NP[prec.dtype]))])
-    packed, scales = quantize_blocks(w_kn, prec.bits)
+    packed, scales = quantize_blocks(w_kn, prec.bits, block=prec.block_size)
     q = g.weight(f"{name}_Q{prec.bits}", packed)
     s = g.weight(f"{name}_scales", scales)
-    return g.op("MatMulNBits", [x, q, s], domain="com.microsoft", K=k, N=n, bits=prec.bits, block_size=BLOCK_SIZE,
+    return g.op("MatMulNBits", [x, q, s], domain="com.microsoft", K=k, N=n, bits=prec.bits, block_size=prec.block_size,
                 accuracy_level=4)
 
 
@@ -207,13 +209,14 @@ def _rope_tables(sizes: LlamaSizes):
 
 
 def write_llm_graph(source, sizes: LlamaSizes, path: str | Path, spec, *, precision: str = "fp32", opset: int = 17,
-                    inline_bytes: int = 1 << 30, producer: str = "nxc", doc: str = "", log=None) -> list[str]:
+                    inline_bytes: int = 1 << 30, producer: str = "nxc", doc: str = "", log=None,
+                    block_size: int = BLOCK_SIZE) -> list[str]:
     """Write the `llm` graph of a LLaMA with `sizes` to `path`, reading weights from `source` (official names, see
     `llama_weight_names`; `.numpy(key, dtype)` and `in`: a `nxc.model.lazy.LazyCheckpoint` or `ModelWeights`).
     `spec` is the llm GraphSpec (names, dtypes, axes). Returns the external-data file names written beside `path`
     (none when the weights are under `inline_bytes`). `log(done, total, message)` is called per layer."""
     path = Path(path)
-    prec = LlmPrecision(precision)
+    prec = LlmPrecision(precision, block_size)
     nh, kv, d, hsz = sizes.num_heads, sizes.num_kv_heads, sizes.head_dim, sizes.hidden_size
     if nh % kv or hsz != nh * d:
         raise WeightError(f"num_heads {nh}, num_kv_heads {kv} and hidden_size {hsz} do not make a LLaMA attention")

@@ -26,6 +26,7 @@ class ExportOptions:
     recalibrate: bool = False          # ignore ranges cached in <out>/calib
     float_graphs: tuple[str, ...] = ()  # int8 / int4: encoders kept float32 (not calibrated), e.g. ("sam_encoder",)
     modules: str | None = None         # a module-call table file (nxc.export.modules; VITRON-style builds)
+    block_size: int = 32               # int8 / int4 llm: MatMulNBits blocks along K (one float32 scale a block)
 
     @property
     def graph_precision(self) -> str:
@@ -38,6 +39,8 @@ class ExportOptions:
         return "fp32" if graph in FLOAT32_GRAPHS else self.graph_precision
 
 
+BLOCK_SIZES = (16, 32, 64, 128, 256)          # MatMulNBits' block_size: a power of two >= 16
+
 # graphs kept float32 at every precision (a few hundred thousand weights; see ExportOptions.precision_of)
 FLOAT32_GRAPHS = (names.GRAPH_PROPOSALS, names.GRAPH_OBJECT_FEATURES)
 
@@ -46,6 +49,8 @@ def check_options(options: ExportOptions) -> None:
     """Refuse a precision or graph name nxc-export does not know (before anything is loaded)."""
     if options.precision not in PRECISIONS:
         raise ExportError(f"precision {options.precision!r} is not available; choose one of {PRECISIONS}")
+    if options.block_size not in BLOCK_SIZES:
+        raise ExportError(f"--block-size {options.block_size}: MatMulNBits takes {', '.join(map(str, BLOCK_SIZES))}")
     if options.modules is not None:
         from nxc.export.modules import read_modules
         read_modules(options.modules)
