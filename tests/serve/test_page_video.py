@@ -15,13 +15,15 @@ import pytest
 from module_helpers import box_text, say, scene
 from PIL import Image
 from serve_helpers import LiveServer
-from test_browser import CHROMIUM, STATE_DONE, check_box_drawn, chromium_executable, hex_rgb
+import test_browser
+from test_browser import STATE_DONE, check_box_drawn, hex_rgb
 
 from nxc.runtime.video import MAX_FRAMES, even_indices, load_video
 from nxc.shapes.clips import make_clip, save_gif
 
 CLIP_FRAMES = 12        # more than the server's MAX_FRAMES: the page must sample the frames the server samples
 NO_IMAGE_DECODER = "delete window.ImageDecoder;"      # a browser without WebCodecs' ImageDecoder
+browser = test_browser.browser       # test_browser.py's Chromium fixture (skips with its reason where none exists)
 
 
 @pytest.fixture(scope="module")
@@ -30,19 +32,6 @@ def server(module_build, module_pipe):
     from nxc.serve.app import create_app
     with LiveServer(create_app(module_build, pipeline=module_pipe, max_batch=0)) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def browser():
-    exe = chromium_executable()
-    if exe is None:
-        pytest.skip("no chromium-headless-shell or chromium executable (looked for " + ", ".join(CHROMIUM) +
-                    "); `make browser` installs Debian's chromium-headless-shell with apt")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=exe)
-        yield b
-        b.close()
 
 
 def open_page(browser, server, init_script: str | None = None):

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             from nxc.model.maker_vitron import generator_bytes, vitron_extras
             config = replace(config, region_encoder=True)
             size_names["generator"] = a.generator
-            dt = DTYPES[a.dtype or "fp16"] if (a.dtype or "fp16") in DTYPES else None
+            dt = DTYPES.get(a.dtype or "fp16")          # an unknown --dtype: make_checkpoint refuses it
             more = {"extras": vitron_extras(a.generator, seed=a.seed, dtype=dt, log=_log),
                     "extra_bytes": generator_bytes(a.generator, 4 if dt is None else dt.itemsize)}
         make_checkpoint(a.out, config=config, dtype=a.dtype or "fp16", fmt=a.format or "bin",

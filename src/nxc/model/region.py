@@ -40,7 +40,6 @@ class RegionEncoder(nn.Module):
                                          nn.Linear(hidden_size, hidden_size))
         self.loc_linear = nn.Sequential(nn.Linear(4, hidden_size // 2), nn.GELU(),
                                         nn.Linear(hidden_size // 2, hidden_size))
-        self.grid, self.image_size = grid, image_size
         p0, p1, w1 = _sample_points(grid, image_size)
         # pixel centres (p + 0.5) / R of each cell's two sample pixels (float32 numpy, not buffers: .half() must not
         # round them across box edges); the second counts only when its weight > 0
